@@ -1,0 +1,8 @@
+"""effopt: a torch.compile backend that lowers transformer graphs through Apache TVM."""
+__version__ = "0.1.0"
+
+from .backend import backend, effopt_backend  # noqa: E402
+from .options import KernelChoice, Options  # noqa: E402
+from .report import last_report  # noqa: E402
+
+__all__ = ["backend", "effopt_backend", "Options", "KernelChoice", "last_report", "__version__"]

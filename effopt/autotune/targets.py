@@ -1,0 +1,67 @@
+"""Hardware targets: 'host', named targets, or any TVM JSON target dict.
+
+TVM 0.27's `Target` takes JSON dicts only (CLI strings such as "llvm -mcpu=..." are refused),
+so every spelling a user may write is normalised to a dict here.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+NAMED_TARGETS: dict[str, dict[str, Any]] = {
+    "llvm": {"kind": "llvm"},
+    "cuda": {"kind": "cuda"},
+}
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return int(n)
+    except Exception:  # psutil missing or unable to read the topology
+        pass
+    return os.cpu_count() or 1
+
+
+def host_target_dict() -> dict[str, Any]:
+    """The CPU this process runs on, with LLVM's name for it (which carries its feature flags)."""
+    from tvm.target import codegen
+
+    return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()), "num-cores": _physical_cores()}
+
+
+def target_dict(spec: str | dict) -> dict[str, Any]:
+    """Normalise a user's target spelling to a TVM JSON dict; ValueError names the valid spellings."""
+    if isinstance(spec, dict):
+        if "kind" not in spec:
+            raise ValueError(f"target dict {spec!r} has no 'kind'; e.g. {{'kind': 'llvm', 'num-cores': 2}}")
+        return dict(spec)
+    if not isinstance(spec, str):
+        raise ValueError(f"target must be a str or dict, got {type(spec).__name__}")
+    s = spec.strip()
+    if s == "host":
+        return host_target_dict()
+    if s in NAMED_TARGETS:
+        return dict(NAMED_TARGETS[s])
+    if s.startswith("{"):
+        try:
+            return target_dict(json.loads(s))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"target {spec!r} is not valid JSON: {e}") from None
+    valid = ["host", *NAMED_TARGETS, "a TVM JSON target dict such as {\"kind\": \"llvm\", \"mcpu\": \"znver4\"}"]
+    raise ValueError(f"unknown target {spec!r}; valid: {', '.join(valid)}")
+
+
+def resolve_target(spec: str | dict):
+    """A `tvm.target.Target` for a user's spelling; TVM's own error is turned into a ValueError."""
+    import tvm
+
+    d = target_dict(spec)
+    try:
+        return tvm.target.Target(d)
+    except Exception as e:  # TVM raises its own error types for unknown kinds/attributes
+        raise ValueError(f"TVM refused target {d!r}: {e}") from None

@@ -1,0 +1,132 @@
+"""The torch.compile backend: capture -> passes -> lowering -> runtime."""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.fx as fx
+from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from . import capture
+from .lowering import EffoptFallbackWarning
+from .options import Options
+from .passes import default_pass_manager
+from .report import Report, set_last_report
+
+_warned_training = False
+
+
+class CompiledGraph:
+    """One captured graph, frozen and lowered; refreezes if a frozen parameter is replaced or updated."""
+
+    def __init__(self, aten_gm: fx.GraphModule, frozen: list[int], real_inputs, options: Options):
+        self.aten_gm, self.frozen, self.options = aten_gm, frozen, options
+        self.live = [i for i in range(len(real_inputs)) if i not in set(frozen)]
+        self._build(real_inputs)
+
+    def _build(self, args) -> None:
+        gm = capture.copy_graph_module(self.aten_gm)
+        values = {i: args[i] for i in self.frozen}
+        capture.freeze(gm, values)
+        gm, records = default_pass_manager(self.options.disable_passes).run(gm)
+        lowering = None
+        if self.options.lower:
+            from .lowering import lower
+
+            gm, lowering = lower(gm, self.options)
+        self.runtime = gm
+        self.guards = [(i, t.data_ptr(), t._version, t.shape) for i, t in values.items()]
+        self.report = Report(records, lowering, gm)
+        set_last_report(self.report)
+
+    def _stale(self, args) -> bool:
+        for i, ptr, ver, shape in self.guards:
+            t = args[i]
+            if t.data_ptr() != ptr or t._version != ver or t.shape != shape:
+                return True
+        return False
+
+    def __call__(self, args):
+        if self._stale(args):
+            self._build(args)
+        live = [args[i] for i in self.live]
+        args.clear()  # boxed calling convention: drop references early so inputs can be freed
+        out = self.runtime(*live)
+        return out if isinstance(out, (tuple, list)) else (out,)
+
+
+def _inference_compiler(real_inputs, frozen, options):
+    def fw_compiler(gm: fx.GraphModule, fake_inputs):
+        if len(fake_inputs) != len(real_inputs):
+            # AOT added or removed inputs (input mutation, aliasing): freeze nothing rather than guess.
+            frozen_here = []
+        else:
+            frozen_here = frozen if options.freeze else []
+        # AOT calls us inside its fake mode; freezing and measuring kernels need real tensors.
+        with unset_fake_temporarily():
+            compiled = CompiledGraph(gm, frozen_here, list(real_inputs) if frozen_here else list(fake_inputs), options)
+        return make_boxed_func_list(compiled)
+    return fw_compiler
+
+
+def make_boxed_func_list(fn):
+    fn._boxed_call = True
+    return fn
+
+
+def _training_compiler(options):
+    def fw_compiler(gm, fake_inputs):
+        with unset_fake_temporarily():
+            gm, records = default_pass_manager(options.disable_passes).run(gm)
+            lowering = None
+            if options.lower:
+                from .lowering import lower
+
+                gm, lowering = lower(gm, options)
+        set_last_report(Report(records, lowering, gm))
+        return make_boxed_func(gm.forward)
+    return fw_compiler
+
+
+def _needs_grad(example_inputs) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+
+
+def _eager_fallback(gm, why: str, options: Options):
+    if options.strict:
+        raise RuntimeError(f"effopt: compilation failed and strict=True: {why}")
+    warnings.warn(f"effopt: running this graph in eager PyTorch because compilation failed: {why}",
+                  EffoptFallbackWarning, stacklevel=3)
+    return gm.forward
+
+
+def effopt_backend(gm: fx.GraphModule, example_inputs, options: dict | Options | None = None, **kw):
+    """The `backend="effopt"` entry point: `torch.compile(model, backend="effopt", options={...})`."""
+    opts = Options.from_dict({**(options if isinstance(options, dict) else {}), **kw}) \
+        if not isinstance(options, Options) else options
+    global _warned_training
+    try:
+        if _needs_grad(example_inputs):
+            # Autograd needs the parameters as live inputs: no freezing; the backward runs in eager.
+            if not _warned_training:
+                warnings.warn("effopt: this graph needs gradients (grad mode on and inputs that require grad); "
+                              "parameters are not frozen and the backward pass runs in eager PyTorch. "
+                              "Wrap inference in torch.no_grad() or torch.inference_mode() for the full speed-up.",
+                              EffoptFallbackWarning, stacklevel=2)
+                _warned_training = True
+            return aot_module_simplified(gm, example_inputs, fw_compiler=_training_compiler(opts),
+                                         bw_compiler=lambda g, _: make_boxed_func(g.forward))
+        frozen = capture.frozen_input_indices(gm, example_inputs)
+        return aot_module_simplified(gm, example_inputs, fw_compiler=_inference_compiler(example_inputs, frozen, opts))
+    except Exception as e:  # noqa: BLE001 - any failure in TVM or our passes must not break the user's model
+        if opts.strict:
+            raise
+        return _eager_fallback(gm, f"{type(e).__name__}: {e}", opts)
+
+
+def backend(**options):
+    """`effopt.backend(target="llvm", ...)`: the backend with options bound, for `torch.compile(backend=...)`."""
+    opts = Options.from_dict(options)
+    return functools.wraps(effopt_backend)(functools.partial(effopt_backend, options=opts))

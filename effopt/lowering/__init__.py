@@ -1,0 +1,157 @@
+"""Lowering stage: partition the rewritten ATen graph, compile TVM regions, keep library and eager ops.
+
+Only this package and autotune/ import TVM.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..options import KernelChoice, Options
+from .cache import KernelCache, make_key
+from .library import LIBRARY_OPS, select_gemm_kernels
+from .partition import partition, unsupported_ops
+from .runtime import TVMKernel
+from .select import Choice, choose, concrete
+
+
+class EffoptFallbackWarning(UserWarning):
+    """Part of a graph runs in eager PyTorch instead of a compiled kernel."""
+
+
+@dataclass
+class KernelRecord:
+    name: str
+    ops: list[str]
+    choice: str  # "tvm" | "eager"
+    tvm_us: float | None = None
+    eager_us: float | None = None
+    reason: str = ""
+
+
+@dataclass
+class LoweringRecord:
+    target: dict = field(default_factory=dict)
+    kernels: list[KernelRecord] = field(default_factory=list)
+    library_calls: dict[str, int] = field(default_factory=dict)
+    gemms: list[dict] = field(default_factory=list)
+    fallbacks: dict[str, list[str]] = field(default_factory=dict)
+    unique_kernels: int = 0
+    cache_hit: bool = False
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        tvm_n = sum(k.choice == "tvm" for k in self.kernels)
+        lines = [f"lowering for {self.target.get('kind')} ({self.target.get('mcpu', '')}): {len(self.kernels)} regions, "
+                 f"{tvm_n} on TVM kernels ({self.unique_kernels} unique), {len(self.kernels) - tvm_n} kept eager; "
+                 f"library calls {dict(sorted(self.library_calls.items()))}; "
+                 f"{'cache hit' if self.cache_hit else 'compiled'} in {self.seconds:.1f} s"]
+        for op, locs in self.fallbacks.items():
+            lines.append(f"  fallback to eager: {op} x{len(locs)}")
+        return "\n".join(lines)
+
+
+def _region_ops(sub: fx.GraphModule) -> list[str]:
+    return [str(n.target).replace("aten.", "").split(".")[0] for n in sub.graph.nodes if n.op == "call_function"]
+
+
+def _warn_fallbacks(gm, record: LoweringRecord):
+    record.fallbacks = unsupported_ops(gm)
+    for op, locs in record.fallbacks.items():
+        where = sorted({l for l in locs if l != "?"})
+        warnings.warn(f"effopt: {op} has no TVM lowering; it runs in eager PyTorch ({len(locs)} use(s)"
+                      + (f", e.g. {where[0]})" if where else ")"), EffoptFallbackWarning, stacklevel=2)
+
+
+def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, LoweringRecord]:
+    """Returns a GraphModule whose TVM regions call compiled kernels; raises only on internal errors."""
+    from tvm import relax
+    import tvm
+
+    from ..autotune.targets import resolve_target, target_dict
+    from .build import build_module
+    from .to_relax import Converter, Unsupported
+
+    t0 = time.perf_counter()
+    record = LoweringRecord(target=target_dict(options.target))
+    target = resolve_target(options.target)
+    if target.kind.name != "llvm":
+        raise NotImplementedError(f"running on target kind {target.kind.name!r} from CPU tensors is not supported; "
+                                  "use a CPU target such as 'host' or {'kind': 'llvm'}")
+    record.gemms = select_gemm_kernels(gm, {})
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in LIBRARY_OPS:
+            name = str(n.target).replace("aten.", "").split(".")[0]
+            record.library_calls[name] = record.library_calls.get(name, 0) + 1
+    _warn_fallbacks(gm, record)
+    gm, names = partition(gm)
+
+    # Convert each region; structurally equal regions (the same block repeated) share one kernel.
+    funcs, region_fn, region_inputs = {}, {}, {}
+    for name in names:
+        sub = getattr(gm, name)
+        try:
+            func, tensor_inputs = Converter().convert(sub)
+        except (Unsupported, Exception) as e:  # noqa: B014 - TVM raises its own error types too
+            warnings.warn(f"effopt: region {name} ({', '.join(_region_ops(sub))}) stays in eager PyTorch: {e}",
+                          EffoptFallbackWarning, stacklevel=2)
+            continue
+        text = func.script()
+        fkey = make_key(text)
+        if fkey not in funcs:
+            funcs[fkey] = (f"k{len(funcs)}", func.with_attr("global_symbol", f"k{len(funcs)}"))
+        region_fn[name], region_inputs[name] = fkey, tensor_inputs
+    record.unique_kernels = len(funcs)
+    if not funcs:
+        record.seconds = time.perf_counter() - t0
+        return gm, record
+
+    import json
+
+    cache = KernelCache(options.cache_dir) if options.cache else None
+    key = make_key(options.key(), json.dumps(record.target, sort_keys=True), *sorted(funcs))
+    loaded = cache.load(key) if cache else None
+    choices: dict[str, Choice] = {}
+    if loaded is not None:
+        executable, meta = loaded
+        choices = {k: Choice.from_json(v) for k, v in meta["choices"].items()}
+        record.cache_hit = True
+    else:
+        mod = tvm.IRModule({kname: f for kname, f in funcs.values()})
+        executable = build_module(mod, target)
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+
+    placeholders_gen = torch.Generator().manual_seed(0)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or node.target not in region_fn:
+            continue
+        sub = getattr(gm, node.target)
+        fkey = region_fn[node.target]
+        kname = funcs[fkey][0]
+        out_arg = next(n for n in sub.graph.nodes if n.op == "output").args[0]
+        single = not isinstance(out_arg, (tuple, list))
+        kernel = TVMKernel(vm[kname], region_inputs[node.target], single, kname)
+        if fkey not in choices:
+            args = [getattr(gm, a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else
+                    concrete(a.meta.get("val") if isinstance(a, fx.Node) else a, placeholders_gen) for a in node.args]
+            choices[fkey] = choose(kernel, sub, args, options.kernel_choice is KernelChoice.TVM)
+            if not choices[fkey].use_candidate and choices[fkey].reason.startswith("result differs"):
+                warnings.warn(f"effopt: kernel {kname} ({', '.join(_region_ops(sub))}) was not used: "
+                              f"{choices[fkey].reason}", EffoptFallbackWarning, stacklevel=2)
+        c = choices[fkey]
+        record.kernels.append(KernelRecord(node.target, _region_ops(sub), "tvm" if c.use_candidate else "eager",
+                                           c.candidate_us, c.baseline_us, c.reason))
+        if c.use_candidate:
+            setattr(gm, node.target, kernel)
+    if cache is not None and loaded is None:
+        cache.store(key, executable, {"choices": {k: v.to_json() for k, v in choices.items()}})
+    gm.recompile()
+    record.seconds = time.perf_counter() - t0
+    return gm, record
+
+
+__all__ = ["lower", "LoweringRecord", "KernelRecord", "EffoptFallbackWarning"]

@@ -1,0 +1,29 @@
+"""Calling compiled TVM functions from the torch graph: torch tensors in and out through DLPack, no copies
+except where TVM's kernels need a compact, aligned buffer that the input is not."""
+from __future__ import annotations
+
+import torch
+
+_ALIGN = 64  # TVM kernels assume 64-byte aligned buffers
+
+
+def compact(t: torch.Tensor) -> torch.Tensor:
+    if t.is_contiguous() and t.data_ptr() % _ALIGN == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+class TVMKernel(torch.nn.Module):
+    """One region of the graph, compiled by TVM; called in place of the region's eager submodule."""
+
+    def __init__(self, fn, tensor_inputs: list[int], single_output: bool, name: str):
+        super().__init__()
+        self.fn, self.tensor_inputs, self.single_output, self.kernel_name = fn, tensor_inputs, single_output, name
+
+    def forward(self, *args):
+        out = self.fn(*[compact(args[i]) for i in self.tensor_inputs])
+        outs = [o if isinstance(o, torch.Tensor) else torch.from_dlpack(o) for o in out]
+        return outs[0] if self.single_output else tuple(outs)
+
+    def extra_repr(self) -> str:
+        return f"tvm:{self.kernel_name}"

@@ -1,0 +1,106 @@
+"""Per-kernel choice between a candidate kernel (TVM, or another library) and the eager baseline,
+by measurement on the example shapes.
+
+The candidate is first checked against the baseline on random inputs (never silently wrong); then both
+are timed interleaved, and the faster is kept, so a compiled graph is never slower than eager kernel by kernel.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+# Per-dtype tolerances for the self-check; fast-math exp/erf stay within a few float32 ulps.
+TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-7, 1e-9), torch.bfloat16: (2e-2, 1e-2),
+              torch.float16: (2e-3, 1e-3)}
+
+
+@dataclass
+class Choice:
+    use_candidate: bool
+    candidate_us: float | None = None
+    baseline_us: float | None = None
+    reason: str = ""
+
+    def to_json(self) -> dict:
+        return dict(vars(self))
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Choice":
+        return cls(bool(d["use_candidate"]), d.get("candidate_us"), d.get("baseline_us"), str(d.get("reason", "")))
+
+
+def concrete(v, gen: torch.Generator):
+    """A real value standing in for a fake one: random floats, zero indices (always in range)."""
+    if isinstance(v, torch.SymInt):
+        return v.node.hint if v.node.hint is not None else int(v)
+    if not isinstance(v, torch.Tensor):
+        return v
+    shape = [s.node.hint if isinstance(s, torch.SymInt) else s for s in v.shape]
+    if v.dtype.is_floating_point:
+        return torch.randn(shape, generator=gen, dtype=torch.float32).to(v.dtype)
+    if v.dtype == torch.bool:
+        return torch.rand(shape, generator=gen) > 0.5
+    return torch.zeros(shape, dtype=v.dtype)
+
+
+def _as_list(out):
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def mismatch(ref, got) -> str | None:
+    """Why `got` differs from the eager reference, or None."""
+    ref, got = _as_list(ref), _as_list(got)
+    if len(ref) != len(got):
+        return f"{len(got)} outputs, eager has {len(ref)}"
+    for i, (r, g) in enumerate(zip(ref, got)):
+        if r.shape != g.shape or r.dtype != g.dtype:
+            return f"output {i}: {tuple(g.shape)} {g.dtype}, eager {tuple(r.shape)} {r.dtype}"
+        rtol, atol = TOLERANCES.get(r.dtype, (0, 0))
+        if r.dtype.is_floating_point:
+            ok = torch.allclose(g.float(), r.float(), rtol=rtol, atol=atol * max(1.0, r.float().abs().nan_to_num().max().item()),
+                                equal_nan=True)
+        else:
+            ok = torch.equal(r, g)
+        if not ok:
+            err = (g.float() - r.float()).abs().nan_to_num(1e30).max().item()
+            return f"output {i}: max abs error {err:.3g}"
+    return None
+
+
+def _median_us(fn, args, reps):
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn(*args)
+        ts.append(time.perf_counter() - t)
+    return ts
+
+
+def measure(kernel, eager, args, rounds: int = 7, reps: int = 5, budget_s: float = 0.25) -> tuple[float, float]:
+    """Median microseconds of (kernel, eager), interleaved round by round, within about `budget_s`."""
+    for _ in range(2):
+        kernel(*args), eager(*args)
+    tk, te = [], []
+    start = time.perf_counter()
+    for r in range(rounds):
+        tk += _median_us(kernel, args, reps)
+        te += _median_us(eager, args, reps)
+        if r >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(tk) * 1e6, statistics.median(te) * 1e6
+
+
+def choose(candidate, baseline, args, force: bool) -> Choice:
+    with torch.no_grad():
+        ref, got = baseline(*args), candidate(*args)
+        why = mismatch(ref, got)
+        if why:
+            return Choice(False, reason=f"result differs from eager ({why})")
+        cand_us, base_us = measure(candidate, baseline, args)
+    if force:
+        return Choice(True, cand_us, base_us, "kernel_choice='tvm'")
+    faster = cand_us < base_us
+    return Choice(faster, cand_us, base_us, "measured faster" if faster else "eager measured faster")

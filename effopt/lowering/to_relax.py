@@ -1,0 +1,408 @@
+"""ATen -> Relax conversion: one rule per decorated function, keyed by ATen OpOverload.
+
+A region (an fx GraphModule cut out by the partitioner) becomes one Relax function whose parameters are
+the region's tensor inputs and whose result is a tuple of the region's outputs. Symbolic sizes (a
+dynamic batch) become TIR variables bound by the input shapes.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import sympy
+import torch
+import torch.fx as fx
+
+from tvm import relax, tirx
+
+aten = torch.ops.aten
+
+
+class Unsupported(Exception):
+    """The op, or this use of it, has no Relax lowering; the region runs in eager PyTorch."""
+
+
+CONVERTERS: dict[Any, Callable] = {}
+
+
+def lowers(*ops):
+    def deco(fn):
+        for op in ops:
+            CONVERTERS[op] = fn
+        return fn
+    return deco
+
+
+DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64",
+          torch.int64: "int64", torch.int32: "int32", torch.int8: "int8", torch.uint8: "uint8", torch.bool: "bool"}
+
+
+def relax_dtype(dt: torch.dtype) -> str:
+    if dt not in DTYPES:
+        raise Unsupported(f"dtype {dt}")
+    return DTYPES[dt]
+
+
+class Converter:
+    def __init__(self):
+        self.syms: dict[str, tirx.Var] = {}
+
+    # ---- symbolic sizes -------------------------------------------------------------------------
+    def prim(self, v):
+        """An int, SymInt or sympy expression as a TIR expression."""
+        if isinstance(v, bool):
+            raise Unsupported("bool where a size was expected")
+        if isinstance(v, int):
+            return v
+        if isinstance(v, torch.SymInt):
+            if v.node.is_constant() if hasattr(v.node, "is_constant") else False:
+                return int(v)
+            return self._sympy(v.node.expr)
+        if isinstance(v, sympy.Expr):
+            return self._sympy(v)
+        raise Unsupported(f"size {v!r}")
+
+    def _sympy(self, e):
+        if e.is_Integer:
+            return int(e)
+        if e.is_Symbol:
+            name = str(e)
+            if name not in self.syms:
+                self.syms[name] = tirx.Var(name, "int64")
+            return self.syms[name]
+        if isinstance(e, sympy.Add):
+            out = self._sympy(e.args[0])
+            for a in e.args[1:]:
+                out = out + self._sympy(a)
+            return out
+        if isinstance(e, sympy.Mul):
+            out = self._sympy(e.args[0])
+            for a in e.args[1:]:
+                out = out * self._sympy(a)
+            return out
+        if type(e).__name__ == "FloorDiv":
+            return tirx.floordiv(self._sympy(e.args[0]), self._sympy(e.args[1]))
+        raise Unsupported(f"symbolic size expression {e}")
+
+    def shape(self, val: torch.Tensor) -> list:
+        return [self.prim(s) for s in val.shape]
+
+    # ---- the region ---------------------------------------------------------------------------
+    def convert(self, gm: fx.GraphModule, name: str = "main") -> tuple[relax.Function, list[int]]:
+        """Returns the Relax function and the indices of the region inputs that are tensors."""
+        env: dict[fx.Node, Any] = {}
+        params, tensor_inputs = [], []
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        for i, n in enumerate(placeholders):
+            val = n.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                var = relax.Var(f"in{i}", relax.TensorType(self.shape(val), relax_dtype(val.dtype)))
+                params.append(var)
+                tensor_inputs.append(i)
+                env[n] = var
+            elif isinstance(val, (int, torch.SymInt)):
+                env[n] = self.prim(val)
+            else:
+                raise Unsupported(f"region input {n.name} of type {type(val).__name__}")
+        bb = relax.BlockBuilder()
+        with bb.function(name, params):
+            with bb.dataflow():
+                for node in gm.graph.nodes:
+                    if node.op == "call_function":
+                        env[node] = self._call(bb, node, env)
+                    elif node.op == "output":
+                        outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)
+                        result = bb.emit_output(relax.Tuple([env[o] for o in outs]))
+                    elif node.op != "placeholder":
+                        raise Unsupported(f"{node.op} node in region")
+            bb.emit_func_output(result)
+        return bb.get()[name], tensor_inputs
+
+    def _call(self, bb, node: fx.Node, env):
+        if node.target is operator.getitem:
+            tup, idx = env[node.args[0]], node.args[1]
+            return bb.emit(relax.TupleGetItem(tup, idx))
+        rule = CONVERTERS.get(node.target)
+        if rule is None:
+            raise Unsupported(f"{node.target}")
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
+        out = rule(self, node, *args, **kwargs)
+        if isinstance(out, relax.Tuple):
+            return relax.Tuple([bb.emit(f) for f in out.fields])
+        return bb.emit(out)
+
+    # ---- helpers used by the rules ------------------------------------------------------------
+    @staticmethod
+    def out_dtype(node: fx.Node) -> str:
+        val = node.meta["val"]
+        return relax_dtype(val.dtype if isinstance(val, torch.Tensor) else val[0].dtype)
+
+    @staticmethod
+    def dtype_of(expr) -> str:
+        return str(expr.ty.dtype)
+
+    def cast(self, x, dtype: str):
+        if isinstance(x, (int, float, bool)):
+            return relax.const(x, dtype)
+        return x if self.dtype_of(x) == dtype else relax.op.astype(x, dtype)
+
+
+def _arg_dtype(node: fx.Node, i: int) -> torch.dtype | None:
+    a = node.args[i]
+    v = a.meta.get("val") if isinstance(a, fx.Node) else None
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def _compute_dtype(node: fx.Node) -> str:
+    """torch's promoted dtype of a binary op's operands (for comparisons, whose output is bool)."""
+    dts = [_arg_dtype(node, i) for i in range(2)]
+    tensors = [d for d in dts if d is not None]
+    if len(tensors) == 2:
+        return relax_dtype(torch.promote_types(*tensors))
+    other = node.args[1] if dts[0] is not None else node.args[0]
+    t = tensors[0]
+    if isinstance(other, float) and not t.is_floating_point:
+        return "float32"
+    return relax_dtype(t)
+
+
+def _binary(relax_op, comparison=False):
+    def rule(cv: Converter, node, a, b, *, alpha=1):
+        dt = _compute_dtype(node) if comparison else cv.out_dtype(node)
+        a, b = cv.cast(a, dt), cv.cast(b, dt)
+        if alpha != 1:
+            b = relax.op.multiply(b, relax.const(alpha, dt))
+        return relax_op(a, b)
+    return rule
+
+
+for _ops, _rop, _cmp in [
+    ((aten.add.Tensor, aten.add.Scalar), relax.op.add, False),
+    ((aten.sub.Tensor, aten.sub.Scalar), relax.op.subtract, False),
+    ((aten.mul.Tensor, aten.mul.Scalar), relax.op.multiply, False),
+    ((aten.div.Tensor, aten.div.Scalar), relax.op.divide, False),
+    ((aten.pow.Tensor_Tensor, aten.pow.Tensor_Scalar), relax.op.power, False),
+    ((aten.maximum.default,), relax.op.maximum, False),
+    ((aten.minimum.default,), relax.op.minimum, False),
+    ((aten.eq.Tensor, aten.eq.Scalar), relax.op.equal, True),
+    ((aten.ne.Tensor, aten.ne.Scalar), relax.op.not_equal, True),
+    ((aten.lt.Tensor, aten.lt.Scalar), relax.op.less, True),
+    ((aten.le.Tensor, aten.le.Scalar), relax.op.less_equal, True),
+    ((aten.gt.Tensor, aten.gt.Scalar), relax.op.greater, True),
+    ((aten.ge.Tensor, aten.ge.Scalar), relax.op.greater_equal, True),
+]:
+    lowers(*_ops)(_binary(_rop, _cmp))
+
+
+@lowers(aten.rsub.Scalar)
+def _rsub(cv, node, a, b, alpha=1):
+    dt = cv.out_dtype(node)
+    return relax.op.subtract(cv.cast(b, dt), relax.op.multiply(cv.cast(a, dt), relax.const(alpha, dt)))
+
+
+def _unary(relax_op, float_only=True):
+    def rule(cv: Converter, node, x):
+        if float_only and not node.meta["val"].dtype.is_floating_point:
+            raise Unsupported(f"{node.target} on {node.meta['val'].dtype}")
+        return relax_op(cv.cast(x, cv.out_dtype(node)))
+    return rule
+
+
+for _op, _rop in [(aten.relu.default, relax.op.nn.relu), (aten.silu.default, relax.op.nn.silu),
+                  (aten.sigmoid.default, relax.op.sigmoid), (aten.tanh.default, relax.op.tanh),
+                  (aten.exp.default, relax.op.exp), (aten.log.default, relax.op.log), (aten.sqrt.default, relax.op.sqrt),
+                  (aten.rsqrt.default, relax.op.rsqrt), (aten.erf.default, relax.op.erf), (aten.sin.default, relax.op.sin),
+                  (aten.cos.default, relax.op.cos), (aten.reciprocal.default, lambda x: relax.op.divide(relax.const(1.0, str(x.ty.dtype)), x))]:
+    lowers(_op)(_unary(_rop))
+lowers(aten.neg.default)(_unary(relax.op.negative, float_only=False))
+lowers(aten.abs.default)(_unary(relax.op.abs, float_only=False))
+lowers(aten.logical_not.default)(_unary(relax.op.logical_not, float_only=False))
+
+
+@lowers(aten.gelu.default)
+def _gelu(cv, node, x, approximate="none"):
+    return relax.op.nn.gelu(x) if approximate == "none" else relax.op.nn.gelu_tanh(x)
+
+
+@lowers(aten.hardtanh.default, aten.clamp.default)
+def _clamp(cv, node, x, lo=None, hi=None):
+    if not node.meta["val"].dtype.is_floating_point:
+        raise Unsupported("integer clamp")
+    lo = float("-inf") if lo is None else lo
+    hi = float("inf") if hi is None else hi
+    return relax.op.clip(x, lo, hi)
+
+
+@lowers(aten.where.self)
+def _where(cv, node, cond, a, b):
+    dt = cv.out_dtype(node)
+    return relax.op.where(cv.cast(cond, "bool"), cv.cast(a, dt), cv.cast(b, dt))
+
+
+@lowers(aten.masked_fill.Scalar)
+def _masked_fill(cv, node, x, mask, value):
+    return relax.op.where(cv.cast(mask, "bool"), relax.const(value, cv.out_dtype(node)), x)
+
+
+def _dims(dim, ndim):
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        return None
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return [d % ndim for d in dims]
+
+
+def _reduce(relax_op):
+    def rule(cv, node, x, dim=None, keepdim=False, *, dtype=None):
+        if dtype is not None:
+            x = cv.cast(x, relax_dtype(dtype))
+        return relax_op(x, _dims(dim, len(x.ty.shape.values) if x.ty.shape is not None else 0), keepdim)
+    return rule
+
+
+lowers(aten.sum.dim_IntList)(_reduce(relax.op.sum))
+lowers(aten.mean.dim)(_reduce(relax.op.mean))
+lowers(aten.amax.default)(_reduce(relax.op.max))
+lowers(aten.amin.default)(_reduce(relax.op.min))
+
+
+@lowers(aten._softmax.default)
+def _softmax(cv, node, x, dim, half_to_float):
+    return relax.op.nn.softmax(x, dim)
+
+
+@lowers(aten._log_softmax.default)
+def _log_softmax(cv, node, x, dim, half_to_float):
+    return relax.op.nn.log_softmax(x, dim)
+
+
+@lowers(aten.native_layer_norm.default)
+def _layer_norm(cv, node, x, normalized_shape, weight, bias, eps):
+    ndim = len(node.args[0].meta["val"].shape)
+    axes = list(range(ndim - len(normalized_shape), ndim))
+    dt = cv.out_dtype(node)
+    shape = [cv.prim(s) for s in normalized_shape]
+    weight = weight if weight is not None else relax.op.ones(shape, dt)
+    bias = bias if bias is not None else relax.op.zeros(shape, dt)
+    out = relax.op.nn.layer_norm(x, weight, bias, axes, eps)
+    # mean and rstd are returned by the ATen op but almost never used in inference; DCE drops them.
+    mean = relax.op.mean(x, axes, keepdims=True)
+    rstd = relax.op.rsqrt(relax.op.add(relax.op.variance(x, axes, keepdims=True), relax.const(eps, dt)))
+    return relax.Tuple([out, mean, rstd])
+
+
+# ---- data movement --------------------------------------------------------------------------------
+@lowers(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+def _view(cv, node, x, size):
+    return relax.op.reshape(x, cv.shape(node.meta["val"]))
+
+
+@lowers(aten.permute.default)
+def _permute(cv, node, x, dims):
+    return relax.op.permute_dims(x, [d % len(dims) for d in dims])
+
+
+@lowers(aten.transpose.int)
+def _transpose(cv, node, x, d0, d1):
+    n = len(node.meta["val"].shape)
+    axes = list(range(n))
+    axes[d0 % n], axes[d1 % n] = axes[d1 % n], axes[d0 % n]
+    return relax.op.permute_dims(x, axes)
+
+
+@lowers(aten.t.default)
+def _t(cv, node, x):
+    return relax.op.permute_dims(x, [1, 0]) if len(node.meta["val"].shape) == 2 else x
+
+
+@lowers(aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default,
+        aten.alias.default, aten.view_as.default if hasattr(aten, "view_as") else aten.alias.default)
+def _reshape_like(cv, node, x, *rest, **kw):
+    if node.target is aten.expand.default:
+        return relax.op.broadcast_to(x, cv.shape(node.meta["val"]))
+    return relax.op.reshape(x, cv.shape(node.meta["val"]))
+
+
+@lowers(aten.clone.default)
+def _clone(cv, node, x, *, memory_format=None):
+    # A functional copy; Relax tensors are always compact so the copy is a no-op unless fused away.
+    return relax.op.astype(x, cv.out_dtype(node))
+
+
+@lowers(aten._to_copy.default)
+def _to_copy(cv, node, x, *, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False,
+             memory_format=None):
+    src = node.args[0].meta["val"]
+    if device is not None and torch.device(device) != src.device:
+        raise Unsupported("device transfer")
+    return relax.op.astype(x, cv.out_dtype(node))
+
+
+@lowers(aten.slice.Tensor)
+def _slice(cv, node, x, dim=0, start=None, end=None, step=1):
+    src = node.args[0].meta["val"]
+    dim = dim % src.dim()
+    size = src.shape[dim]
+    start = 0 if start is None else start
+    end = size if end is None else end
+    if isinstance(start, int) and isinstance(size, int) and isinstance(end, int):
+        start, end = max(min(start if start >= 0 else start + size, size), 0), max(min(end if end >= 0 else end + size, size), 0)
+    elif not (isinstance(start, int) and start >= 0):
+        raise Unsupported("symbolic slice start")
+    return relax.op.strided_slice(x, [dim], [cv.prim(start)], [cv.prim(end) if not isinstance(end, int) else end],
+                                  [step], assume_inbound=True)
+
+
+@lowers(aten.select.int)
+def _select(cv, node, x, dim, index):
+    src = node.args[0].meta["val"]
+    dim = dim % src.dim()
+    if not isinstance(index, int):
+        raise Unsupported("symbolic select index")
+    if index < 0:
+        if not isinstance(src.shape[dim], int):
+            raise Unsupported("negative select on a symbolic dim")
+        index += src.shape[dim]
+    sl = relax.op.strided_slice(x, [dim], [index], [index + 1], assume_inbound=True)
+    return relax.op.squeeze(sl, [dim])
+
+
+@lowers(aten.unbind.int)
+def _unbind(cv, node, x, dim=0):
+    dim = dim % node.args[0].meta["val"].dim()
+    return relax.Tuple([relax.op.squeeze(relax.op.strided_slice(x, [dim], [i], [i + 1], assume_inbound=True), [dim])
+                        for i in range(len(node.meta["val"]))])
+
+
+@lowers(aten.cat.default)
+def _cat(cv, node, tensors, dim=0):
+    dt = cv.out_dtype(node)
+    vals = [t for t, n in zip(tensors, node.args[0]) if n.meta["val"].numel() != 0 or n.meta["val"].dim() > 1]
+    return relax.op.concat([cv.cast(t, dt) for t in vals], dim % node.meta["val"].dim())
+
+
+@lowers(aten.embedding.default)
+def _embedding(cv, node, weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    return relax.op.take(weight, indices, axis=0, mode="fast")
+
+
+@lowers(aten.full.default)
+def _full(cv, node, size, fill_value, *, dtype=None, layout=None, device=None, pin_memory=None):
+    dt = cv.out_dtype(node)
+    return relax.op.full(cv.shape(node.meta["val"]), relax.const(fill_value, dt), dt)
+
+
+@lowers(aten.scalar_tensor.default)
+def _scalar_tensor(cv, node, value, *, dtype=None, layout=None, device=None, pin_memory=None):
+    return relax.const(value, cv.out_dtype(node))
+
+
+@lowers(aten.arange.start_step, aten.arange.default, aten.arange.start)
+def _arange(cv, node, *args, dtype=None, layout=None, device=None, pin_memory=None):
+    dt = cv.out_dtype(node)
+    if node.target is aten.arange.default:
+        start, end, step = 0, args[0], 1
+    else:
+        start, end, step = (list(args) + [1])[:3]
+    if not all(isinstance(v, int) for v in (start, end, step)):
+        raise Unsupported("symbolic or float arange")
+    return relax.op.arange(start, end, step, dt)

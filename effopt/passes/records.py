@@ -1,0 +1,40 @@
+"""What a pass did, kept for `effopt.last_report()` and the inspection report."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def source_location(node: fx.Node) -> str | None:
+    """file:line of the innermost frame of the user's code that produced `node` (dynamo's stack trace)."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return None
+    frames = _FRAME.findall(trace)
+    return f"{frames[-1][0]}:{frames[-1][1]}" if frames else None
+
+
+@dataclass
+class PassRecord:
+    name: str
+    matches: int = 0
+    locations: list[str] = field(default_factory=list)
+    nodes_before: int = 0
+    nodes_after: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def add_match(self, node: fx.Node | None = None) -> None:
+        self.matches += 1
+        loc = source_location(node) if node is not None else None
+        if loc and loc not in self.locations:
+            self.locations.append(loc)
+
+    def __str__(self) -> str:
+        where = f" at {', '.join(self.locations[:3])}" + (" ..." if len(self.locations) > 3 else "") if self.locations else ""
+        return (f"{self.name}: {self.matches} match(es){where}; nodes {self.nodes_before} -> {self.nodes_after}"
+                f" ({self.seconds * 1e3:.1f} ms)")

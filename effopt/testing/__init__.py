@@ -1,0 +1,1 @@
+"""Models and helpers shared by effopt's tests, examples and benchmarks."""
