@@ -67,6 +67,30 @@ def _warn_fallbacks(gm, record: LoweringRecord):
                       + (f", e.g. {where[0]})" if where else ")"), EffoptFallbackWarning, stacklevel=2)
 
 
+def _build_all(funcs: dict, target, build_module):
+    """Build every kernel in one module (one LLVM run); if that fails, build them one by one to find the
+    kernels TVM cannot compile, and leave those regions in eager PyTorch."""
+    import tvm
+
+    try:
+        return build_module(tvm.IRModule({k: f for k, f in funcs.values()}), target)
+    except Exception as first:  # noqa: BLE001 - TVM raises many error types
+        if len(funcs) == 1:
+            raise
+        bad = []
+        for fkey, (kname, f) in list(funcs.items()):
+            try:
+                build_module(tvm.IRModule({kname: f}), target)
+            except Exception as e:  # noqa: BLE001
+                bad.append(kname)
+                del funcs[fkey]
+                warnings.warn(f"effopt: TVM could not compile kernel {kname}; its regions stay in eager PyTorch: "
+                              f"{str(e).splitlines()[0][:300]}", EffoptFallbackWarning, stacklevel=3)
+        if not bad or not funcs:
+            raise first
+        return build_module(tvm.IRModule({k: f for k, f in funcs.values()}), target)
+
+
 def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, LoweringRecord]:
     """Returns a GraphModule whose TVM regions call compiled kernels; raises only on internal errors."""
     from tvm import relax
@@ -95,7 +119,7 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     for name in names:
         sub = getattr(gm, name)
         try:
-            func, tensor_inputs = Converter().convert(sub)
+            func, tensor_inputs, sym_sources = Converter().convert(sub)
         except (Unsupported, Exception) as e:  # noqa: B014 - TVM raises its own error types too
             warnings.warn(f"effopt: region {name} ({', '.join(_region_ops(sub))}) stays in eager PyTorch: {e}",
                           EffoptFallbackWarning, stacklevel=2)
@@ -104,7 +128,7 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
         fkey = make_key(text)
         if fkey not in funcs:
             funcs[fkey] = (f"k{len(funcs)}", func.with_attr("global_symbol", f"k{len(funcs)}"))
-        region_fn[name], region_inputs[name] = fkey, tensor_inputs
+        region_fn[name], region_inputs[name] = fkey, (tensor_inputs, sym_sources)
     record.unique_kernels = len(funcs)
     if not funcs:
         record.seconds = time.perf_counter() - t0
@@ -121,20 +145,19 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
         choices = {k: Choice.from_json(v) for k, v in meta["choices"].items()}
         record.cache_hit = True
     else:
-        mod = tvm.IRModule({kname: f for kname, f in funcs.values()})
-        executable = build_module(mod, target)
+        executable = _build_all(funcs, target, build_module)
     vm = relax.VirtualMachine(executable, tvm.cpu())
 
     placeholders_gen = torch.Generator().manual_seed(0)
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or node.target not in region_fn:
+        if node.op != "call_module" or node.target not in region_fn or region_fn[node.target] not in funcs:
             continue
         sub = getattr(gm, node.target)
         fkey = region_fn[node.target]
         kname = funcs[fkey][0]
         out_arg = next(n for n in sub.graph.nodes if n.op == "output").args[0]
         single = not isinstance(out_arg, (tuple, list))
-        kernel = TVMKernel(vm[kname], region_inputs[node.target], single, kname)
+        kernel = TVMKernel(vm[kname], *region_inputs[node.target][:1], single, kname, region_inputs[node.target][1])
         if fkey not in choices:
             args = [getattr(gm, a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else
                     concrete(a.meta.get("val") if isinstance(a, fx.Node) else a, placeholders_gen) for a in node.args]

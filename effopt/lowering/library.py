@@ -17,6 +17,8 @@ LIBRARY_OPS = frozenset({
     aten._scaled_dot_product_flash_attention_for_cpu.default,
     aten._scaled_dot_product_efficient_attention.default,
     aten._scaled_dot_product_flash_attention.default,
+    # torch's fused fast paths for nn.TransformerEncoderLayer / nn.MultiheadAttention in inference
+    aten._transformer_encoder_layer_fwd.default, aten._native_multi_head_attention.default,
 })
 
 # Zero-cost in torch (they make views); in TVM they cost nothing only when fused into a compute kernel,

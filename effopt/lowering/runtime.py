@@ -3,6 +3,7 @@ except where TVM's kernels need a compact, aligned buffer that the input is not.
 from __future__ import annotations
 
 import torch
+import tvm_ffi
 
 _ALIGN = 64  # TVM kernels assume 64-byte aligned buffers
 
@@ -16,12 +17,18 @@ def compact(t: torch.Tensor) -> torch.Tensor:
 class TVMKernel(torch.nn.Module):
     """One region of the graph, compiled by TVM; called in place of the region's eager submodule."""
 
-    def __init__(self, fn, tensor_inputs: list[int], single_output: bool, name: str):
+    def __init__(self, fn, tensor_inputs: list[int], single_output: bool, name: str, sym_sources=()):
         super().__init__()
         self.fn, self.tensor_inputs, self.single_output, self.kernel_name = fn, tensor_inputs, single_output, name
+        self.sym_sources = list(sym_sources)  # (tensor input, dim, divisor) per symbolic size
 
     def forward(self, *args):
-        out = self.fn(*[compact(args[i]) for i in self.tensor_inputs])
+        tensors = [compact(args[i]) for i in self.tensor_inputs]
+        if self.sym_sources:
+            sizes = tvm_ffi.Shape(tuple(tensors[k].shape[d] // c for k, d, c in self.sym_sources))
+            out = self.fn(*tensors, sizes)
+        else:
+            out = self.fn(*tensors)
         outs = [o if isinstance(o, torch.Tensor) else torch.from_dlpack(o) for o in out]
         return outs[0] if self.single_output else tuple(outs)
 

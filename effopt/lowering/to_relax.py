@@ -88,22 +88,33 @@ class Converter:
         return [self.prim(s) for s in val.shape]
 
     # ---- the region ---------------------------------------------------------------------------
-    def convert(self, gm: fx.GraphModule, name: str = "main") -> tuple[relax.Function, list[int]]:
-        """Returns the Relax function and the indices of the region inputs that are tensors."""
+    def convert(self, gm: fx.GraphModule, name: str = "main") -> tuple[relax.Function, list[int], list]:
+        """The Relax function, the indices of the region inputs that are tensors, and for each symbolic
+        size the (input, dim, divisor) it is read from at call time (passed as a trailing shape argument,
+        because Relax cannot solve `s0` from an input dim of `17*s0`)."""
         env: dict[fx.Node, Any] = {}
-        params, tensor_inputs = [], []
+        params, tensor_inputs, dims = [], [], []
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for i, n in enumerate(placeholders):
             val = n.meta.get("val")
             if isinstance(val, torch.Tensor):
-                var = relax.Var(f"in{i}", relax.TensorType(self.shape(val), relax_dtype(val.dtype)))
+                shape = self.shape(val)
+                var = relax.Var(f"in{i}", relax.TensorType(shape, relax_dtype(val.dtype)))
                 params.append(var)
+                dims.append((len(tensor_inputs), val.shape))
                 tensor_inputs.append(i)
                 env[n] = var
             elif isinstance(val, (int, torch.SymInt)):
                 env[n] = self.prim(val)
             else:
                 raise Unsupported(f"region input {n.name} of type {type(val).__name__}")
+        for n in gm.graph.nodes:  # symbols that only intermediate shapes mention
+            for v in (n.meta.get("val") if isinstance(n.meta.get("val"), (tuple, list)) else [n.meta.get("val")]):
+                if isinstance(v, torch.Tensor):
+                    self.shape(v)
+        sym_sources = [self._source(sym, dims) for sym in sorted(self.syms)]
+        if sym_sources:
+            params.append(relax.Var("sizes", relax.ShapeType([self.syms[s] for s in sorted(self.syms)])))
         bb = relax.BlockBuilder()
         with bb.function(name, params):
             with bb.dataflow():
@@ -116,7 +127,18 @@ class Converter:
                     elif node.op != "placeholder":
                         raise Unsupported(f"{node.op} node in region")
             bb.emit_func_output(result)
-        return bb.get()[name], tensor_inputs
+        return bb.get()[name], tensor_inputs, sym_sources
+
+    @staticmethod
+    def _source(sym: str, dims) -> tuple[int, int, int]:
+        for k, shape in dims:
+            for d, size in enumerate(shape):
+                if isinstance(size, torch.SymInt):
+                    expr = size.node.expr
+                    coeff, rest = expr.as_coeff_Mul()
+                    if str(rest) == sym and coeff.is_Integer and int(coeff) > 0:
+                        return k, d, int(coeff)
+        raise Unsupported(f"symbolic size {sym} cannot be read from the region's input shapes")
 
     def _call(self, bb, node: fx.Node, env):
         if node.target is operator.getitem:
@@ -283,7 +305,12 @@ def _layer_norm(cv, node, x, normalized_shape, weight, bias, eps):
     shape = [cv.prim(s) for s in normalized_shape]
     weight = weight if weight is not None else relax.op.ones(shape, dt)
     bias = bias if bias is not None else relax.op.zeros(shape, dt)
-    out = relax.op.nn.layer_norm(x, weight, bias, axes, eps)
+    if dt == "bfloat16":
+        # TVM's layer_norm takes float32/float16 only; torch's bf16 kernel accumulates in float32 as well.
+        out = relax.op.nn.layer_norm(*(cv.cast(t, "float32") for t in (x, weight, bias)), axes, eps)
+        out, x, dt = relax.op.astype(out, dt), cv.cast(x, dt), dt
+    else:
+        out = relax.op.nn.layer_norm(x, weight, bias, axes, eps)
     # mean and rstd are returned by the ATen op but almost never used in inference; DCE drops them.
     mean = relax.op.mean(x, axes, keepdims=True)
     rstd = relax.op.rsqrt(relax.op.add(relax.op.variance(x, axes, keepdims=True), relax.const(eps, dt)))
@@ -348,6 +375,10 @@ def _slice(cv, node, x, dim=0, start=None, end=None, step=1):
         start, end = max(min(start if start >= 0 else start + size, size), 0), max(min(end if end >= 0 else end + size, size), 0)
     elif not (isinstance(start, int) and start >= 0):
         raise Unsupported("symbolic slice start")
+    elif isinstance(end, int) and end >= 2 ** 62:  # x[a:] on a symbolic dim: torch passes INT64_MAX
+        end = size
+    elif isinstance(end, int) and end < 0:
+        raise Unsupported("negative slice end on a symbolic dim")
     return relax.op.strided_slice(x, [dim], [cv.prim(start)], [cv.prim(end) if not isinstance(end, int) else end],
                                   [step], assume_inbound=True)
 

