@@ -55,6 +55,19 @@ class LoweringRecord:
         return "\n".join(lines)
 
 
+def _restrides(sub: fx.GraphModule, layouts) -> list:
+    """Eager's strides for outputs that are neither contiguous nor a dense permutation (static shapes only)."""
+    out = next(n for n in sub.graph.nodes if n.op == "output").args[0]
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    res = []
+    for o, perm in zip(outs, layouts):
+        v = o.meta.get("val")
+        static = isinstance(v, torch.Tensor) and not any(isinstance(s, torch.SymInt) for s in (*v.shape, *v.stride()))
+        dense = static and 0 not in v.stride()  # an expanded (overlapping) layout cannot be written into
+        res.append(tuple(v.stride()) if perm is None and dense and not v.is_contiguous() else None)
+    return res if any(r is not None for r in res) else []
+
+
 def _region_ops(sub: fx.GraphModule) -> list[str]:
     return [str(n.target).replace("aten.", "").split(".")[0] for n in sub.graph.nodes if n.op == "call_function"]
 
@@ -67,7 +80,7 @@ def _warn_fallbacks(gm, record: LoweringRecord):
                       + (f", e.g. {where[0]})" if where else ")"), EffoptFallbackWarning, stacklevel=2)
 
 
-def _build_all(funcs: dict, target, build_module):
+def _build_all(funcs: dict, target, build_module, strict: bool = False):
     """Build every kernel in one module (one LLVM run); if that fails, build them one by one to find the
     kernels TVM cannot compile, and leave those regions in eager PyTorch."""
     import tvm
@@ -75,7 +88,7 @@ def _build_all(funcs: dict, target, build_module):
     try:
         return build_module(tvm.IRModule({k: f for k, f in funcs.values()}), target)
     except Exception as first:  # noqa: BLE001 - TVM raises many error types
-        if len(funcs) == 1:
+        if len(funcs) == 1 or strict:
             raise
         bad = []
         for fkey, (kname, f) in list(funcs.items()):
@@ -119,7 +132,8 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     for name in names:
         sub = getattr(gm, name)
         try:
-            func, tensor_inputs, sym_sources = Converter().convert(sub)
+            cv = Converter()
+            func, tensor_inputs, sym_sources = cv.convert(sub)
         except (Unsupported, Exception) as e:  # noqa: B014 - TVM raises its own error types too
             warnings.warn(f"effopt: region {name} ({', '.join(_region_ops(sub))}) stays in eager PyTorch: {e}",
                           EffoptFallbackWarning, stacklevel=2)
@@ -128,7 +142,8 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
         fkey = make_key(text)
         if fkey not in funcs:
             funcs[fkey] = (f"k{len(funcs)}", func.with_attr("global_symbol", f"k{len(funcs)}"))
-        region_fn[name], region_inputs[name] = fkey, (tensor_inputs, sym_sources)
+        region_fn[name], region_inputs[name] = fkey, (tensor_inputs, sym_sources, cv.out_layouts,
+                                                      _restrides(sub, cv.out_layouts))
     record.unique_kernels = len(funcs)
     if not funcs:
         record.seconds = time.perf_counter() - t0
@@ -145,7 +160,7 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
         choices = {k: Choice.from_json(v) for k, v in meta["choices"].items()}
         record.cache_hit = True
     else:
-        executable = _build_all(funcs, target, build_module)
+        executable = _build_all(funcs, target, build_module, options.strict)
     vm = relax.VirtualMachine(executable, tvm.cpu())
 
     placeholders_gen = torch.Generator().manual_seed(0)
@@ -157,7 +172,8 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
         kname = funcs[fkey][0]
         out_arg = next(n for n in sub.graph.nodes if n.op == "output").args[0]
         single = not isinstance(out_arg, (tuple, list))
-        kernel = TVMKernel(vm[kname], *region_inputs[node.target][:1], single, kname, region_inputs[node.target][1])
+        tensor_inputs, sym_sources, layouts, restrides = region_inputs[node.target]
+        kernel = TVMKernel(vm[kname], tensor_inputs, single, kname, sym_sources, layouts, restrides)
         if fkey not in choices:
             args = [getattr(gm, a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else
                     concrete(a.meta.get("val") if isinstance(a, fx.Node) else a, placeholders_gen) for a in node.args]

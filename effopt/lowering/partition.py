@@ -42,7 +42,7 @@ def unsupported_ops(gm: fx.GraphModule) -> dict[str, list[str]]:
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target in LIBRARY_OPS or is_symbolic_scalar_op(n):
             continue
-        if getattr(n.target, "is_view", False):  # views cost nothing in torch: not a fallback
+        if n.target is operator.getitem or getattr(n.target, "is_view", False):  # free in torch: not a fallback
             continue
         if not support.is_node_supported({}, n):
             loc = source_location(n)

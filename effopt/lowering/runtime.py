@@ -17,10 +17,15 @@ def compact(t: torch.Tensor) -> torch.Tensor:
 class TVMKernel(torch.nn.Module):
     """One region of the graph, compiled by TVM; called in place of the region's eager submodule."""
 
-    def __init__(self, fn, tensor_inputs: list[int], single_output: bool, name: str, sym_sources=()):
+    def __init__(self, fn, tensor_inputs: list[int], single_output: bool, name: str, sym_sources=(),
+                 out_layouts=(), out_strides=()):
         super().__init__()
         self.fn, self.tensor_inputs, self.single_output, self.kernel_name = fn, tensor_inputs, single_output, name
         self.sym_sources = list(sym_sources)  # (tensor input, dim, divisor) per symbolic size
+        # per output: the memory order the kernel wrote it in (None: contiguous), so that the caller gets
+        # the strides eager would have produced; and eager's strides where they are neither (restrided copy)
+        self.inverse = [None if p is None else [p.index(d) for d in range(len(p))] for p in out_layouts] or None
+        self.restride = list(out_strides) or None
 
     def forward(self, *args):
         tensors = [compact(args[i]) for i in self.tensor_inputs]
@@ -30,6 +35,11 @@ class TVMKernel(torch.nn.Module):
         else:
             out = self.fn(*tensors)
         outs = [o if isinstance(o, torch.Tensor) else torch.from_dlpack(o) for o in out]
+        if self.inverse is not None:
+            outs = [o if inv is None else o.permute(inv) for o, inv in zip(outs, self.inverse)]
+        if self.restride is not None:
+            outs = [o if st is None else torch.empty_strided(o.shape, st, dtype=o.dtype).copy_(o)
+                    for o, st in zip(outs, self.restride)]
         return outs[0] if self.single_output else tuple(outs)
 
     def extra_repr(self) -> str:

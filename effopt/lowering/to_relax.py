@@ -123,11 +123,16 @@ class Converter:
                         env[node] = self._call(bb, node, env)
                     elif node.op == "output":
                         outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)
-                        result = bb.emit_output(relax.Tuple([env[o] for o in outs]))
+                        self.out_layouts = [memory_order(o.meta.get("val")) for o in outs]
+                        result = bb.emit_output(relax.Tuple([
+                            env[o] if perm is None else bb.emit(relax.op.permute_dims(env[o], perm))
+                            for o, perm in zip(outs, self.out_layouts)]))
                     elif node.op != "placeholder":
                         raise Unsupported(f"{node.op} node in region")
             bb.emit_func_output(result)
         return bb.get()[name], tensor_inputs, sym_sources
+
+    out_layouts: list = []
 
     @staticmethod
     def _source(sym: str, dims) -> tuple[int, int, int]:
@@ -167,6 +172,25 @@ class Converter:
         if isinstance(x, (int, float, bool)):
             return relax.const(x, dtype)
         return x if self.dtype_of(x) == dtype else relax.op.astype(x, dtype)
+
+
+def memory_order(val) -> list[int] | None:
+    """For a dense tensor whose strides are a permutation of contiguous ones (a transpose, channels-last),
+    the dim order from outermost to innermost in memory; None when it is already contiguous.
+
+    Eager code after a region may rely on these strides (a `view`, or SDPA whose output layout follows
+    its query's), so the kernel writes in this order and the caller gets a permuted view back."""
+    if not isinstance(val, torch.Tensor) or val.dim() < 2 or val.is_contiguous():
+        return None
+    if any(isinstance(s, torch.SymInt) for s in (*val.shape, *val.stride())):
+        return None
+    perm = sorted(range(val.dim()), key=lambda d: (-val.stride()[d], d))
+    expect = 1
+    for d in reversed(perm):
+        if val.shape[d] != 1 and val.stride()[d] != expect:
+            return None  # not dense (e.g. expanded): the runtime restrides with a copy
+        expect *= val.shape[d]
+    return perm
 
 
 def _arg_dtype(node: fx.Node, i: int) -> torch.dtype | None:
@@ -437,3 +461,38 @@ def _arange(cv, node, *args, dtype=None, layout=None, device=None, pin_memory=No
     if not all(isinstance(v, int) for v in (start, end, step)):
         raise Unsupported("symbolic or float arange")
     return relax.op.arange(start, end, step, dt)
+
+
+@lowers(aten.zeros.default, aten.ones.default, aten.new_zeros.default, aten.new_ones.default,
+        aten.new_full.default, aten.full_like.default, aten.zeros_like.default, aten.ones_like.default)
+def _fill(cv, node, *args, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+    target = node.target
+    value = {aten.zeros.default: 0, aten.new_zeros.default: 0, aten.zeros_like.default: 0,
+             aten.ones.default: 1, aten.new_ones.default: 1, aten.ones_like.default: 1}.get(target)
+    if value is None:  # new_full(x, size, v) / full_like(x, v)
+        value = args[2] if target is aten.new_full.default else args[1]
+    dt = cv.out_dtype(node)
+    return relax.op.full(cv.shape(node.meta["val"]), relax.const(value, dt), dt)
+
+
+def _logical_or_bitwise(logical, bitwise):
+    def rule(cv, node, a, b):
+        dt = _compute_dtype(node)
+        a, b = cv.cast(a, dt), cv.cast(b, dt)
+        return logical(a, b) if dt == "bool" else bitwise(a, b)
+    return rule
+
+
+lowers(aten.bitwise_and.Tensor, aten.logical_and.default)(_logical_or_bitwise(relax.op.logical_and, relax.op.bitwise_and))
+lowers(aten.bitwise_or.Tensor, aten.logical_or.default)(_logical_or_bitwise(relax.op.logical_or, relax.op.bitwise_or))
+
+
+@lowers(aten.index.Tensor)
+def _index(cv, node, x, indices):
+    # Advanced indexing (Hugging Face builds attention masks with padding_mask[batch_idx, kv_idx]).
+    if any(i is None for i in indices):
+        present = [k for k, i in enumerate(indices) if i is not None]
+        if len(present) != 1:
+            raise Unsupported("index with None between several index tensors")
+        return relax.op.take(x, cv.cast(indices[present[0]], "int64"), axis=present[0], mode="fast")
+    return relax.op.index_tensor(x, relax.Tuple([cv.cast(i, "int64") for i in indices]))
