@@ -1,0 +1,57 @@
+"""The on-disk kernel cache: a second compile of the same graph loads kernels instead of building them,
+and a damaged entry is reported and rebuilt, never trusted."""
+import glob
+import os
+import warnings
+
+import torch
+
+import effopt
+from effopt.testing.compare import assert_same_as_eager
+from effopt.testing.models import vit_tiny_test
+
+
+def _compile_and_run(model, x, cache_dir):
+    torch._dynamo.reset()
+    f = torch.compile(model, backend="effopt", options={"cache_dir": cache_dir, "kernel_choice": "tvm"})
+    with torch.no_grad():
+        assert_same_as_eager(f(x), model(x))
+    return effopt.last_report().lowering
+
+
+def test_second_compile_hits_cache(cache_dir):
+    model, x = vit_tiny_test().eval(), torch.randn(1, 3, 32, 32)
+    first = _compile_and_run(model, x, cache_dir)
+    assert not first.cache_hit and glob.glob(os.path.join(cache_dir, "*", "*", "lib.so"))
+    second = _compile_and_run(model, x, cache_dir)
+    assert second.cache_hit
+    assert [k.choice for k in second.kernels] == [k.choice for k in first.kernels]
+
+
+def test_truncated_or_foreign_entries_are_rebuilt(cache_dir):
+    model, x = vit_tiny_test().eval(), torch.randn(1, 3, 32, 32)
+    _compile_and_run(model, x, cache_dir)
+    lib = glob.glob(os.path.join(cache_dir, "*", "*", "lib.so"))[0]
+    with open(lib, "r+b") as f:
+        f.truncate(os.path.getsize(lib) // 2)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        rec = _compile_and_run(model, x, cache_dir)
+    assert not rec.cache_hit and any("damaged cache entry" in str(m.message) for m in w)
+
+    meta = glob.glob(os.path.join(cache_dir, "*", "*", "meta.json"))[0]
+    with open(meta, "w") as f:
+        f.write('{"versions": {"effopt": "0.0.0"}')  # another version, and cut short
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        rec = _compile_and_run(model, x, cache_dir)
+    assert not rec.cache_hit and any("damaged cache entry" in str(m.message) for m in w)
+
+
+def test_unwritable_cache_dir_does_not_fail_the_compile(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        rec = _compile_and_run(vit_tiny_test().eval(), torch.randn(1, 3, 32, 32), str(blocker / "cache"))
+    assert rec.kernels and any("could not write the kernel cache" in str(m.message) for m in w)
