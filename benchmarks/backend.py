@@ -63,7 +63,7 @@ def second_process_compile_s() -> float:
 
 
 def main():
-    from effopt.testing.timing import interleaved_medians
+    from effopt.timing import interleaved_medians
 
     os.makedirs(OUT, exist_ok=True)
     rows = []

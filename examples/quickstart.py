@@ -8,7 +8,7 @@ import torch
 import effopt
 from effopt.testing import minilm
 from effopt.testing.models import vit_small
-from effopt.testing.timing import interleaved_medians
+from effopt.timing import interleaved_medians
 
 warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 

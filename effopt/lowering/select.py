@@ -6,11 +6,11 @@ are timed interleaved, and the faster is kept, so a compiled graph is never slow
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
+
+from ..timing import interleaved_medians
 
 # Per-dtype tolerances for the self-check; fast-math exp/erf stay within a few float32 ulps.
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-7, 1e-9), torch.bfloat16: (2e-2, 1e-2),
@@ -70,27 +70,10 @@ def mismatch(ref, got) -> str | None:
     return None
 
 
-def _median_us(fn, args, reps):
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn(*args)
-        ts.append(time.perf_counter() - t)
-    return ts
-
-
 def measure(kernel, eager, args, rounds: int = 7, reps: int = 5, budget_s: float = 0.25) -> tuple[float, float]:
     """Median microseconds of (kernel, eager), interleaved round by round, within about `budget_s`."""
-    for _ in range(2):
-        kernel(*args), eager(*args)
-    tk, te = [], []
-    start = time.perf_counter()
-    for r in range(rounds):
-        tk += _median_us(kernel, args, reps)
-        te += _median_us(eager, args, reps)
-        if r >= 2 and time.perf_counter() - start > budget_s:
-            break
-    return statistics.median(tk) * 1e6, statistics.median(te) * 1e6
+    m = interleaved_medians({"kernel": kernel, "eager": eager}, args, rounds=rounds, reps=reps, budget_s=budget_s)
+    return m["kernel"] * 1e6, m["eager"] * 1e6
 
 
 def choose(candidate, baseline, args, force: bool) -> Choice:
