@@ -55,19 +55,6 @@ class LoweringRecord:
         return "\n".join(lines)
 
 
-def _restrides(sub: fx.GraphModule, layouts) -> list:
-    """Eager's strides for outputs that are neither contiguous nor a dense permutation (static shapes only)."""
-    out = next(n for n in sub.graph.nodes if n.op == "output").args[0]
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    res = []
-    for o, perm in zip(outs, layouts):
-        v = o.meta.get("val")
-        static = isinstance(v, torch.Tensor) and not any(isinstance(s, torch.SymInt) for s in (*v.shape, *v.stride()))
-        dense = static and 0 not in v.stride()  # an expanded (overlapping) layout cannot be written into
-        res.append(tuple(v.stride()) if perm is None and dense and not v.is_contiguous() else None)
-    return res if any(r is not None for r in res) else []
-
-
 def _region_ops(sub: fx.GraphModule) -> list[str]:
     return [str(n.target).replace("aten.", "").split(".")[0] for n in sub.graph.nodes if n.op == "call_function"]
 
@@ -111,7 +98,7 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
 
     from ..autotune.targets import resolve_target, target_dict
     from .build import build_module
-    from .to_relax import Converter, Unsupported
+    from .to_relax import Converter
 
     t0 = time.perf_counter()
     record = LoweringRecord(target=target_dict(options.target))
@@ -128,22 +115,20 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     gm, names = partition(gm)
 
     # Convert each region; structurally equal regions (the same block repeated) share one kernel.
-    funcs, region_fn, region_inputs = {}, {}, {}
+    funcs, region_fn, regions = {}, {}, {}
     for name in names:
         sub = getattr(gm, name)
         try:
-            cv = Converter()
-            func, tensor_inputs, sym_sources = cv.convert(sub)
-        except (Unsupported, Exception) as e:  # noqa: B014 - TVM raises its own error types too
+            region = Converter().convert(sub)
+        except Exception as e:  # noqa: BLE001 - Unsupported, or TVM's own error types
             warnings.warn(f"effopt: region {name} ({', '.join(_region_ops(sub))}) stays in eager PyTorch: {e}",
                           EffoptFallbackWarning, stacklevel=2)
             continue
-        text = func.script()
+        text = region.func.script()
         fkey = make_key(text)
         if fkey not in funcs:
-            funcs[fkey] = (f"k{len(funcs)}", func.with_attr("global_symbol", f"k{len(funcs)}"))
-        region_fn[name], region_inputs[name] = fkey, (tensor_inputs, sym_sources, cv.out_layouts,
-                                                      _restrides(sub, cv.out_layouts))
+            funcs[fkey] = (f"k{len(funcs)}", region.func.with_attr("global_symbol", f"k{len(funcs)}"))
+        region_fn[name], regions[name] = fkey, region
     record.unique_kernels = len(funcs)
     if not funcs:
         record.seconds = time.perf_counter() - t0
@@ -172,8 +157,8 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
         kname = funcs[fkey][0]
         out_arg = next(n for n in sub.graph.nodes if n.op == "output").args[0]
         single = not isinstance(out_arg, (tuple, list))
-        tensor_inputs, sym_sources, layouts, restrides = region_inputs[node.target]
-        kernel = TVMKernel(vm[kname], tensor_inputs, single, kname, sym_sources, layouts, restrides)
+        r = regions[node.target]
+        kernel = TVMKernel(vm[kname], r.tensor_inputs, single, kname, r.sym_sources, r.out_layouts, r.out_strides)
         if fkey not in choices:
             args = [getattr(gm, a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else
                     concrete(a.meta.get("val") if isinstance(a, fx.Node) else a, placeholders_gen) for a in node.args]

@@ -24,8 +24,9 @@ class TVMKernel(torch.nn.Module):
         self.sym_sources = list(sym_sources)  # (tensor input, dim, divisor) per symbolic size
         # per output: the memory order the kernel wrote it in (None: contiguous), so that the caller gets
         # the strides eager would have produced; and eager's strides where they are neither (restrided copy)
-        self.inverse = [None if p is None else [p.index(d) for d in range(len(p))] for p in out_layouts] or None
-        self.restride = list(out_strides) or None
+        self.inverse = [None if p is None else [p.index(d) for d in range(len(p))] for p in out_layouts]
+        self.inverse = self.inverse if any(p is not None for p in self.inverse) else None
+        self.restride = list(out_strides) if any(s is not None for s in out_strides) else None
 
     def forward(self, *args):
         tensors = [compact(args[i]) for i in self.tensor_inputs]

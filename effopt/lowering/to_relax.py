@@ -7,6 +7,7 @@ dynamic batch) become TIR variables bound by the input shapes.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import sympy
@@ -41,6 +42,15 @@ def relax_dtype(dt: torch.dtype) -> str:
     if dt not in DTYPES:
         raise Unsupported(f"dtype {dt}")
     return DTYPES[dt]
+
+
+@dataclass
+class ConvertedRegion:
+    func: relax.Function
+    tensor_inputs: list[int]  # indices of the region inputs that are tensors (the kernel's arguments)
+    sym_sources: list  # per symbolic size: (tensor input, dim, divisor) it is read from at call time
+    out_layouts: list  # per output: memory order the kernel writes it in, or None (contiguous)
+    out_strides: list  # per output: eager's strides where it is neither, to restride into; else None
 
 
 class Converter:
@@ -88,10 +98,9 @@ class Converter:
         return [self.prim(s) for s in val.shape]
 
     # ---- the region ---------------------------------------------------------------------------
-    def convert(self, gm: fx.GraphModule, name: str = "main") -> tuple[relax.Function, list[int], list]:
-        """The Relax function, the indices of the region inputs that are tensors, and for each symbolic
-        size the (input, dim, divisor) it is read from at call time (passed as a trailing shape argument,
-        because Relax cannot solve `s0` from an input dim of `17*s0`)."""
+    def convert(self, gm: fx.GraphModule, name: str = "main") -> ConvertedRegion:
+        """The region as a Relax function, with what calling it needs. Symbolic sizes are passed as a
+        trailing shape argument, because Relax cannot solve `s0` from an input dim of `17*s0`."""
         env: dict[fx.Node, Any] = {}
         params, tensor_inputs, dims = [], [], []
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -123,16 +132,15 @@ class Converter:
                         env[node] = self._call(bb, node, env)
                     elif node.op == "output":
                         outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)
-                        self.out_layouts = [memory_order(o.meta.get("val")) for o in outs]
+                        layouts = [memory_order(o.meta.get("val")) for o in outs]
                         result = bb.emit_output(relax.Tuple([
                             env[o] if perm is None else bb.emit(relax.op.permute_dims(env[o], perm))
-                            for o, perm in zip(outs, self.out_layouts)]))
+                            for o, perm in zip(outs, layouts)]))
                     elif node.op != "placeholder":
                         raise Unsupported(f"{node.op} node in region")
             bb.emit_func_output(result)
-        return bb.get()[name], tensor_inputs, sym_sources
-
-    out_layouts: list = []
+        strides = [restride(o.meta.get("val")) if perm is None else None for o, perm in zip(outs, layouts)]
+        return ConvertedRegion(bb.get()[name], tensor_inputs, sym_sources, layouts, strides)
 
     @staticmethod
     def _source(sym: str, dims) -> tuple[int, int, int]:
@@ -191,6 +199,16 @@ def memory_order(val) -> list[int] | None:
             return None  # not dense (e.g. expanded): the runtime restrides with a copy
         expect *= val.shape[d]
     return perm
+
+
+def restride(val) -> tuple | None:
+    """Eager's strides for an output that is neither contiguous nor a dense permutation (static shapes
+    only, and never an expanded, overlapping layout, which cannot be written into)."""
+    if not isinstance(val, torch.Tensor) or val.is_contiguous():
+        return None
+    if any(isinstance(s, torch.SymInt) for s in (*val.shape, *val.stride())) or 0 in val.stride():
+        return None
+    return tuple(val.stride())
 
 
 def _arg_dtype(node: fx.Node, i: int) -> torch.dtype | None:
@@ -331,8 +349,8 @@ def _layer_norm(cv, node, x, normalized_shape, weight, bias, eps):
     bias = bias if bias is not None else relax.op.zeros(shape, dt)
     if dt == "bfloat16":
         # TVM's layer_norm takes float32/float16 only; torch's bf16 kernel accumulates in float32 as well.
-        out = relax.op.nn.layer_norm(*(cv.cast(t, "float32") for t in (x, weight, bias)), axes, eps)
-        out, x, dt = relax.op.astype(out, dt), cv.cast(x, dt), dt
+        out = relax.op.astype(relax.op.nn.layer_norm(*(cv.cast(t, "float32") for t in (x, weight, bias)), axes, eps),
+                              dt)
     else:
         out = relax.op.nn.layer_norm(x, weight, bias, axes, eps)
     # mean and rstd are returned by the ATen op but almost never used in inference; DCE drops them.

@@ -6,7 +6,7 @@ import torch.fx as fx
 from torch import nn
 
 import effopt
-from effopt.passes import ConstantFolding, DeadCodeElimination, FoldBatchNorm
+from effopt.passes import ConstantFolding, DeadCodeElimination
 from effopt.testing.compare import assert_same_as_eager
 from tests.conftest import compile_effopt
 
