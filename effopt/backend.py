@@ -19,7 +19,11 @@ _warned_training = False
 
 
 class CompiledGraph:
-    """One captured graph, frozen and lowered; refreezes if a frozen parameter is replaced or updated."""
+    """One captured graph, frozen and lowered; refreezes if a frozen parameter is replaced or updated.
+
+    Called by AOTAutograd with its boxed convention: one list of arguments, which the callee may clear."""
+
+    _boxed_call = True
 
     def __init__(self, aten_gm: fx.GraphModule, frozen: list[int], real_inputs, options: Options):
         self.aten_gm, self.frozen, self.options = aten_gm, frozen, options
@@ -67,13 +71,8 @@ def _inference_compiler(real_inputs, frozen, options):
         # AOT calls us inside its fake mode; freezing and measuring kernels need real tensors.
         with unset_fake_temporarily():
             compiled = CompiledGraph(gm, frozen_here, list(real_inputs) if frozen_here else list(fake_inputs), options)
-        return make_boxed_func_list(compiled)
+        return compiled
     return fw_compiler
-
-
-def make_boxed_func_list(fn):
-    fn._boxed_call = True
-    return fn
 
 
 def _training_compiler(options):
