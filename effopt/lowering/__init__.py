@@ -12,9 +12,9 @@ import torch
 import torch.fx as fx
 
 from ..options import KernelChoice, Options
-from .cache import KernelCache, make_key
+from .cache import DecisionStore, KernelCache, make_key
 from .library import LIBRARY_OPS, select_gemm_kernels
-from .partition import partition, unsupported_ops
+from .partition import partition, replace_region, topological_sort, unsupported_ops
 from .runtime import TVMKernel
 from .select import Choice, choose, concrete
 
@@ -55,8 +55,8 @@ class LoweringRecord:
         return "\n".join(lines)
 
 
-def _region_ops(sub: fx.GraphModule) -> list[str]:
-    return [str(n.target).replace("aten.", "").split(".")[0] for n in sub.graph.nodes if n.op == "call_function"]
+def _region_ops(graph: fx.Graph) -> list[str]:
+    return [str(n.target).replace("aten.", "").split(".")[0] for n in graph.nodes if n.op == "call_function"]
 
 
 def _warn_fallbacks(gm, record: LoweringRecord):
@@ -106,29 +106,36 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     if target.kind.name != "llvm":
         raise NotImplementedError(f"running on target kind {target.kind.name!r} from CPU tensors is not supported; "
                                   "use a CPU target such as 'host' or {'kind': 'llvm'}")
-    record.gemms = select_gemm_kernels(gm, {})
+    store = DecisionStore(options.cache_dir, record.target) if options.cache else None
+    saved = store.load("gemm") if store else {}
+    try:
+        decisions = {k: Choice.from_json(v) for k, v in saved.items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        decisions = {}
+    record.gemms = select_gemm_kernels(gm, decisions)
+    if store and decisions.keys() - saved.keys():
+        store.save("gemm", {k: v.to_json() for k, v in decisions.items()})
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target in LIBRARY_OPS:
             name = str(n.target).replace("aten.", "").split(".")[0]
             record.library_calls[name] = record.library_calls.get(name, 0) + 1
     _warn_fallbacks(gm, record)
-    gm, names = partition(gm)
+    regions = partition(gm)
 
     # Convert each region; structurally equal regions (the same block repeated) share one kernel.
-    funcs, region_fn, regions = {}, {}, {}
-    for name in names:
-        sub = getattr(gm, name)
+    funcs, region_fn, converted = {}, {}, {}
+    for i, region in enumerate(regions):
+        graph = region.graph()
         try:
-            region = Converter().convert(sub)
+            conv = Converter().convert(graph)
         except Exception as e:  # noqa: BLE001 - Unsupported, or TVM's own error types
-            warnings.warn(f"effopt: region {name} ({', '.join(_region_ops(sub))}) stays in eager PyTorch: {e}",
+            warnings.warn(f"effopt: region {i} ({', '.join(_region_ops(graph))}) stays in eager PyTorch: {e}",
                           EffoptFallbackWarning, stacklevel=2)
             continue
-        text = region.func.script()
-        fkey = make_key(text)
+        fkey = make_key(conv.func.script())
         if fkey not in funcs:
-            funcs[fkey] = (f"k{len(funcs)}", region.func.with_attr("global_symbol", f"k{len(funcs)}"))
-        region_fn[name], regions[name] = fkey, region
+            funcs[fkey] = (f"k{len(funcs)}", conv.func.with_attr("global_symbol", f"k{len(funcs)}"))
+        region_fn[i], converted[i] = fkey, (graph, conv)
     record.unique_kernels = len(funcs)
     if not funcs:
         record.seconds = time.perf_counter() - t0
@@ -148,29 +155,31 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
         executable = _build_all(funcs, target, build_module, options.strict)
     vm = relax.VirtualMachine(executable, tvm.cpu())
 
-    placeholders_gen = torch.Generator().manual_seed(0)
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or node.target not in region_fn or region_fn[node.target] not in funcs:
+    placeholders_gen, replaced = torch.Generator().manual_seed(0), {}
+    for i, region in enumerate(regions):
+        if i not in region_fn or region_fn[i] not in funcs:
             continue
-        sub = getattr(gm, node.target)
-        fkey = region_fn[node.target]
+        fkey = region_fn[i]
         kname = funcs[fkey][0]
-        out_arg = next(n for n in sub.graph.nodes if n.op == "output").args[0]
-        single = not isinstance(out_arg, (tuple, list))
-        r = regions[node.target]
-        kernel = TVMKernel(vm[kname], r.tensor_inputs, single, kname, r.sym_sources, r.out_layouts, r.out_strides)
+        graph, r = converted[i]
+        kernel = TVMKernel(vm[kname], r.tensor_inputs, len(region.outputs) == 1, kname, r.sym_sources,
+                           r.out_layouts, r.out_strides)
         if fkey not in choices:
-            args = [getattr(gm, a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else
-                    concrete(a.meta.get("val") if isinstance(a, fx.Node) else a, placeholders_gen) for a in node.args]
-            choices[fkey] = choose(kernel, sub, args, options.kernel_choice is KernelChoice.TVM)
+            args = [getattr(gm, a.target) if a.op == "get_attr" else concrete(a.meta.get("val"), placeholders_gen)
+                    for a in region.inputs]
+            eager = fx.GraphModule(torch.nn.Module(), graph)  # the region as torch ops: the baseline
+            choices[fkey] = choose(kernel, eager, args, options.kernel_choice is KernelChoice.TVM)
             if not choices[fkey].use_candidate and choices[fkey].reason.startswith("result differs"):
-                warnings.warn(f"effopt: kernel {kname} ({', '.join(_region_ops(sub))}) was not used: "
+                warnings.warn(f"effopt: kernel {kname} ({', '.join(_region_ops(graph))}) was not used: "
                               f"{choices[fkey].reason}", EffoptFallbackWarning, stacklevel=2)
         c = choices[fkey]
-        record.kernels.append(KernelRecord(node.target, _region_ops(sub), "tvm" if c.use_candidate else "eager",
+        name = f"tvm_region{i}"
+        record.kernels.append(KernelRecord(name, _region_ops(graph), "tvm" if c.use_candidate else "eager",
                                            c.candidate_us, c.baseline_us, c.reason))
-        if c.use_candidate:
-            setattr(gm, node.target, kernel)
+        if c.use_candidate:  # regions that lose stay inline in the graph, as plain torch ops
+            replace_region(gm, region, name, kernel, replaced)
+    topological_sort(gm.graph)
+    gm.graph.lint()
     if cache is not None and loaded is None:
         cache.store(key, executable, {"choices": {k: v.to_json() for k, v in choices.items()}})
     gm.recompile()

@@ -81,3 +81,49 @@ class KernelCache:
                           RuntimeWarning)
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+class DecisionStore:
+    """Measured kernel decisions (for example MKL vs oneDNN per GEMM shape) for one target, kept in one
+    JSON file so that later processes reuse them instead of timing again. Faults are survived: an
+    unreadable file counts as empty and is rewritten."""
+
+    def __init__(self, directory: str | None, target: dict):
+        self.path = os.path.join(directory or default_dir(), "decisions",
+                                 make_key(json.dumps(target, sort_keys=True)) + ".json")
+
+    def load(self, kind: str) -> dict:
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            if data.get("versions") != versions():
+                return {}
+            section = data.get(kind, {})
+            return section if isinstance(section, dict) else {}
+        except FileNotFoundError:
+            return {}
+        except Exception as e:  # noqa: BLE001 - damaged file: measure again and rewrite it
+            warnings.warn(f"effopt: ignoring damaged decision file {self.path} ({e})", RuntimeWarning)
+            return {}
+
+    def save(self, kind: str, decisions: dict) -> None:
+        tmp = None
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            data = {"versions": versions()}
+            try:
+                with open(self.path) as f:
+                    old = json.load(f)
+                if old.get("versions") == versions():
+                    data.update(old)
+            except Exception:  # noqa: BLE001 - missing or damaged: start afresh
+                pass
+            data[kind] = {**data.get(kind, {}), **decisions}
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(self.path))
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except Exception as e:  # noqa: BLE001 - a read-only or full cache must not fail the compile
+            warnings.warn(f"effopt: could not save kernel decisions to {self.path} ({e})", RuntimeWarning)
+            if tmp and os.path.exists(tmp):
+                os.unlink(tmp)

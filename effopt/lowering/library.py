@@ -85,7 +85,9 @@ def _epilogue(node):
 
 
 def select_gemm_kernels(gm, decisions: dict) -> list[dict]:
-    """Rewrite frozen-weight GEMMs to oneDNN where measured faster; returns one record per distinct shape."""
+    """Rewrite frozen-weight GEMMs to oneDNN where measured faster; returns one record per distinct shape.
+
+    `decisions` maps "MxNxK:dtype:epilogue" to a measured Choice; shapes not in it are timed and added."""
     from .select import choose, concrete
 
     if not _onednn_supported():
@@ -106,8 +108,9 @@ def select_gemm_kernels(gm, decisions: dict) -> list[dict]:
         attr = EPILOGUES[act.target] if act is not None else "none"
         m = xval.shape[0]
         key = (m.node.hint if isinstance(m, torch.SymInt) else int(m), *w.shape, str(xval.dtype), attr)
+        dkey = "{}x{}x{}:{}:{}".format(*key)
         b = getattr(gm, bias.target) if bias is not None else None
-        if key not in decisions:
+        if dkey not in decisions:
             xin = concrete(xval, gen)
             wt = w.t()  # the original [K, N] view, as the graph passed it to addmm
 
@@ -118,8 +121,8 @@ def select_gemm_kernels(gm, decisions: dict) -> list[dict]:
             def onednn(x_, w_=w.contiguous(), b_=b, attr_=attr):
                 return torch.ops.mkldnn._linear_pointwise(x_, w_, b_, attr_, [], "none" if attr_ == "gelu" else "")
 
-            decisions[key] = choose(onednn, reference, [xin], force=False)
-        c = decisions[key]
+            decisions[dkey] = choose(onednn, reference, [xin], force=False)
+        c = decisions[dkey]
         records.setdefault(key, {"shape (M,N,K)": key[:3], "dtype": key[3], "epilogue": key[4],
                                  "kernel": "onednn" if c.use_candidate else "mkl", "onednn_us": c.candidate_us,
                                  "mkl_us": c.baseline_us, "uses": 0})["uses"] += 1

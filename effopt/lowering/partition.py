@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
 
 from ..passes.records import source_location
@@ -50,16 +50,111 @@ def unsupported_ops(gm: fx.GraphModule) -> dict[str, list[str]]:
     return dict(found)
 
 
-def partition(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
-    """Cut TVM-convertible regions out as submodules `fused_*`; returns the graph and their names.
+@dataclass
+class Region:
+    """Convex set of TVM-convertible nodes of the main graph, in graph order."""
+    nodes: list[fx.Node]
+    inputs: list[fx.Node]  # nodes outside the region that it reads, in order of first use
+    outputs: list[fx.Node]  # region nodes read outside it
 
-    Regions made only of view ops are left alone: torch makes views for free, a TVM kernel would copy.
+    def graph(self) -> fx.Graph:
+        """The region as a standalone graph: one placeholder per input, the outputs returned (a tuple if
+        more than one). Node meta (fake values, source) is kept."""
+        g, env = fx.Graph(), {}
+        for i, a in enumerate(self.inputs):
+            env[a] = g.placeholder(f"in{i}")
+            env[a].meta = dict(a.meta)
+        for n in self.nodes:
+            env[n] = g.node_copy(n, lambda x: env[x])
+        g.output(env[self.outputs[0]] if len(self.outputs) == 1 else tuple(env[o] for o in self.outputs))
+        return g
+
+
+def partition(gm: fx.GraphModule) -> list[Region]:
+    """Greedy, linear-time partitioning into convex regions of TVM-convertible nodes.
+
+    Nodes are visited in graph order; a supported node joins the region of one of its inputs when no
+    other input of it is reachable from that region through a node outside it (which keeps every region
+    convex, so contracting regions into single calls cannot create a cycle), else it starts a region.
+    Regions made only of view ops are dropped: torch makes views for free, a TVM kernel would copy.
     """
-    part = CapabilityBasedPartitioner(gm, TVMSupport(), allows_single_node_partition=True)
-    proposed = part.propose_partitions()
-    kept = [p for p in proposed if any(n.target not in VIEW_OPS for n in p.nodes)]
-    if not kept:
-        return gm, []
-    fused = part.fuse_partitions(kept)
-    names = [n.target for n in fused.graph.nodes if n.op == "call_module" and n.target.startswith("fused_")]
-    return fused, names
+    support = TVMSupport()
+    group_of: dict[fx.Node, int] = {}
+    reach: dict[fx.Node, set[int]] = {}  # regions with a path to the node (its own included)
+    groups: list[list[fx.Node]] = []
+    for n in gm.graph.nodes:
+        ins = n.all_input_nodes
+        r: set[int] = set()
+        for a in ins:
+            r |= reach[a]
+        if support.is_node_supported({}, n):
+            gid = None
+            for a in ins:
+                g = group_of.get(a)
+                if g is not None and all(group_of.get(b) == g or g not in reach[b] for b in ins):
+                    gid = g
+                    break
+            if gid is None:
+                gid = len(groups)
+                groups.append([])
+            groups[gid].append(n)
+            group_of[n] = gid
+            r.add(gid)
+        reach[n] = r
+    regions = []
+    for nodes in groups:
+        if all(n.target in VIEW_OPS for n in nodes):
+            continue
+        members = set(nodes)
+        inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in members))
+        outputs = [n for n in nodes if any(u not in members for u in n.users)]
+        if outputs:
+            regions.append(Region(nodes, inputs, outputs))
+    return regions
+
+
+def replace_region(gm: fx.GraphModule, region: Region, name: str, module: torch.nn.Module,
+                   replaced: dict[fx.Node, fx.Node]) -> None:
+    """Swap the region's nodes for one call to `module` (registered as `name`). `replaced` maps the
+    outputs of regions replaced before to the nodes that now stand for them, and is extended. The graph
+    needs `topological_sort` once all regions are replaced."""
+    gm.add_submodule(name, module)
+    graph = gm.graph
+    with graph.inserting_before(region.nodes[0]):
+        call = graph.call_module(name, tuple(replaced.get(a, a) for a in region.inputs))
+        if len(region.outputs) == 1:
+            region.outputs[0].replace_all_uses_with(call)
+            call.meta = dict(region.outputs[0].meta)
+            replaced[region.outputs[0]] = call
+        else:
+            for i, o in enumerate(region.outputs):
+                item = graph.call_function(operator.getitem, (call, i))
+                item.meta = dict(o.meta)
+                o.replace_all_uses_with(item)
+                replaced[o] = item
+            call.meta["val"] = tuple(o.meta.get("val") for o in region.outputs)
+    for n in reversed(region.nodes):
+        graph.erase_node(n)
+
+
+def topological_sort(graph: fx.Graph) -> None:
+    """Reorder nodes so every node follows its inputs, keeping the existing order where it is valid."""
+    done: set[fx.Node] = set()
+    order: list[fx.Node] = []
+    for root in list(graph.nodes):
+        stack = [(root, False)]
+        while stack:
+            n, expanded = stack.pop()
+            if n in done:
+                continue
+            if expanded:
+                done.add(n)
+                order.append(n)
+                continue
+            stack.append((n, True))
+            stack.extend((a, False) for a in reversed(n.all_input_nodes) if a not in done)
+    prev = None
+    for n in order:
+        if prev is not None and prev.next is not n:
+            prev.append(n)
+        prev = n

@@ -38,6 +38,19 @@ DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "b
           torch.int64: "int64", torch.int32: "int32", torch.int8: "int8", torch.uint8: "uint8", torch.bool: "bool"}
 
 
+_CONSTS: dict = {}
+
+
+def const(value, dtype: str) -> relax.Constant:
+    """relax.const, memoized: its numbers.Number check takes milliseconds inside torch.compile (ABC caches
+    are invalidated there), and the same few scalars (0.5, 1.0, eps) recur in every region."""
+    key = (type(value), value, dtype)
+    c = _CONSTS.get(key)
+    if c is None:
+        c = _CONSTS[key] = relax.const(value, dtype)
+    return c
+
+
 def relax_dtype(dt: torch.dtype) -> str:
     if dt not in DTYPES:
         raise Unsupported(f"dtype {dt}")
@@ -98,12 +111,12 @@ class Converter:
         return [self.prim(s) for s in val.shape]
 
     # ---- the region ---------------------------------------------------------------------------
-    def convert(self, gm: fx.GraphModule, name: str = "main") -> ConvertedRegion:
+    def convert(self, graph: fx.Graph, name: str = "main") -> ConvertedRegion:
         """The region as a Relax function, with what calling it needs. Symbolic sizes are passed as a
         trailing shape argument, because Relax cannot solve `s0` from an input dim of `17*s0`."""
         env: dict[fx.Node, Any] = {}
         params, tensor_inputs, dims = [], [], []
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         for i, n in enumerate(placeholders):
             val = n.meta.get("val")
             if isinstance(val, torch.Tensor):
@@ -117,7 +130,7 @@ class Converter:
                 env[n] = self.prim(val)
             else:
                 raise Unsupported(f"region input {n.name} of type {type(val).__name__}")
-        for n in gm.graph.nodes:  # symbols that only intermediate shapes mention
+        for n in graph.nodes:  # symbols that only intermediate shapes mention
             for v in (n.meta.get("val") if isinstance(n.meta.get("val"), (tuple, list)) else [n.meta.get("val")]):
                 if isinstance(v, torch.Tensor):
                     self.shape(v)
@@ -127,7 +140,7 @@ class Converter:
         bb = relax.BlockBuilder()
         with bb.function(name, params):
             with bb.dataflow():
-                for node in gm.graph.nodes:
+                for node in graph.nodes:
                     if node.op == "call_function":
                         env[node] = self._call(bb, node, env)
                     elif node.op == "output":
@@ -178,7 +191,7 @@ class Converter:
 
     def cast(self, x, dtype: str):
         if isinstance(x, (int, float, bool)):
-            return relax.const(x, dtype)
+            return const(x, dtype)
         return x if self.dtype_of(x) == dtype else relax.op.astype(x, dtype)
 
 
@@ -235,7 +248,7 @@ def _binary(relax_op, comparison=False):
         dt = _compute_dtype(node) if comparison else cv.out_dtype(node)
         a, b = cv.cast(a, dt), cv.cast(b, dt)
         if alpha != 1:
-            b = relax.op.multiply(b, relax.const(alpha, dt))
+            b = relax.op.multiply(b, const(alpha, dt))
         return relax_op(a, b)
     return rule
 
@@ -261,7 +274,7 @@ for _ops, _rop, _cmp in [
 @lowers(aten.rsub.Scalar)
 def _rsub(cv, node, a, b, alpha=1):
     dt = cv.out_dtype(node)
-    return relax.op.subtract(cv.cast(b, dt), relax.op.multiply(cv.cast(a, dt), relax.const(alpha, dt)))
+    return relax.op.subtract(cv.cast(b, dt), relax.op.multiply(cv.cast(a, dt), const(alpha, dt)))
 
 
 def _unary(relax_op, float_only=True):
@@ -276,7 +289,7 @@ for _op, _rop in [(aten.relu.default, relax.op.nn.relu), (aten.silu.default, rel
                   (aten.sigmoid.default, relax.op.sigmoid), (aten.tanh.default, relax.op.tanh),
                   (aten.exp.default, relax.op.exp), (aten.log.default, relax.op.log), (aten.sqrt.default, relax.op.sqrt),
                   (aten.rsqrt.default, relax.op.rsqrt), (aten.erf.default, relax.op.erf), (aten.sin.default, relax.op.sin),
-                  (aten.cos.default, relax.op.cos), (aten.reciprocal.default, lambda x: relax.op.divide(relax.const(1.0, str(x.ty.dtype)), x))]:
+                  (aten.cos.default, relax.op.cos), (aten.reciprocal.default, lambda x: relax.op.divide(const(1.0, str(x.ty.dtype)), x))]:
     lowers(_op)(_unary(_rop))
 lowers(aten.neg.default)(_unary(relax.op.negative, float_only=False))
 lowers(aten.abs.default)(_unary(relax.op.abs, float_only=False))
@@ -305,7 +318,7 @@ def _where(cv, node, cond, a, b):
 
 @lowers(aten.masked_fill.Scalar)
 def _masked_fill(cv, node, x, mask, value):
-    return relax.op.where(cv.cast(mask, "bool"), relax.const(value, cv.out_dtype(node)), x)
+    return relax.op.where(cv.cast(mask, "bool"), const(value, cv.out_dtype(node)), x)
 
 
 def _dims(dim, ndim):
@@ -355,7 +368,7 @@ def _layer_norm(cv, node, x, normalized_shape, weight, bias, eps):
         out = relax.op.nn.layer_norm(x, weight, bias, axes, eps)
     # mean and rstd are returned by the ATen op but almost never used in inference; DCE drops them.
     mean = relax.op.mean(x, axes, keepdims=True)
-    rstd = relax.op.rsqrt(relax.op.add(relax.op.variance(x, axes, keepdims=True), relax.const(eps, dt)))
+    rstd = relax.op.rsqrt(relax.op.add(relax.op.variance(x, axes, keepdims=True), const(eps, dt)))
     return relax.Tuple([out, mean, rstd])
 
 
@@ -461,12 +474,12 @@ def _embedding(cv, node, weight, indices, padding_idx=-1, scale_grad_by_freq=Fal
 @lowers(aten.full.default)
 def _full(cv, node, size, fill_value, *, dtype=None, layout=None, device=None, pin_memory=None):
     dt = cv.out_dtype(node)
-    return relax.op.full(cv.shape(node.meta["val"]), relax.const(fill_value, dt), dt)
+    return relax.op.full(cv.shape(node.meta["val"]), const(fill_value, dt), dt)
 
 
 @lowers(aten.scalar_tensor.default)
 def _scalar_tensor(cv, node, value, *, dtype=None, layout=None, device=None, pin_memory=None):
-    return relax.const(value, cv.out_dtype(node))
+    return const(value, cv.out_dtype(node))
 
 
 @lowers(aten.arange.start_step, aten.arange.default, aten.arange.start)
@@ -490,7 +503,7 @@ def _fill(cv, node, *args, dtype=None, layout=None, device=None, pin_memory=None
     if value is None:  # new_full(x, size, v) / full_like(x, v)
         value = args[2] if target is aten.new_full.default else args[1]
     dt = cv.out_dtype(node)
-    return relax.op.full(cv.shape(node.meta["val"]), relax.const(value, dt), dt)
+    return relax.op.full(cv.shape(node.meta["val"]), const(value, dt), dt)
 
 
 def _logical_or_bitwise(logical, bitwise):

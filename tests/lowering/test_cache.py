@@ -55,3 +55,38 @@ def test_unwritable_cache_dir_does_not_fail_the_compile(tmp_path):
         warnings.simplefilter("always")
         rec = _compile_and_run(vit_tiny_test().eval(), torch.randn(1, 3, 32, 32), str(blocker / "cache"))
     assert rec.kernels and any("could not write the kernel cache" in str(m.message) for m in w)
+
+
+def test_second_compile_reuses_measurements(cache_dir, monkeypatch):
+    """A cache hit times nothing: kernel choices come with the kernels, GEMM library choices from the
+    decision file. (This is what makes a second process's compile fast.)"""
+    import effopt.lowering as lowering
+    import effopt.lowering.select as select
+
+    model, x = vit_tiny_test().eval(), torch.randn(2, 3, 32, 32)
+    first = _compile_and_run(model, x, cache_dir)
+    assert first.gemms and glob.glob(os.path.join(cache_dir, "decisions", "*.json"))
+
+    def no_timing(*a, **k):
+        raise AssertionError("measured again despite the cache")
+
+    monkeypatch.setattr(select, "choose", no_timing)
+    monkeypatch.setattr(lowering, "choose", no_timing)
+    second = _compile_and_run(model, x, cache_dir)
+    assert second.cache_hit
+    assert [g["kernel"] for g in second.gemms] == [g["kernel"] for g in first.gemms]
+
+
+def test_damaged_decision_file_is_measured_again(cache_dir):
+    model, x = vit_tiny_test().eval(), torch.randn(2, 3, 32, 32)
+    first = _compile_and_run(model, x, cache_dir)
+    path = glob.glob(os.path.join(cache_dir, "decisions", "*.json"))[0]
+    with open(path, "w") as f:
+        f.write("{not json")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        again = _compile_and_run(model, x, cache_dir)
+    assert any("damaged decision file" in str(m.message) for m in w)
+    assert len(again.gemms) == len(first.gemms)
+    with open(path) as f:
+        assert '"gemm"' in f.read()  # rewritten whole
