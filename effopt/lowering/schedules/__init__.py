@@ -6,12 +6,13 @@ from tvm.s_tir import dlight as dl
 
 from .generic import ParallelOuter
 from .injective import Injective
+from .rowwise import RowReduction
 
 
 def default_schedule_pass(target):
     """A module pass that schedules every unscheduled PrimFunc for `target`."""
     if target.kind.name == "llvm":
-        rules = [Injective(), dl.cpu.Reduction(), dl.cpu.GEMV(), ParallelOuter()]
+        rules = [Injective(), RowReduction(), dl.cpu.Reduction(), dl.cpu.GEMV(), ParallelOuter()]
     else:
         rules = [dl.gpu.Fallback()]
     apply = dl.ApplyDefaultSchedule(*rules)
@@ -24,4 +25,4 @@ def default_schedule_pass(target):
     return _pass
 
 
-__all__ = ["default_schedule_pass", "Injective", "ParallelOuter"]
+__all__ = ["default_schedule_pass", "Injective", "ParallelOuter", "RowReduction"]
