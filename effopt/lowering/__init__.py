@@ -4,6 +4,10 @@ Only this package and autotune/ import TVM.
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -12,7 +16,8 @@ import torch
 import torch.fx as fx
 
 from ..options import KernelChoice, Options
-from .cache import DecisionStore, KernelCache, make_key
+from . import threads
+from .cache import DecisionStore, KernelCache, default_dir, make_key
 from .library import LIBRARY_OPS, select_gemm_kernels
 from .partition import partition, replace_region, topological_sort, unsupported_ops
 from .runtime import TVMKernel
@@ -42,12 +47,14 @@ class LoweringRecord:
     fallbacks: dict[str, list[str]] = field(default_factory=dict)
     unique_kernels: int = 0
     cache_hit: bool = False
+    parallel: str = ""  # "omp": TVM's parallel loops run on torch's OpenMP threads; "serial": on one thread
     seconds: float = 0.0
 
     def __str__(self) -> str:
         tvm_n = sum(k.choice == "tvm" for k in self.kernels)
         lines = [f"lowering for {self.target.get('kind')} ({self.target.get('mcpu', '')}): {len(self.kernels)} regions, "
-                 f"{tvm_n} on TVM kernels ({self.unique_kernels} unique), {len(self.kernels) - tvm_n} kept eager; "
+                 f"{tvm_n} on TVM kernels ({self.unique_kernels} unique, {self.parallel or 'no'} threads), "
+                 f"{len(self.kernels) - tvm_n} kept eager; "
                  f"library calls {dict(sorted(self.library_calls.items()))}; "
                  f"{'cache hit' if self.cache_hit else 'compiled'} in {self.seconds:.1f} s"]
         for op, locs in self.fallbacks.items():
@@ -141,19 +148,27 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
         record.seconds = time.perf_counter() - t0
         return gm, record
 
-    import json
-
     cache = KernelCache(options.cache_dir) if options.cache else None
-    key = make_key(options.key(), json.dumps(record.target, sort_keys=True), *sorted(funcs))
+    runtime_dir = os.path.join(options.cache_dir or default_dir(), "runtime")
+    # kernel timings depend on whether TVM's parallel loops run on torch's threads or on one thread
+    parallel = record.parallel = "omp" if threads.launcher(runtime_dir) is not None else "serial"
+    key = make_key(options.key(), json.dumps(record.target, sort_keys=True), parallel, *sorted(funcs))
     loaded = cache.load(key) if cache else None
     choices: dict[str, Choice] = {}
+    build_dir = None
     if loaded is not None:
-        executable, meta = loaded
+        module, meta = loaded
+        lib_path = cache.library(key)
         choices = {k: Choice.from_json(v) for k, v in meta["choices"].items()}
         record.cache_hit = True
     else:
         executable = _build_all(funcs, target, build_module, options.strict)
-    vm = relax.VirtualMachine(executable, tvm.cpu())
+        build_dir = tempfile.mkdtemp(prefix="effopt-build-")
+        lib_path = os.path.join(build_dir, "lib.so")
+        executable.export_library(lib_path)
+        module = tvm.runtime.load_module(lib_path)
+    threads.attach(lib_path, runtime_dir)
+    vm = relax.VirtualMachine(module, tvm.cpu())
 
     placeholders_gen, replaced = torch.Generator().manual_seed(0), {}
     for i, region in enumerate(regions):
@@ -181,7 +196,9 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     topological_sort(gm.graph)
     gm.graph.lint()
     if cache is not None and loaded is None:
-        cache.store(key, executable, {"choices": {k: v.to_json() for k, v in choices.items()}})
+        cache.store(key, lib_path, {"choices": {k: v.to_json() for k, v in choices.items()}})
+    if build_dir is not None:
+        shutil.rmtree(build_dir, ignore_errors=True)  # the loaded library stays mapped
     gm.recompile()
     record.seconds = time.perf_counter() - t0
     return gm, record

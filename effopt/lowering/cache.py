@@ -64,13 +64,18 @@ class KernelCache:
             shutil.rmtree(entry, ignore_errors=True)
             return None
 
-    def store(self, key: str, executable, meta: dict) -> None:
+    def library(self, key: str) -> str:
+        """Path of the entry's shared library (valid after a successful load)."""
+        return os.path.join(self._entry(key), "lib.so")
+
+    def store(self, key: str, lib_path: str, meta: dict) -> None:
+        """Keep a copy of the exported kernel library `lib_path` and its meta under `key`."""
         entry, tmp = self._entry(key), None
         try:
             os.makedirs(os.path.dirname(entry), exist_ok=True)
             tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(entry))
             lib = os.path.join(tmp, "lib.so")
-            executable.export_library(lib)
+            shutil.copyfile(lib_path, lib)
             meta = dict(meta, key=key, versions=versions(), lib_bytes=os.path.getsize(lib))
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f, indent=1)

@@ -7,10 +7,10 @@ import os
 import torch
 import tvm_ffi
 
-# TVM's thread pool and torch's OpenMP pool do not know about each other: with both multi-threaded, the
-# spinning workers of one steal the cores the other needs (ViT-S fell to 0.59x eager on 2 cores with
-# TVM_NUM_THREADS=2). TVM kernels therefore run on one thread unless the user sets TVM_NUM_THREADS, and
-# the measured kernel choice keeps torch's multi-threaded kernel wherever that is faster.
+# TVM's own thread pool and torch's OpenMP pool spin against each other (ViT-S fell to 0.59x eager on
+# 2 cores with TVM_NUM_THREADS=2). effopt's kernels run their parallel loops on torch's pool instead
+# (lowering/threads.py); TVM's own pool is kept to one thread, for the case where that launcher cannot
+# be built, unless the user sets TVM_NUM_THREADS.
 os.environ.setdefault("TVM_NUM_THREADS", "1")
 
 _ALIGN = 64  # TVM kernels assume 64-byte aligned buffers
