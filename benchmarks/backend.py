@@ -43,7 +43,8 @@ def compiled(name, model, args, backend):
 
             f = torch.compile(model, backend=relax_dynamo())
         elif backend == "effopt":
-            f = torch.compile(model, backend="effopt", options={"cache_dir": CACHE})
+            # strict: a compile failure is reported as "fails", never timed as effopt's eager fallback
+            f = torch.compile(model, backend="effopt", options={"cache_dir": CACHE, "strict": True})
         else:
             f = torch.compile(model)
         f(*args)

@@ -18,6 +18,12 @@ from .report import Report, set_last_report
 _warned_training = False
 
 
+def _version(t: torch.Tensor):
+    """The in-place update counter; inference tensors (made under torch.inference_mode, e.g. a model built
+    or loaded there) have none, so for them only a replaced or resized tensor is detected."""
+    return None if t.is_inference() else t._version
+
+
 class CompiledGraph:
     """One captured graph, frozen and lowered; refreezes if a frozen parameter is replaced or updated.
 
@@ -41,14 +47,14 @@ class CompiledGraph:
 
             gm, lowering = lower(gm, self.options)
         self.runtime = gm
-        self.guards = [(i, t.data_ptr(), t._version, t.shape) for i, t in values.items()]
+        self.guards = [(i, t.data_ptr(), _version(t), t.shape) for i, t in values.items()]
         self.report = Report(records, lowering, gm)
         set_last_report(self.report)
 
     def _stale(self, args) -> bool:
         for i, ptr, ver, shape in self.guards:
             t = args[i]
-            if t.data_ptr() != ptr or t._version != ver or t.shape != shape:
+            if t.data_ptr() != ptr or _version(t) != ver or t.shape != shape:
                 return True
         return False
 

@@ -83,7 +83,11 @@ def launcher(directory: str) -> int | None:
             gomp = _torch_libgomp()
             if gomp is None or not torch.backends.openmp.is_available():
                 raise RuntimeError("this torch build does not use libgomp")
-            lib = ctypes.CDLL(_build(directory, gomp))
+            try:
+                path = _build(directory, gomp)
+            except OSError:  # an unwritable cache directory: build it in the temp directory instead
+                path = _build(os.path.join(tempfile.gettempdir(), f"effopt-runtime-{os.getuid()}"), gomp)
+            lib = ctypes.CDLL(path)
             _state = (lib, ctypes.cast(lib.effopt_parallel_launch, ctypes.c_void_p).value)
         except Exception as e:  # noqa: BLE001 - no compiler, odd torch build: degrade, never fail
             detail = e.stderr.decode(errors="replace")[:300] if isinstance(e, subprocess.CalledProcessError) else e

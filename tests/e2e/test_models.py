@@ -134,6 +134,19 @@ def test_weights_changed_in_place_are_picked_up():
         assert_same_as_eager(compiled(x), model(x))
 
 
+def test_model_built_under_inference_mode(no_fallback_warnings):
+    """Parameters created under torch.inference_mode are inference tensors, without version counters."""
+    with torch.inference_mode():
+        model = vit_tiny_test().eval()
+        x = torch.randn(1, 3, 32, 32)
+        compiled = compile_effopt(model)
+        assert_same_as_eager(compiled(x), model(x))
+        assert effopt.last_report() is not None and effopt.last_report().lowering.kernels
+        new = torch.nn.Parameter(model.head.weight * 2)  # a replaced weight is still picked up
+        model.head.weight = new
+        assert_same_as_eager(compiled(x), model(x))
+
+
 def test_training_graph_backward_works():
     model = vit_tiny_test()
     ref_model = vit_tiny_test()

@@ -58,3 +58,16 @@ def test_no_launcher_means_one_thread_and_a_warning(monkeypatch, tmp_path):
             assert_same_as_eager(f(x), _softmax(x))
     assert effopt.last_report().lowering.parallel == "serial"
     assert any("run single-threaded" in str(m.message) for m in w)
+
+
+def test_unwritable_cache_dir_still_gets_the_launcher(monkeypatch, tmp_path):
+    monkeypatch.setattr(threads, "_state", None)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    x = torch.randn(2, 6, 33, 33)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the kernel cache itself warns that it cannot write
+        f = compile_effopt(_softmax, kernel_choice="tvm", cache_dir=str(blocker / "cache"))
+        with torch.no_grad():
+            assert_same_as_eager(f(x), _softmax(x))
+    assert effopt.last_report().lowering.parallel == "omp"
