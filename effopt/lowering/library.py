@@ -16,7 +16,7 @@ LIBRARY_OPS = frozenset({
     aten.convolution.default,
     aten._scaled_dot_product_flash_attention_for_cpu.default,
     aten._scaled_dot_product_efficient_attention.default,
-    aten._scaled_dot_product_flash_attention.default,
+    aten._scaled_dot_product_flash_attention.default, aten.scaled_dot_product_attention.default,
     # torch's fused fast paths for nn.TransformerEncoderLayer / nn.MultiheadAttention in inference
     aten._transformer_encoder_layer_fwd.default, aten._native_multi_head_attention.default,
 })

@@ -1,0 +1,130 @@
+"""Exact attention fusion: every spelling of softmax attention becomes one SDPA, counted exactly; a
+pattern whose intermediates are used elsewhere is left alone; results equal eager."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import effopt
+from effopt.testing.compare import assert_same_as_eager
+from effopt.testing.models import vit_tiny_test
+from tests.conftest import compile_effopt
+
+B, H, N, D = 2, 4, 17, 16
+
+
+def _heads(x):
+    return x.view(B, N, H, D).transpose(1, 2)
+
+
+class Spelled(nn.Module):
+    """Multi-head attention over [B, N, H*D] projections, written several ways."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+        self.qkv = nn.Linear(H * D, 3 * H * D)
+
+    def forward(self, x, mask=None):
+        q, k, v = (_heads(t) for t in self.qkv(x).chunk(3, -1))
+        s = self.spelling
+        if s == "div_scores":
+            a = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(D)
+        elif s == "mul_scores":
+            a = (q @ k.transpose(-2, -1)) * D ** -0.5
+        elif s == "scale_q":
+            a = (q * D ** -0.5) @ k.permute(0, 1, 3, 2)
+        elif s == "bmm_3d":  # heads folded into the batch, torch.bmm on 3-D tensors
+            q3, k3, v = (t.reshape(B * H, N, D) for t in (q, k, v))
+            a = torch.bmm(q3, k3.transpose(1, 2)) / math.sqrt(D)
+        elif s == "masked":
+            a = q @ k.transpose(-2, -1) / math.sqrt(D) + mask
+        p = F.dropout(a.softmax(dim=-1), 0.1, self.training)
+        out = p @ v if s != "bmm_3d" else torch.bmm(p, v)
+        return out.reshape(B, H, N, D).transpose(1, 2).reshape(B, N, H * D)
+
+
+def _fuse_record():
+    return next(r for r in effopt.last_report().passes if r.name == "fuse_attention")
+
+
+@pytest.mark.parametrize("spelling", ["div_scores", "mul_scores", "scale_q", "bmm_3d", "masked"])
+def test_spellings_are_fused_and_stay_exact(spelling, no_fallback_warnings):
+    model = Spelled(spelling).eval()
+    x = torch.randn(B, N, H * D)
+    mask = torch.zeros(B, 1, 1, N)
+    mask[0, ..., -5:] = torch.finfo(torch.float32).min  # padding, Hugging Face style
+    f = compile_effopt(model)
+    with torch.no_grad():
+        assert_same_as_eager(f(x, mask), model(x, mask))
+    rec = _fuse_record()
+    assert rec.matches == 1
+    graph = effopt.last_report().graph.graph
+    assert not any(n.target is torch.ops.aten._softmax.default for n in graph.nodes)
+
+
+@pytest.mark.parametrize("spelling", ["index", "unbind"])
+def test_vit_blocks_each_fused(spelling, no_fallback_warnings):
+    model = vit_tiny_test(qkv_spelling=spelling).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_same_as_eager(compile_effopt(model)(x), model(x))
+    assert _fuse_record().matches == len(model.blocks)
+
+
+def test_sdpa_models_are_counted_not_rewritten():
+    model = vit_tiny_test(use_sdpa=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_same_as_eager(compile_effopt(model)(x), model(x))
+    rec = _fuse_record()
+    assert rec.matches == 0 and f"already_fused={len(model.blocks)}" in rec.notes
+
+
+class ReturnsProbabilities(Spelled):
+    def forward(self, x, mask=None):
+        q, k, v = (_heads(t) for t in self.qkv(x).chunk(3, -1))
+        p = (q @ k.transpose(-2, -1) / math.sqrt(D)).softmax(-1)
+        return p @ v, p  # the probabilities are an output: the pattern must stay
+
+
+class ReusesScores(Spelled):
+    def forward(self, x, mask=None):
+        q, k, v = (_heads(t) for t in self.qkv(x).chunk(3, -1))
+        a = q @ k.transpose(-2, -1)
+        return a.softmax(-1) @ v, a  # the raw scores are an output too
+
+
+class SoftmaxOverQueries(Spelled):
+    def forward(self, x, mask=None):
+        q, k, v = (_heads(t) for t in self.qkv(x).chunk(3, -1))
+        return (q @ k.transpose(-2, -1)).softmax(-2) @ v  # not attention over keys
+
+
+@pytest.mark.parametrize("cls", [ReturnsProbabilities, ReusesScores, SoftmaxOverQueries])
+def test_patterns_that_would_change_results_are_left_alone(cls, no_fallback_warnings):
+    model = cls("mul_scores").eval()
+    x = torch.randn(B, N, H * D)
+    with torch.no_grad():
+        assert_same_as_eager(compile_effopt(model)(x), model(x))
+    assert _fuse_record().matches == 0
+
+
+def test_training_graph_keeps_what_backward_needs():
+    model = Spelled("mul_scores").train()
+    x = torch.randn(B, N, H * D, requires_grad=True)
+    ref = Spelled("mul_scores").train()
+    ref.load_state_dict(model.state_dict())
+    model.eval(), ref.eval()  # no dropout randomness, gradients still on
+    f = compile_effopt(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the one-time "backward runs in eager" warning
+        y = f(x, None)
+    y.sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    ref(x2, None).sum().backward()
+    assert_same_as_eager(x.grad, x2.grad)
+    assert _fuse_record().matches == 0  # softmax output is saved for backward: an extra user
