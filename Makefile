@@ -29,6 +29,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/backend.py
+	$(PY) benchmarks/attention.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache bench-results

@@ -128,3 +128,44 @@ def test_training_graph_keeps_what_backward_needs():
     ref(x2, None).sum().backward()
     assert_same_as_eager(x.grad, x2.grad)
     assert _fuse_record().matches == 0  # softmax output is saved for backward: an extra user
+
+
+def _hf(name, impl):
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
+    cfg_cls, model_cls = {"vit": (ViTConfig, ViTModel), "dinov2": (Dinov2Config, Dinov2Model)}[name]
+    cfg = cfg_cls(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                  image_size=32, patch_size=8)
+    cfg._attn_implementation = impl
+    return model_cls(cfg).eval()
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", ["vit", "dinov2"])
+def test_hugging_face_vit_and_dinov2_attention(name, impl, no_fallback_warnings):
+    model = _hf(name, impl)
+    x = torch.randn(2, 3, 32, 32)
+
+    def f(px):
+        return model(pixel_values=px).last_hidden_state
+
+    with torch.no_grad():
+        assert_same_as_eager(compile_effopt(f)(x), f(x))
+    rec = _fuse_record()
+    if impl == "eager":
+        assert rec.matches == 2
+    else:
+        assert rec.matches == 0 and "already_fused=2" in rec.notes
+
+
+def test_multihead_attention_counted():
+    mha = nn.MultiheadAttention(64, 4, batch_first=True).eval()
+    x = torch.randn(2, 9, 64)
+
+    def f(t):
+        return mha(t, t, t, need_weights=False)[0]
+
+    with torch.no_grad():
+        assert_same_as_eager(compile_effopt(f)(x), f(x))
+    rec = _fuse_record()
+    assert rec.matches + sum(int(n.split("=")[1]) for n in rec.notes if n.startswith("already_fused=")) == 1
