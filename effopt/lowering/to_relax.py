@@ -38,19 +38,6 @@ DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "b
           torch.int64: "int64", torch.int32: "int32", torch.int8: "int8", torch.uint8: "uint8", torch.bool: "bool"}
 
 
-_CONSTS: dict = {}
-
-
-def const(value, dtype: str) -> relax.Constant:
-    """relax.const, memoized: its numbers.Number check takes milliseconds inside torch.compile (ABC caches
-    are invalidated there), and the same few scalars (0.5, 1.0, eps) recur in every region."""
-    key = (type(value), value, dtype)
-    c = _CONSTS.get(key)
-    if c is None:
-        c = _CONSTS[key] = relax.const(value, dtype)
-    return c
-
-
 def relax_dtype(dt: torch.dtype) -> str:
     if dt not in DTYPES:
         raise Unsupported(f"dtype {dt}")
@@ -191,7 +178,7 @@ class Converter:
 
     def cast(self, x, dtype: str):
         if isinstance(x, (int, float, bool)):
-            return const(x, dtype)
+            return relax.const(x, dtype)
         return x if self.dtype_of(x) == dtype else relax.op.astype(x, dtype)
 
 
@@ -248,7 +235,7 @@ def _binary(relax_op, comparison=False):
         dt = _compute_dtype(node) if comparison else cv.out_dtype(node)
         a, b = cv.cast(a, dt), cv.cast(b, dt)
         if alpha != 1:
-            b = relax.op.multiply(b, const(alpha, dt))
+            b = relax.op.multiply(b, relax.const(alpha, dt))
         return relax_op(a, b)
     return rule
 
@@ -274,7 +261,7 @@ for _ops, _rop, _cmp in [
 @lowers(aten.rsub.Scalar)
 def _rsub(cv, node, a, b, alpha=1):
     dt = cv.out_dtype(node)
-    return relax.op.subtract(cv.cast(b, dt), relax.op.multiply(cv.cast(a, dt), const(alpha, dt)))
+    return relax.op.subtract(cv.cast(b, dt), relax.op.multiply(cv.cast(a, dt), relax.const(alpha, dt)))
 
 
 def _unary(relax_op, float_only=True):
@@ -289,7 +276,7 @@ for _op, _rop in [(aten.relu.default, relax.op.nn.relu), (aten.silu.default, rel
                   (aten.sigmoid.default, relax.op.sigmoid), (aten.tanh.default, relax.op.tanh),
                   (aten.exp.default, relax.op.exp), (aten.log.default, relax.op.log), (aten.sqrt.default, relax.op.sqrt),
                   (aten.rsqrt.default, relax.op.rsqrt), (aten.erf.default, relax.op.erf), (aten.sin.default, relax.op.sin),
-                  (aten.cos.default, relax.op.cos), (aten.reciprocal.default, lambda x: relax.op.divide(const(1.0, str(x.ty.dtype)), x))]:
+                  (aten.cos.default, relax.op.cos), (aten.reciprocal.default, lambda x: relax.op.divide(relax.const(1.0, str(x.ty.dtype)), x))]:
     lowers(_op)(_unary(_rop))
 lowers(aten.neg.default)(_unary(relax.op.negative, float_only=False))
 lowers(aten.abs.default)(_unary(relax.op.abs, float_only=False))
@@ -318,7 +305,7 @@ def _where(cv, node, cond, a, b):
 
 @lowers(aten.masked_fill.Scalar)
 def _masked_fill(cv, node, x, mask, value):
-    return relax.op.where(cv.cast(mask, "bool"), const(value, cv.out_dtype(node)), x)
+    return relax.op.where(cv.cast(mask, "bool"), relax.const(value, cv.out_dtype(node)), x)
 
 
 def _dims(dim, ndim):
@@ -368,7 +355,7 @@ def _layer_norm(cv, node, x, normalized_shape, weight, bias, eps):
         out = relax.op.nn.layer_norm(x, weight, bias, axes, eps)
     # mean and rstd are returned by the ATen op but almost never used in inference; DCE drops them.
     mean = relax.op.mean(x, axes, keepdims=True)
-    rstd = relax.op.rsqrt(relax.op.add(relax.op.variance(x, axes, keepdims=True), const(eps, dt)))
+    rstd = relax.op.rsqrt(relax.op.add(relax.op.variance(x, axes, keepdims=True), relax.const(eps, dt)))
     return relax.Tuple([out, mean, rstd])
 
 
@@ -474,12 +461,12 @@ def _embedding(cv, node, weight, indices, padding_idx=-1, scale_grad_by_freq=Fal
 @lowers(aten.full.default)
 def _full(cv, node, size, fill_value, *, dtype=None, layout=None, device=None, pin_memory=None):
     dt = cv.out_dtype(node)
-    return relax.op.full(cv.shape(node.meta["val"]), const(fill_value, dt), dt)
+    return relax.op.full(cv.shape(node.meta["val"]), relax.const(fill_value, dt), dt)
 
 
 @lowers(aten.scalar_tensor.default)
 def _scalar_tensor(cv, node, value, *, dtype=None, layout=None, device=None, pin_memory=None):
-    return const(value, cv.out_dtype(node))
+    return relax.const(value, cv.out_dtype(node))
 
 
 @lowers(aten.arange.start_step, aten.arange.default, aten.arange.start)
@@ -503,7 +490,7 @@ def _fill(cv, node, *args, dtype=None, layout=None, device=None, pin_memory=None
     if value is None:  # new_full(x, size, v) / full_like(x, v)
         value = args[2] if target is aten.new_full.default else args[1]
     dt = cv.out_dtype(node)
-    return relax.op.full(cv.shape(node.meta["val"]), const(value, dt), dt)
+    return relax.op.full(cv.shape(node.meta["val"]), relax.const(value, dt), dt)
 
 
 def _logical_or_bitwise(logical, bitwise):
