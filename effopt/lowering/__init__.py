@@ -151,7 +151,8 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     cache = KernelCache(options.cache_dir) if options.cache else None
     runtime_dir = os.path.join(options.cache_dir or default_dir(), "runtime")
     # kernel timings depend on whether TVM's parallel loops run on torch's threads or on one thread
-    parallel = record.parallel = "omp" if threads.launcher(runtime_dir) is not None else "serial"
+    launch = threads.launcher(runtime_dir)
+    parallel = record.parallel = "omp" if launch is not None else "serial"
     key = make_key(options.key(), json.dumps(record.target, sort_keys=True), parallel, *sorted(funcs))
     loaded = cache.load(key) if cache else None
     choices: dict[str, Choice] = {}
@@ -167,7 +168,8 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
         lib_path = os.path.join(build_dir, "lib.so")
         executable.export_library(lib_path)
         module = tvm.runtime.load_module(lib_path)
-    threads.attach(lib_path, runtime_dir)
+    if launch is not None:
+        threads.attach(lib_path, launch)
     vm = relax.VirtualMachine(module, tvm.cpu())
 
     placeholders_gen, replaced = torch.Generator().manual_seed(0), {}

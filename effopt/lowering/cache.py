@@ -46,7 +46,7 @@ class KernelCache:
     def load(self, key: str):
         """(tvm runtime module, meta dict) or None."""
         entry = self._entry(key)
-        lib, meta_path = os.path.join(entry, "lib.so"), os.path.join(entry, "meta.json")
+        lib, meta_path = self.library(key), os.path.join(entry, "meta.json")
         if not os.path.isdir(entry):
             return None
         try:
@@ -97,16 +97,19 @@ class DecisionStore:
         self.path = os.path.join(directory or default_dir(), "decisions",
                                  make_key(json.dumps(target, sort_keys=True)) + ".json")
 
-    def load(self, kind: str) -> dict:
+    def _read(self) -> dict:
+        """The file's contents if written by this effopt/torch/TVM version, else {}; raises if damaged."""
         try:
             with open(self.path) as f:
                 data = json.load(f)
-            if data.get("versions") != versions():
-                return {}
-            section = data.get(kind, {})
-            return section if isinstance(section, dict) else {}
         except FileNotFoundError:
             return {}
+        return data if data.get("versions") == versions() else {}
+
+    def load(self, kind: str) -> dict:
+        try:
+            section = self._read().get(kind, {})
+            return section if isinstance(section, dict) else {}
         except Exception as e:  # noqa: BLE001 - damaged file: measure again and rewrite it
             warnings.warn(f"effopt: ignoring damaged decision file {self.path} ({e})", RuntimeWarning)
             return {}
@@ -117,11 +120,8 @@ class DecisionStore:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             data = {"versions": versions()}
             try:
-                with open(self.path) as f:
-                    old = json.load(f)
-                if old.get("versions") == versions():
-                    data.update(old)
-            except Exception:  # noqa: BLE001 - missing or damaged: start afresh
+                data.update(self._read())
+            except Exception:  # noqa: BLE001 - damaged: start afresh
                 pass
             data[kind] = {**data.get(kind, {}), **decisions}
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(self.path))

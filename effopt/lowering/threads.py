@@ -97,14 +97,12 @@ def launcher(directory: str) -> int | None:
     return _state[1]
 
 
-def attach(lib_path: str, directory: str) -> bool:
-    """Point the parallel loops of the loaded kernel library `lib_path` at torch's OpenMP pool."""
-    addr = launcher(directory)
-    if addr is None:
-        return False
+def attach(lib_path: str, launch: int) -> bool:
+    """Point the parallel loops of the loaded kernel library `lib_path` at the launcher at address `launch`
+    (from `launcher`), so they run on torch's OpenMP pool."""
     handle = ctypes.CDLL(lib_path, mode=os.RTLD_NOLOAD | os.RTLD_LOCAL)  # the copy TVM already loaded
     try:
-        ctypes.c_void_p.in_dll(handle, "__TVMBackendParallelLaunch").value = addr
+        ctypes.c_void_p.in_dll(handle, "__TVMBackendParallelLaunch").value = launch
     except ValueError:  # no parallel loop in this library
         return False
     return True

@@ -96,7 +96,6 @@ class _Match:
         self.mask = None
         self.q = self.k = self.v = None
         self.out = None  # the node whose uses the fused op takes over
-        self.anchor = None  # for the record: the softmax
 
 
 def _match_scores(m: _Match, s: fx.Node) -> bool:
@@ -140,9 +139,9 @@ def _match_values(m: _Match, softmax: fx.Node) -> bool:
     """From the probabilities to the [B, H, N, Dv] output: fills v and out."""
     p = softmax
     for _ in range(4):
-        (user,) = p.users if _single_user(p) else (None,)
-        if user is None:
+        if not _single_user(p):
             return False
+        user = next(iter(p.users))
         if user.target is aten.bmm.default:
             break
         # eval-mode dropout is a clone in the canonical graph
@@ -216,7 +215,6 @@ class FuseAttention(GraphPass):
                     or node.args[1] % _val(node).dim() != _val(node).dim() - 1:
                 continue
             m = _Match()
-            m.anchor = node
             if not (_single_user(node) and _match_scores(m, node.args[0]) and _match_values(m, node)
                     and _shapes_agree(m)):
                 continue
