@@ -12,6 +12,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from . import capture
 from .lowering import EffoptFallbackWarning
 from .options import Options
+from .passes.approximate import AttentionConfig
 from .passes import default_pass_manager
 from .report import Report, set_last_report
 
@@ -31,9 +32,12 @@ class CompiledGraph:
 
     _boxed_call = True
 
-    def __init__(self, aten_gm: fx.GraphModule, frozen: list[int], real_inputs, options: Options):
+    def __init__(self, aten_gm: fx.GraphModule, frozen: list[int], real_inputs, options: Options,
+                 examples=None, calibration=None):
         self.aten_gm, self.frozen, self.options = aten_gm, frozen, options
         self.live = [i for i in range(len(real_inputs)) if i not in set(frozen)]
+        # real example inputs and calibration inputs (full argument lists), for approximate passes
+        self.examples, self.calibration = examples, calibration
         self._build(real_inputs)
 
     def _build(self, args) -> None:
@@ -41,6 +45,14 @@ class CompiledGraph:
         values = {i: args[i] for i in self.frozen}
         capture.freeze(gm, values)
         gm, records = default_pass_manager(self.options.disable_passes).run(gm)
+        if self.options.approximate:
+            from .passes.approximate import approximate_attention
+
+            live = lambda full: [full[i] for i in self.live]  # noqa: E731
+            examples = live(self.examples if self.examples is not None else args)
+            cal = [live(c) for c in self.calibration] if self.calibration else None
+            records.append(approximate_attention(gm, AttentionConfig.parse(self.options.attention), examples, cal,
+                                                 self.options.accuracy_budget, self.options.metric))
         lowering = None
         if self.options.lower:
             from .lowering import lower
@@ -67,16 +79,18 @@ class CompiledGraph:
         return out if isinstance(out, (tuple, list)) else (out,)
 
 
-def _inference_compiler(real_inputs, frozen, options):
+def _inference_compiler(real_inputs, frozen, options, calibration=None):
     def fw_compiler(gm: fx.GraphModule, fake_inputs):
-        if len(fake_inputs) != len(real_inputs):
-            # AOT added or removed inputs (input mutation, aliasing): freeze nothing rather than guess.
-            frozen_here = []
-        else:
-            frozen_here = frozen if options.freeze else []
+        same = len(fake_inputs) == len(real_inputs)
+        # AOT added or removed inputs (input mutation, aliasing): freeze nothing rather than guess.
+        frozen_here = frozen if options.freeze and same else []
+        if options.approximate and not same:
+            raise RuntimeError("approximate options need the graph's inputs to be the model's inputs, but "
+                               "AOTAutograd changed them (input mutation or aliasing)")
         # AOT calls us inside its fake mode; freezing and measuring kernels need real tensors.
         with unset_fake_temporarily():
-            compiled = CompiledGraph(gm, frozen_here, list(real_inputs) if frozen_here else list(fake_inputs), options)
+            compiled = CompiledGraph(gm, frozen_here, list(real_inputs) if frozen_here else list(fake_inputs), options,
+                                     examples=list(real_inputs) if same else None, calibration=calibration)
         return compiled
     return fw_compiler
 
@@ -112,8 +126,17 @@ def effopt_backend(gm: fx.GraphModule, example_inputs, options: dict | Options |
     opts = Options.from_dict({**(options if isinstance(options, dict) else {}), **kw}) \
         if not isinstance(options, Options) else options
     global _warned_training
+    calibration = None
+    if opts.approximate and opts.calibration is not None:
+        from .guard import calibration_arguments
+
+        calibration = calibration_arguments(gm, example_inputs, opts.calibration)  # ValueError: the user's to fix
     try:
         if _needs_grad(example_inputs):
+            if opts.approximate:
+                warnings.warn("effopt: approximate options apply to inference graphs (no_grad/inference_mode); "
+                              "to fine-tune an approximate model, use effopt.reparameterize", EffoptFallbackWarning,
+                              stacklevel=2)
             # Autograd needs the parameters as live inputs: no freezing; the backward runs in eager.
             if not _warned_training:
                 warnings.warn("effopt: this graph needs gradients (grad mode on and inputs that require grad); "
@@ -124,7 +147,8 @@ def effopt_backend(gm: fx.GraphModule, example_inputs, options: dict | Options |
             return aot_module_simplified(gm, example_inputs, fw_compiler=_training_compiler(opts),
                                          bw_compiler=lambda g, _: make_boxed_func(g.forward))
         frozen = capture.frozen_input_indices(gm, example_inputs)
-        return aot_module_simplified(gm, example_inputs, fw_compiler=_inference_compiler(example_inputs, frozen, opts))
+        return aot_module_simplified(gm, example_inputs,
+                                     fw_compiler=_inference_compiler(example_inputs, frozen, opts, calibration))
     except Exception as e:  # noqa: BLE001 - any failure in TVM or our passes must not break the user's model
         if opts.strict:
             raise

@@ -11,6 +11,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+METRICS = ("cosine", "top1")
 
 class KernelChoice(str, enum.Enum):
     """How each lowered region picks between its TVM kernel and eager PyTorch."""
@@ -37,6 +40,18 @@ class Options:
     """Names of graph passes to skip (see effopt.passes.PASSES)."""
     lower: bool = True
     """Lower to TVM at all; False runs the rewritten graph in eager PyTorch."""
+    attention: Any = "exact"
+    """'exact' (fused softmax attention, the default), or an approximate attention: 'hamming', 'linear',
+    'lmul', or a dict {'kind': ..., parameters} (see effopt.passes.approximate.AttentionConfig)."""
+    accuracy_budget: float | None = None
+    """Largest allowed loss of `metric` against the original model on `calibration`; approximate rewrites
+    that exceed it are rolled back layer by layer. Default with calibration data: 0.01."""
+    calibration: Any = None
+    """A list of example inputs (each a tuple of positional arguments, a dict of keyword arguments, or one
+    tensor), with the same shapes as the inputs the model is compiled for."""
+    metric: Any = "cosine"
+    """'cosine' (1 - cosine similarity of outputs), 'top1' (fraction of changed argmax predictions), or a
+    callable (reference_output, optimized_output) -> loss (a float, 0 = no loss)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "Options":
@@ -72,6 +87,28 @@ class Options:
             if bad:
                 raise ValueError(f"unknown pass(es) {bad} in disable_passes; valid: {sorted(PASSES)}")
             kw["disable_passes"] = tuple(dp)
+        if "attention" in kw:
+            from .passes.approximate import AttentionConfig
+
+            kw["attention"] = AttentionConfig.parse(kw["attention"])
+        if kw.get("metric", "cosine") not in METRICS and not callable(kw.get("metric")):
+            raise ValueError(f"metric={kw['metric']!r} is invalid; valid: {list(METRICS)} or a callable "
+                             "(reference_output, optimized_output) -> loss")
+        budget = kw.get("accuracy_budget")
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
+                raise ValueError(f"accuracy_budget must be a number >= 0 (e.g. 0.01), got {budget!r}")
+            if kw.get("calibration") is None:
+                raise ValueError("accuracy_budget needs calibration data to be measured on: pass "
+                                 "options={'calibration': [example inputs, ...]} as well")
+        if kw.get("calibration") is not None:
+            cal = kw["calibration"]
+            if isinstance(cal, (torch.Tensor, dict, str)) or not hasattr(cal, "__iter__"):
+                raise ValueError("calibration must be a list of example inputs (each a tuple of arguments, "
+                                 f"a dict of keyword arguments or one tensor), got {type(cal).__name__}")
+            kw["calibration"] = list(cal)
+            if not kw["calibration"]:
+                raise ValueError("calibration is an empty list")
         if "target" in kw:
             from .autotune.targets import target_dict
 
@@ -83,4 +120,10 @@ class Options:
         from .autotune.targets import target_dict
 
         return json.dumps({"target": target_dict(self.target), "kernel_choice": self.kernel_choice.value,
-                           "freeze": self.freeze, "disable_passes": sorted(self.disable_passes)}, sort_keys=True)
+                           "freeze": self.freeze, "disable_passes": sorted(self.disable_passes),
+                           "attention": str(self.attention)}, sort_keys=True)
+
+    @property
+    def approximate(self) -> bool:
+        """Whether any approximate rewrite is requested."""
+        return str(self.attention) != "exact"

@@ -63,7 +63,8 @@ class LoweringRecord:
 
 
 def _region_ops(graph: fx.Graph) -> list[str]:
-    return [str(n.target).replace("aten.", "").split(".")[0] for n in graph.nodes if n.op == "call_function"]
+    return [n.target._opname if isinstance(n.target, torch._ops.OpOverload) else str(n.target)
+            for n in graph.nodes if n.op == "call_function"]
 
 
 def _warn_fallbacks(gm, record: LoweringRecord):
@@ -74,20 +75,29 @@ def _warn_fallbacks(gm, record: LoweringRecord):
                       + (f", e.g. {where[0]})" if where else ")"), EffoptFallbackWarning, stacklevel=2)
 
 
+def _module(entries):
+    """One IRModule of region functions (name, Relax function, {GlobalVar: custom PrimFunc} it may call)."""
+    import tvm
+
+    mod = {}
+    for kname, f, kernels in entries:
+        mod[kname] = f
+        mod.update(kernels)
+    return tvm.IRModule(mod)
+
+
 def _build_all(funcs: dict, target, build_module, strict: bool = False):
     """Build every kernel in one module (one LLVM run); if that fails, build them one by one to find the
     kernels TVM cannot compile, and leave those regions in eager PyTorch."""
-    import tvm
-
     try:
-        return build_module(tvm.IRModule({k: f for k, f in funcs.values()}), target)
+        return build_module(_module(funcs.values()), target)
     except Exception as first:  # noqa: BLE001 - TVM raises many error types
         if len(funcs) == 1 or strict:
             raise
         bad = []
-        for fkey, (kname, f) in list(funcs.items()):
+        for fkey, (kname, f, kernels) in list(funcs.items()):
             try:
-                build_module(tvm.IRModule({kname: f}), target)
+                build_module(_module([(kname, f, kernels)]), target)
             except Exception as e:  # noqa: BLE001
                 bad.append(kname)
                 del funcs[fkey]
@@ -95,7 +105,7 @@ def _build_all(funcs: dict, target, build_module, strict: bool = False):
                               f"{str(e).splitlines()[0][:300]}", EffoptFallbackWarning, stacklevel=3)
         if not bad or not funcs:
             raise first
-        return build_module(tvm.IRModule({k: f for k, f in funcs.values()}), target)
+        return build_module(_module(funcs.values()), target)
 
 
 def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, LoweringRecord]:
@@ -131,17 +141,21 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
 
     # Convert each region; structurally equal regions (the same block repeated) share one kernel.
     funcs, region_fn, converted = {}, {}, {}
+    kernels: dict = {}  # custom PrimFuncs (effopt's own ops), shared by every region's function
+    custom: dict = {}  # the same as {GlobalVar: PrimFunc}, filled as regions are converted
     for i, region in enumerate(regions):
         graph = region.graph()
         try:
-            conv = Converter().convert(graph)
+            conv = Converter(kernels).convert(graph)
         except Exception as e:  # noqa: BLE001 - Unsupported, or TVM's own error types
             warnings.warn(f"effopt: region {i} ({', '.join(_region_ops(graph))}) stays in eager PyTorch: {e}",
                           EffoptFallbackWarning, stacklevel=2)
             continue
+        custom.update({gv: f for gv, f in kernels.values()})
         fkey = make_key(conv.func.script())
-        if fkey not in funcs:
-            funcs[fkey] = (f"k{len(funcs)}", conv.func.with_attr("global_symbol", f"k{len(funcs)}"))
+        if fkey not in funcs:  # named by content, so a cached library maps names to the same kernels
+            kname = f"k_{fkey[:16]}"
+            funcs[fkey] = (kname, conv.func.with_attr("global_symbol", kname), custom)
         region_fn[i], converted[i] = fkey, (graph, conv)
     record.unique_kernels = len(funcs)
     if not funcs:
@@ -157,10 +171,15 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     loaded = cache.load(key) if cache else None
     choices: dict[str, Choice] = {}
     build_dir = None
+    if loaded is not None and not isinstance(loaded[1].get("kernels"), list):
+        loaded = None  # written by an older effopt: rebuild
     if loaded is not None:
         module, meta = loaded
         lib_path = cache.library(key)
         choices = {k: Choice.from_json(v) for k, v in meta["choices"].items()}
+        built = set(meta["kernels"])  # kernels TVM could not compile are not in the library
+        for fkey in [f for f, (kname, *_) in funcs.items() if kname not in built]:
+            del funcs[fkey]
         record.cache_hit = True
     else:
         executable = _build_all(funcs, target, build_module, options.strict)
@@ -198,7 +217,8 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     topological_sort(gm.graph)
     gm.graph.lint()
     if cache is not None and loaded is None:
-        cache.store(key, lib_path, {"choices": {k: v.to_json() for k, v in choices.items()}})
+        cache.store(key, lib_path, {"choices": {k: v.to_json() for k, v in choices.items()},
+                                    "kernels": sorted(kname for kname, *_ in funcs.values())})
     if build_dir is not None:
         shutil.rmtree(build_dir, ignore_errors=True)  # the loaded library stays mapped
     gm.recompile()

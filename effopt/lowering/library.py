@@ -9,6 +9,8 @@ import operator
 
 import torch
 
+from .. import ops as _effopt_ops  # noqa: F401 - registers torch.ops.effopt.*
+
 aten = torch.ops.aten
 
 LIBRARY_OPS = frozenset({
@@ -19,6 +21,8 @@ LIBRARY_OPS = frozenset({
     aten._scaled_dot_product_flash_attention.default, aten.scaled_dot_product_attention.default,
     # torch's fused fast paths for nn.TransformerEncoderLayer / nn.MultiheadAttention in inference
     aten._transformer_encoder_layer_fwd.default, aten._native_multi_head_attention.default,
+    # linear attention is a few small GEMMs and elementwise ops: torch's kernels (MKL) run it
+    torch.ops.effopt.linear_attention.default,
 })
 
 # Zero-cost in torch (they make views); in TVM they cost nothing only when fused into a compute kernel,

@@ -16,6 +16,8 @@ import torch.fx as fx
 
 from tvm import relax, tirx
 
+from .. import ops as _effopt_ops  # noqa: F401 - registers torch.ops.effopt.*
+
 aten = torch.ops.aten
 
 
@@ -53,8 +55,29 @@ class ConvertedRegion:
     out_strides: list  # per output: eager's strides where it is neither, to restride into; else None
 
 
+class _NamedBuilder:
+    """The block builder as custom-kernel rules see it: PrimFuncs are named after their content, so that
+    kernels from different regions merge into one module without clashes, and a region's Relax script
+    (which names the kernels it calls) determines the kernels too (cache keys, kernel sharing)."""
+
+    def __init__(self, bb, kernels: dict):
+        self._bb, self._kernels = bb, kernels
+
+    def add_func(self, func, func_name: str):
+        import hashlib
+
+        name = f"{func_name}_{hashlib.sha256(func.script().encode()).hexdigest()[:12]}"
+        if name not in self._kernels:  # one GlobalVar per kernel for all regions: they share one module
+            self._kernels[name] = (self._bb.add_func(func, name), func)
+        return self._kernels[name][0]
+
+    def __getattr__(self, name):
+        return getattr(self._bb, name)
+
+
 class Converter:
-    def __init__(self):
+    def __init__(self, kernels: dict | None = None):
+        self.kernels = {} if kernels is None else kernels  # custom PrimFuncs by name: (GlobalVar, PrimFunc)
         self.syms: dict[str, tirx.Var] = {}
 
     # ---- symbolic sizes -------------------------------------------------------------------------
@@ -161,7 +184,10 @@ class Converter:
         if rule is None:
             raise Unsupported(f"{node.target}")
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
+        self.bb = _NamedBuilder(bb, self.kernels)  # for rules that emit several calls (custom kernels)
         out = rule(self, node, *args, **kwargs)
+        if isinstance(out, relax.Var):  # already emitted by the rule
+            return out
         if isinstance(out, relax.Tuple):
             return relax.Tuple([bb.emit(f) for f in out.fields])
         return bb.emit(out)
@@ -233,6 +259,8 @@ def _compute_dtype(node: fx.Node) -> str:
 def _binary(relax_op, comparison=False):
     def rule(cv: Converter, node, a, b, *, alpha=1):
         dt = _compute_dtype(node) if comparison else cv.out_dtype(node)
+        if comparison and dt == "bool":
+            dt = "int8"  # TVM 0.27 emits a float compare (invalid LLVM) for bool == bool
         a, b = cv.cast(a, dt), cv.cast(b, dt)
         if alpha != 1:
             b = relax.op.multiply(b, relax.const(alpha, dt))
@@ -514,3 +542,38 @@ def _index(cv, node, x, indices):
             raise Unsupported("index with None between several index tensors")
         return relax.op.take(x, cv.cast(indices[present[0]], "int64"), axis=present[0], mode="fast")
     return relax.op.index_tensor(x, relax.Tuple([cv.cast(i, "int64") for i in indices]))
+
+
+@lowers(aten.bitwise_not.default)
+def _bitwise_not(cv, node, x):
+    return relax.op.logical_not(x) if cv.dtype_of(x) == "bool" else relax.op.bitwise_not(x)
+
+
+# ---- effopt's own ops: custom TVM kernels (effopt/lowering/kernels/) ------------------------------------------
+def _additive_mask(cv, mask):
+    """A boolean mask (True: attend) as the additive float32 mask the kernels take."""
+    if mask is None or cv.dtype_of(mask) != "bool":
+        return mask if mask is None else cv.cast(mask, "float32")
+    return cv.bb.emit(relax.op.where(mask, relax.const(0.0, "float32"), relax.const(float("-inf"), "float32")))
+
+
+def _float32_attention(node, *tensors):
+    if any(t.ty.dtype != "float32" for t in tensors):
+        raise Unsupported(f"{node.target} kernels take float32")
+
+
+@lowers(torch.ops.effopt.hamming_attention.default)
+def _hamming_attention(cv, node, q, k, v, mask, proj, beta):
+    from .kernels import hamming, projection
+
+    _float32_attention(node, q, k, v)
+    qp, kp = projection.emit(cv.bb, q, proj), projection.emit(cv.bb, k, proj)
+    return hamming.emit(cv.bb, qp, kp, v, _additive_mask(cv, mask), float(beta))
+
+
+@lowers(torch.ops.effopt.lmul_attention.default)
+def _lmul_attention(cv, node, q, k, v, mask, scale, mantissa_bits):
+    from .kernels import lmul
+
+    _float32_attention(node, q, k, v)
+    return lmul.emit(cv.bb, q, k, v, _additive_mask(cv, mask), float(scale), int(mantissa_bits))

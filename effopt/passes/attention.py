@@ -17,6 +17,7 @@ backward pass) changes.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -24,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from .manager import GraphPass
-from .records import PassRecord
+from .records import PassRecord, source_location
 
 aten = torch.ops.aten
 
@@ -94,12 +95,83 @@ class _Match:
     def __init__(self):
         self.scale = 1.0
         self.mask = None
+        self.bool_mask = None  # (condition node, fill value, True if the fill applies where the condition holds)
         self.q = self.k = self.v = None
         self.out = None  # the node whose uses the fused op takes over
 
 
+_ABSORBING = -1e30  # s + fill == fill exactly in float32 for any |s| < 1e22: an additive mask is then exact
+
+
+def _match_boolean_mask(m: _Match, s: fx.Node) -> fx.Node:
+    """`scores.masked_fill(cond, fill)` or `torch.where(cond, scores, fill)`: records the mask, returns scores."""
+    if not _single_user(s):
+        return s
+    if s.target is aten.masked_fill.Scalar and _scalar(s.args[2]) is not None:
+        m.bool_mask = (s.args[1], _scalar(s.args[2]), True)
+        return s.args[0]
+    if s.target is aten.where.self:
+        cond, a, b = s.args
+        for scores, fill, where_true in ((a, b, False), (b, a, True)):
+            if isinstance(fill, fx.Node) and fill.target is aten.scalar_tensor.default \
+                    and _scalar(fill.args[0]) is not None and isinstance(scores, fx.Node) \
+                    and tuple(_val(scores).shape) == tuple(_val(s).shape):
+                m.bool_mask = (cond, _scalar(fill.args[0]), where_true)
+                return scores
+    return s
+
+
+def _boolean_mask_exact(gm: fx.GraphModule, m: _Match) -> str | None:
+    """Why turning the boolean mask into an additive one could change results, or None.
+
+    A fill of -1e30 or below (e.g. finfo.min) is absorbed exactly: scores + fill == fill. Otherwise a row
+    whose keys are all masked differs (masked_fill(-inf) gives NaN there, SDPA 0), so the rewrite needs
+    the condition to be a constant in which every row keeps a key (a causal mask buffer), and a fill that
+    underflows softmax (<= -1e4)."""
+    cond, fill, where_true = m.bool_mask
+    cv = _val(cond)
+    if not isinstance(cv, torch.Tensor) or cv.dtype != torch.bool:
+        return "the mask condition is not a boolean tensor"
+    if fill > 0 or math.isnan(fill):
+        return f"fill value {fill} is not a mask"
+    if math.isfinite(fill) and fill <= _ABSORBING:
+        return None
+    if fill > -1e4:
+        return f"fill value {fill} does not underflow softmax"
+    if cond.op != "get_attr":
+        return (f"fill value {fill} with a mask computed at run time: a row with every key masked would change "
+                "(NaN or uniform in eager, 0 in SDPA)")
+    keep = ~getattr(gm, cond.target) if where_true else getattr(gm, cond.target)
+    if not bool(keep.any(dim=-1).all()):
+        return "the constant mask masks every key of some row"
+    return None
+
+
+def _additive_mask(gm: fx.GraphModule, m: _Match, before: fx.Node) -> fx.Node:
+    """The boolean mask as a float tensor: fill where masked, 0 elsewhere."""
+    cond, fill, where_true = m.bool_mask
+    dtype = _val(m.q).dtype
+    with gm.graph.inserting_before(before):
+        f = gm.graph.call_function(aten.scalar_tensor.default, (fill,), {"dtype": dtype})
+        z = gm.graph.call_function(aten.scalar_tensor.default, (0.0,), {"dtype": dtype})
+        mask = gm.graph.call_function(aten.where.self, (cond, f, z) if where_true else (cond, z, f))
+    from torch._guards import detect_fake_mode
+
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    mode = detect_fake_mode([_val(m.q)])
+    fake = (lambda t: t if mode is None or isinstance(t, FakeTensor) else mode.from_tensor(t))  # noqa: E731
+    for n, val in ((f, torch.tensor(fill, dtype=dtype)), (z, torch.tensor(0.0, dtype=dtype))):
+        n.meta["val"] = fake(val)
+    c = fake(_val(cond))
+    with (mode if mode is not None else contextlib.nullcontext()):
+        mask.meta["val"] = torch.where(c, _val(f), _val(z)) if where_true else torch.where(c, _val(z), _val(f))
+    return mask
+
+
 def _match_scores(m: _Match, s: fx.Node) -> bool:
     """s: the softmax input, [B, H, N, M]. Fills scale, mask, q and k."""
+    s = _match_boolean_mask(m, s)
     if s.target is aten.add.Tensor and _single_user(s) and len(s.args) == 2 and not s.kwargs:
         a, b = s.args
         for scores, mask in ((a, b), (b, a)):
@@ -176,6 +248,15 @@ def _shapes_agree(m: _Match) -> bool:
         return False
     if tuple(out.shape) != (*q.shape[:-1], v.shape[-1]):
         return False
+    if m.mask is not None and m.bool_mask is not None:
+        return False
+    if m.bool_mask is not None:
+        mv = _val(m.bool_mask[0])
+        try:
+            if torch.broadcast_shapes(tuple(mv.shape), (*q.shape[:-1], k.shape[-2])) != (*q.shape[:-1], k.shape[-2]):
+                return False
+        except RuntimeError:
+            return False
     if m.mask is not None:
         mv = _val(m.mask)
         if not isinstance(mv, torch.Tensor) or mv.dtype != q.dtype or mv.dim() > q.dim():
@@ -218,6 +299,12 @@ class FuseAttention(GraphPass):
             if not (_single_user(node) and _match_scores(m, node.args[0]) and _match_values(m, node)
                     and _shapes_agree(m)):
                 continue
+            if m.bool_mask is not None:
+                why = _boolean_mask_exact(gm, m)
+                if why:
+                    record.notes.append(f"kept {source_location(node) or node.name} unfused: {why}")
+                    continue
+                m.mask = _additive_mask(gm, m, m.out)
             with gm.graph.inserting_before(m.out):
                 fused = gm.graph.call_function(aten.scaled_dot_product_attention.default, (m.q, m.k, m.v),
                                                {"attn_mask": m.mask, "scale": m.scale})

@@ -27,6 +27,7 @@ class PassRecord:
     nodes_after: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    guard: object = None  # the accuracy guard's result, for approximate passes (effopt.guard.GuardResult)
 
     def add_match(self, node: fx.Node | None = None) -> None:
         self.matches += 1
@@ -37,4 +38,4 @@ class PassRecord:
     def __str__(self) -> str:
         where = f" at {', '.join(self.locations[:3])}" + (" ..." if len(self.locations) > 3 else "") if self.locations else ""
         return (f"{self.name}: {self.matches} match(es){where}; nodes {self.nodes_before} -> {self.nodes_after}"
-                f" ({self.seconds * 1e3:.1f} ms)")
+                f" ({self.seconds * 1e3:.1f} ms)" + "".join(f"\n    {n}" for n in self.notes))

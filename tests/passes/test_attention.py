@@ -169,3 +169,47 @@ def test_multihead_attention_counted():
         assert_same_as_eager(compile_effopt(f)(x), f(x))
     rec = _fuse_record()
     assert rec.matches + sum(int(n.split("=")[1]) for n in rec.notes if n.startswith("already_fused=")) == 1
+
+
+class BoolMasked(nn.Module):
+    """Boolean masks, as hand-written models spell them."""
+
+    def __init__(self, spelling, causal=False):
+        super().__init__()
+        self.spelling = spelling
+        self.qkv = nn.Linear(H * D, 3 * H * D)
+        self.register_buffer("causal", torch.tril(torch.ones(N, N, dtype=torch.bool)))
+
+    def forward(self, x, keep):
+        q, k, v = (_heads(t) for t in self.qkv(x).chunk(3, -1))
+        a = q @ k.transpose(-2, -1) / math.sqrt(D)
+        if self.spelling == "where_min":
+            a = torch.where(keep, a, torch.finfo(a.dtype).min)
+        elif self.spelling == "masked_fill_min":
+            a = a.masked_fill(~keep, torch.finfo(a.dtype).min)
+        elif self.spelling == "causal_inf":  # a constant mask in which every row keeps a key
+            a = a.masked_fill(~self.causal, float("-inf"))
+        elif self.spelling == "runtime_inf":
+            a = a.masked_fill(~keep, float("-inf"))
+        elif self.spelling == "runtime_1e9":
+            a = a.masked_fill(keep == 0, -1e9)
+        return (a.softmax(-1) @ v).transpose(1, 2).reshape(B, N, H * D)
+
+
+@pytest.mark.parametrize("spelling, fused", [("where_min", 1), ("masked_fill_min", 1), ("causal_inf", 1),
+                                             ("runtime_inf", 0), ("runtime_1e9", 0)])
+def test_boolean_masks(spelling, fused, no_fallback_warnings):
+    """Fused where the additive mask is exactly equivalent, including rows whose keys are all masked (where a
+    finite fill gives the uniform average); kept, with the reason noted, where such a row would change."""
+    model = BoolMasked(spelling).eval()
+    x = torch.randn(B, N, H * D)
+    keep = torch.rand(B, 1, 1, N) > 0.3
+    keep[0] = False  # every key of sample 0 masked
+    keep[1, ..., 0] = True
+    f = compile_effopt(model)
+    with torch.no_grad():
+        assert_same_as_eager(f(x, keep), model(x, keep))
+    rec = _fuse_record()
+    assert rec.matches == fused
+    if not fused:
+        assert any("unfused" in n and "every key masked" in n for n in rec.notes), rec.notes

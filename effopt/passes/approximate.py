@@ -1,0 +1,292 @@
+"""Approximate attention: each fused softmax attention (an SDPA node, after `fuse_attention`) becomes one of
+effopt's approximate attention ops (effopt/ops.py), layer by layer, so the accuracy guard can keep or roll
+back each layer on its own.
+
+    hamming  ShiftAddViT-style: binary codes from a random projection of q and k, similarity by XOR and
+             popcount, power-of-two weights so the product with V is additions only. The weight
+             temperature `beta` is fitted per layer on the example (or calibration) inputs unless given.
+    linear   kernelized linear attention, O(N): feature map elu+1 (or relu) on q and k.
+    lmul     L-Mul: the multiplications of q.k and p.v become integer additions of float bit patterns.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.fx as fx
+
+from .. import ops as effops
+from .attention import _erase_dead_chain
+from .records import source_location
+
+aten = torch.ops.aten
+
+KINDS = ("exact", "hamming", "linear", "lmul")
+_PARAMS = {"hamming": ("bits", "beta", "seed"), "linear": ("feature_map",), "lmul": ("mantissa_bits",), "exact": ()}
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    kind: str = "exact"
+    bits: int = 64
+    """hamming: length of the binary codes (a multiple of 64)."""
+    beta: float | None = None
+    """hamming: weight temperature, 2^(beta * equal bits); None fits it per layer on the example inputs."""
+    seed: int = 0
+    """hamming: seed of the random projection (used when the graph does not carry a trained one)."""
+    feature_map: str = "elu"
+    """linear: 'elu' (elu + 1) or 'relu'."""
+    mantissa_bits: int = 3
+    """lmul: mantissa bits kept by L-Mul (0..23); the paper's 3-bit L-Mul matches fp8 e4m3 accuracy."""
+
+    @classmethod
+    def parse(cls, value) -> "AttentionConfig":
+        if isinstance(value, AttentionConfig):
+            return value
+        given = value
+        if isinstance(value, str):
+            value = {"kind": value}
+        if not isinstance(value, dict) or value.get("kind") not in KINDS:
+            raise ValueError(f"attention={given!r} is invalid; valid: {list(KINDS)} or a dict "
+                             "{'kind': ..., parameters}, e.g. {'kind': 'hamming', 'bits': 128}")
+        kind = value["kind"]
+        bad = sorted(set(value) - {"kind", *_PARAMS[kind]})
+        if bad:
+            raise ValueError(f"attention {kind!r} has no parameter(s) {bad}; valid: {list(_PARAMS[kind])}")
+        cfg = cls(**value)
+        if kind == "hamming" and (not isinstance(cfg.bits, int) or cfg.bits <= 0 or cfg.bits % 64):
+            raise ValueError(f"hamming bits must be a positive multiple of 64, got {cfg.bits!r}")
+        if kind == "hamming" and cfg.beta is not None and not (isinstance(cfg.beta, (int, float)) and cfg.beta > 0):
+            raise ValueError(f"hamming beta must be a positive number or None (fitted), got {cfg.beta!r}")
+        if kind == "linear" and cfg.feature_map not in effops.FEATURE_MAPS:
+            raise ValueError(f"linear feature_map={cfg.feature_map!r}; valid: {list(effops.FEATURE_MAPS)}")
+        if kind == "lmul" and (not isinstance(cfg.mantissa_bits, int) or not 0 <= cfg.mantissa_bits <= 23):
+            raise ValueError(f"lmul mantissa_bits must be an int in 0..23, got {cfg.mantissa_bits!r}")
+        return cfg
+
+    def __str__(self) -> str:
+        if self.kind == "exact":
+            return "exact"
+        params = ", ".join(f"{p}={getattr(self, p)}" for p in _PARAMS[self.kind])
+        return f"{self.kind}({params})"
+
+
+# ---- the attention layers of a graph -----------------------------------------------------------------------
+_FLASH_CPU = aten._scaled_dot_product_flash_attention_for_cpu.default
+
+
+@dataclass
+class AttentionSite:
+    """One softmax attention in the graph, with what an approximate op needs."""
+
+    node: fx.Node  # the SDPA node
+    out: fx.Node  # the node whose value is the attention output (the SDPA node or its getitem 0)
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    mask: fx.Node | None
+    scale: float
+    name: str = ""
+    index: int = 0
+    new: fx.Node | None = None  # the approximate op, while applied
+    extra: dict = field(default_factory=dict)
+
+
+def attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[str]]:
+    """The SDPA nodes an approximate attention can replace, and why others were skipped."""
+    sites, skipped = [], []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is aten.scaled_dot_product_attention.default:
+            args = dict(zip(("q", "k", "v", "attn_mask", "dropout_p", "is_causal", "scale"), node.args))
+            args.update(node.kwargs)
+            out = node
+        elif node.target is _FLASH_CPU:
+            args = dict(zip(("q", "k", "v", "dropout_p", "is_causal"), node.args))
+            args.update(node.kwargs)
+            users = list(node.users)
+            if any(u.target is not operator.getitem for u in users) \
+                    or any(u.args[1] != 0 for u in users) or len(users) != 1:
+                skipped.append(f"{node.name}: log-sum-exp output is used")
+                continue
+            out = users[0]
+        else:
+            continue
+        where = source_location(node) or node.name
+        if args.get("dropout_p", 0.0) or args.get("is_causal", False) or args.get("enable_gqa", False):
+            skipped.append(f"{where}: causal, dropout or grouped-query attention")
+            continue
+        q, k, v = (args[n] for n in ("q", "k", "v"))
+        qv = q.meta.get("val")
+        if not isinstance(qv, torch.Tensor) or qv.dim() != 4 or qv.dtype != torch.float32:
+            skipped.append(f"{where}: not a 4-D float32 attention")
+            continue
+        scale = args.get("scale")
+        scale = 1.0 / math.sqrt(int(qv.shape[-1])) if scale is None else float(scale)
+        sites.append(AttentionSite(node, out, q, k, v, args.get("attn_mask"), scale,
+                                   f"attention[{len(sites)}] at {where}", len(sites)))
+    return sites, skipped
+
+
+def _fake(target, args):
+    from torch._guards import detect_fake_mode
+
+    vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    if mode is None:
+        return None
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    vals = [mode.from_tensor(v) if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor) else v for v in vals]
+    with mode:
+        return target(*vals)
+
+
+class ApproximateAttention:
+    """Applies and reverts one approximate attention per site; `finish()` erases the replaced chains."""
+
+    def __init__(self, gm: fx.GraphModule, config: AttentionConfig):
+        self.gm, self.config = gm, config
+
+    def supports(self, site: AttentionSite) -> str | None:
+        """Why this site cannot take the approximation, or None. (A linear attention whose mask has a query
+        dim is checked when it runs: Hugging Face's padding masks have one but do not vary along it.)"""
+        return None
+
+    def apply(self, site: AttentionSite) -> None:
+        cfg, graph = self.config, self.gm.graph
+        with graph.inserting_after(site.out):
+            if cfg.kind == "hamming":
+                proj = site.extra.get("proj")
+                if proj is None:
+                    d = int(site.q.meta["val"].shape[-1])
+                    gen = torch.Generator().manual_seed(cfg.seed * 1000 + site.index)
+                    proj = site.extra["proj"] = self._constant(torch.randn(d, cfg.bits, generator=gen), site.out)
+                beta = site.extra.get("beta", cfg.beta if cfg.beta is not None else 1.0)
+                args = (site.q, site.k, site.v, site.mask, proj, float(beta))
+                target = torch.ops.effopt.hamming_attention.default
+            elif cfg.kind == "linear":
+                args = (site.q, site.k, site.v, site.mask, site.scale, cfg.feature_map)
+                target = torch.ops.effopt.linear_attention.default
+            elif cfg.kind == "lmul":
+                args = (site.q, site.k, site.v, site.mask, site.scale, cfg.mantissa_bits)
+                target = torch.ops.effopt.lmul_attention.default
+            else:
+                raise ValueError(f"no approximate attention {cfg.kind!r}")
+            new = graph.call_function(target, args)
+        new.meta = dict(site.out.meta)
+        fake = _fake(target, args)
+        if fake is not None:
+            new.meta["val"] = fake
+        site.out.replace_all_uses_with(new, propagate_meta=False)
+        site.new = new
+        self.gm.recompile()
+
+    def revert(self, site: AttentionSite) -> None:
+        site.new.replace_all_uses_with(site.out)
+        self.gm.graph.erase_node(site.new)
+        site.new = None
+        self.gm.recompile()
+
+    def finish(self, sites: list[AttentionSite]) -> None:
+        for s in sites:
+            if s.new is not None:
+                _erase_dead_chain(self.gm, s.node if s.out is s.node else s.out)
+        for s in sites:
+            proj = s.extra.get("proj")
+            if s.new is None and proj is not None and not proj.users:
+                delattr(self.gm, proj.target)
+                self.gm.graph.erase_node(proj)
+        self.gm.graph.lint()
+        self.gm.recompile()
+
+    def _constant(self, value, before):
+        from .constant_fold import add_constant
+
+        first = next(n for n in self.gm.graph.nodes if n.op not in ("placeholder", "get_attr"))
+        return add_constant(self.gm, value, first, "hamming_proj")
+
+
+# ---- fitting the Hamming temperature ------------------------------------------------------------------------
+BETA_GRID = tuple(2.0 ** (i / 2) for i in range(-16, 5))  # 1/256 .. 4
+
+
+def record_site_inputs(gm: fx.GraphModule, sites: list[AttentionSite], args) -> dict:
+    """Runs gm on args; returns {site index: (q, k, v, mask, exact output)}."""
+    wanted = {s.out: i for i, s in enumerate(sites)}
+    nodes = {s.node: i for i, s in enumerate(sites)}
+    seen: dict = {}
+
+    class Rec(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in nodes:
+                s = sites[nodes[n]]
+                seen[nodes[n]] = [self.env[x] if isinstance(x, fx.Node) else None for x in (s.q, s.k, s.v, s.mask)]
+            if n in wanted:
+                seen[wanted[n]].append(out)
+            return out
+
+    with torch.no_grad():
+        Rec(gm).run(*args)
+    return seen
+
+
+def fit_beta(q, k, v, mask, exact, proj) -> tuple[float, float]:
+    """The grid value of beta whose Hamming attention is closest (mean squared error) to the exact output."""
+    best = (math.inf, 1.0)
+    same = effops.hamming_similarity(q @ proj, k @ proj)
+    for beta in BETA_GRID:
+        err = (effops.hamming_weighted_sum(same, v, mask, beta) - exact).pow(2).mean().item()
+        if err < best[0]:
+            best = (err, beta)
+    return best[1], best[0]
+
+
+__all__ = ["AttentionConfig", "AttentionSite", "ApproximateAttention", "attention_sites", "fit_beta",
+           "record_site_inputs", "KINDS"]
+
+
+def approximate_attention(gm: fx.GraphModule, config: AttentionConfig, examples: list, calibration,
+                          budget, metric) -> "PassRecord":
+    """The `attention` option: rewrite gm's attention sites, guarded on the calibration inputs (lists of
+    gm's arguments). Hamming's temperature is fitted per layer on the first calibration input, or on the
+    example inputs without calibration."""
+    import time
+
+    from ..guard import guarded_apply
+    from .manager import count_nodes
+    from .records import PassRecord
+
+    t0 = time.perf_counter()
+    record = PassRecord(f"attention_{config.kind}", nodes_before=count_nodes(gm))
+    sites, skipped = attention_sites(gm)
+    rewriter = ApproximateAttention(gm, config)
+    usable = []
+    for s in sites:
+        why = rewriter.supports(s)
+        (skipped.append(f"{s.name}: {why}") if why else usable.append(s))
+    if config.kind == "hamming" and config.beta is None and usable:
+        seen = record_site_inputs(gm, usable, calibration[0] if calibration else examples)
+        for i, s in enumerate(usable):
+            q, k, v, mask, exact = seen[i]
+            proj = torch.randn(q.shape[-1], config.bits, generator=torch.Generator().manual_seed(
+                config.seed * 1000 + s.index))
+            s.extra["beta"], err = fit_beta(q, k, v, mask, exact, proj)
+            s.extra["proj"] = rewriter._constant(proj, s.out)
+            record.notes.append(f"{s.name}: beta={s.extra['beta']:.3g} (fitted, mse {err:.3g})")
+    guard = guarded_apply(lambda args: gm(*args), usable, rewriter.apply, rewriter.revert, calibration, budget,
+                          metric, metric if isinstance(metric, str) else getattr(metric, "__name__", "callable"),
+                          f"attention={config}")
+    rewriter.finish(usable)
+    for s in usable:
+        if s.new is not None:
+            record.add_match(s.node)
+    record.notes[:0] = [guard.summary()] + [f"skipped {w}" for w in skipped]
+    record.guard = guard
+    record.seconds = time.perf_counter() - t0
+    record.nodes_after = count_nodes(gm)
+    return record

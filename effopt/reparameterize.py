@@ -1,0 +1,114 @@
+"""`effopt.reparameterize`: an approximate model that a user fine-tunes in plain PyTorch.
+
+The model is exported (torch.export, ATen graph), its softmax attentions fused into SDPA nodes by the same
+exact pass the backend runs, and each attention replaced by one of effopt's approximate ops. The result is
+an ordinary trainable nn.Module (an fx GraphModule with the model's parameters, plus the new ones such as
+Hamming projections): its custom ops pass straight-through gradients, so `loss.backward()` and any
+optimizer work. `torch.compile(result, backend="effopt")` then lowers those ops to effopt's TVM kernels.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.fx as fx
+
+from .guard import guarded_apply
+from .passes.approximate import ApproximateAttention, AttentionConfig, attention_sites, fit_beta, record_site_inputs
+from .passes.attention import FuseAttention
+
+
+def _split(inputs) -> tuple[tuple, dict]:
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,), {}
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    return tuple(inputs), {}
+
+
+def _export(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
+    args, kwargs = _split(example_inputs)
+    ep = torch.export.export(model, args, kwargs)
+    table = torch.export.default_decompositions()
+    table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)  # keep fused attention whole
+    gm = ep.run_decompositions(table).module()
+    # a plain GraphModule (same graph, parameters and pytree calling convention): export's module refuses
+    # train()/eval(), which fine-tuning code calls; the graph is the eval-mode model either way
+    return fx.GraphModule(gm, gm.graph)
+
+
+def reparameterize(model: torch.nn.Module, example_inputs, attention="hamming", *, calibration=None,
+                   accuracy_budget: float | None = None, metric="cosine") -> torch.nn.Module:
+    """A trainable copy of `model` whose attention layers are approximate.
+
+    attention: 'hamming', 'linear', 'lmul' or a dict {'kind': ..., parameters} (as the backend option).
+    example_inputs: a tuple of positional inputs, a dict of keyword inputs, or one tensor; the result is
+    specialized to their shapes. calibration/accuracy_budget/metric: the accuracy guard, as in the backend
+    options: layers whose rewrite costs more than the budget keep exact attention.
+    Returns an nn.Module with the model's call signature; `.effopt_record` is the pass record."""
+    from .options import Options
+
+    opts = Options.from_dict({"attention": attention, "calibration": calibration,
+                              "accuracy_budget": accuracy_budget, "metric": metric})
+    config = opts.attention
+    if config.kind == "exact":
+        raise ValueError("reparameterize needs an approximate attention: one of 'hamming', 'linear', 'lmul'")
+    was_training = model.training
+    model.eval()
+    try:
+        gm = _export(model, example_inputs)
+    finally:
+        model.train(was_training)
+    from .passes.records import PassRecord
+
+    FuseAttention()(gm)
+    record = PassRecord(f"reparameterize_{config.kind}")
+    sites, skipped = attention_sites(gm)
+    rewriter = ApproximateAttention(gm, config)
+    usable = [s for s in sites if rewriter.supports(s) is None]
+    skipped += [f"{s.name}: {rewriter.supports(s)}" for s in sites if s not in usable]
+    if not usable:
+        raise ValueError(f"reparameterize: no attention layer of this model can take attention={config}"
+                         + (f" ({'; '.join(skipped)})" if skipped else " (no softmax attention found)"))
+    args, kwargs = _split(example_inputs)
+    flat = torch.utils._pytree.tree_leaves((args, kwargs))
+    if config.kind == "hamming":
+        seen = record_site_inputs(gm, usable, flat) if config.beta is None else {}
+        for s in usable:
+            d = int(s.q.meta["val"].shape[-1])
+            proj = torch.randn(d, config.bits, generator=torch.Generator().manual_seed(config.seed * 1000 + s.index))
+            if config.beta is None:
+                q, k, v, mask, exact = seen[usable.index(s)]
+                s.extra["beta"], _ = fit_beta(q, k, v, mask, exact, proj)
+            name = f"effopt_hamming_proj_{s.index}"
+            gm.register_parameter(name, torch.nn.Parameter(proj))
+            first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+            with gm.graph.inserting_before(first):
+                node = gm.graph.get_attr(name)
+            node.meta["val"] = proj
+            s.extra["proj"] = node
+    cal = None
+    if opts.calibration is not None:
+        cal = [_split(c) for c in opts.calibration]
+    guard = guarded_apply(lambda ak: gm(*ak[0], **ak[1]), usable, rewriter.apply, rewriter.revert, cal,
+                          opts.accuracy_budget, opts.metric,
+                          opts.metric if isinstance(opts.metric, str) else "callable", f"reparameterize({config})")
+    rewriter.finish(usable)
+    for s in usable:
+        if s.new is None and "proj" in s.extra:
+            name = s.extra["proj"].target
+            if not s.extra["proj"].users:
+                gm.graph.erase_node(s.extra["proj"])
+                delattr(gm, name)
+        elif s.new is not None:
+            record.add_match(s.node)
+    gm.graph.lint()
+    gm.recompile()
+    record.notes = [guard.summary()] + [f"skipped {w}" for w in skipped] + \
+        [f"{s.name}: beta={s.extra['beta']:.3g}" for s in usable if "beta" in s.extra and s.new is not None]
+    record.guard = guard
+    gm.effopt_record = record
+    if not record.matches:
+        warnings.warn("effopt.reparameterize: every attention layer was rolled back by the accuracy guard; the "
+                      "module computes exact attention", UserWarning, stacklevel=2)
+    return gm
