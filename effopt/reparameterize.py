@@ -8,6 +8,7 @@ optimizer work. `torch.compile(result, backend="effopt")` then lowers those ops 
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -53,12 +54,11 @@ def reparameterize(model: torch.nn.Module, example_inputs, attention="hamming", 
     config = opts.attention
     if config.kind == "exact":
         raise ValueError("reparameterize needs an approximate attention: one of 'hamming', 'linear', 'lmul'")
-    was_training = model.training
-    model.eval()
-    try:
-        gm = _export(model, example_inputs)
-    finally:
-        model.train(was_training)
+    # a copy: the exported module would otherwise share the model's parameters, and fine-tuning it would
+    # change the original model too
+    original = model
+    model = copy.deepcopy(original).eval()
+    gm = _export(model, example_inputs)
     from .passes.records import PassRecord
 
     FuseAttention()(gm)

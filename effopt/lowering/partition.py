@@ -11,7 +11,7 @@ from torch.fx.passes.operator_support import OperatorSupportBase
 
 from ..passes.records import source_location
 from .library import LIBRARY_OPS, VIEW_OPS, is_symbolic_scalar_op
-from .to_relax import CONVERTERS, DTYPES
+from .to_relax import CONVERTERS, DTYPES, ISOLATED, LOWERABLE
 
 
 def _tensor_vals(node: fx.Node):
@@ -27,7 +27,7 @@ class TVMSupport(OperatorSupportBase):
         if node.target is operator.getitem:
             src = node.args[0]
             return isinstance(src, fx.Node) and self.is_node_supported(submodules, src)
-        if node.target not in CONVERTERS:
+        if node.target not in CONVERTERS or not LOWERABLE.get(node.target, bool)(node):
             return False
         vals = _tensor_vals(node)
         if not vals or any(v.dtype not in DTYPES or v.device.type != "cpu" for v in vals):
@@ -80,6 +80,7 @@ def partition(gm: fx.GraphModule) -> list[Region]:
     """
     support = TVMSupport()
     group_of: dict[fx.Node, int] = {}
+    closed: set[int] = set()  # regions of one ISOLATED op: nothing joins them
     reach: dict[fx.Node, set[int]] = {}  # regions with a path to the node (its own included)
     groups: list[list[fx.Node]] = []
     for n in gm.graph.nodes:
@@ -89,14 +90,19 @@ def partition(gm: fx.GraphModule) -> list[Region]:
             r |= reach[a]
         if support.is_node_supported({}, n):
             gid = None
-            for a in ins:
+            for a in ins if n.target not in ISOLATED else ():
                 g = group_of.get(a)
-                if g is not None and all(group_of.get(b) == g or g not in reach[b] for b in ins):
+                if n.target is operator.getitem and g in closed:  # the outputs of an isolated op join it
+                    gid = g
+                    break
+                if g is not None and g not in closed and all(group_of.get(b) == g or g not in reach[b] for b in ins):
                     gid = g
                     break
             if gid is None:
                 gid = len(groups)
                 groups.append([])
+                if n.target in ISOLATED:
+                    closed.add(gid)
             groups[gid].append(n)
             group_of[n] = gid
             r.add(gid)

@@ -50,7 +50,7 @@ def _as_list(out):
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-def mismatch(ref, got) -> str | None:
+def mismatch(ref, got, tolerances=None) -> str | None:
     """Why `got` differs from the eager reference, or None."""
     ref, got = _as_list(ref), _as_list(got)
     if len(ref) != len(got):
@@ -58,7 +58,7 @@ def mismatch(ref, got) -> str | None:
     for i, (r, g) in enumerate(zip(ref, got)):
         if r.shape != g.shape or r.dtype != g.dtype:
             return f"output {i}: {tuple(g.shape)} {g.dtype}, eager {tuple(r.shape)} {r.dtype}"
-        rtol, atol = TOLERANCES.get(r.dtype, (0, 0))
+        rtol, atol = (tolerances or TOLERANCES).get(r.dtype, (0, 0))
         if r.dtype.is_floating_point:
             ok = torch.allclose(g.float(), r.float(), rtol=rtol, atol=atol * max(1.0, r.float().abs().nan_to_num().max().item()),
                                 equal_nan=True)
@@ -76,10 +76,10 @@ def measure(kernel, eager, args, rounds: int = 7, reps: int = 5, budget_s: float
     return m["kernel"] * 1e6, m["eager"] * 1e6
 
 
-def choose(candidate, baseline, args, force: bool) -> Choice:
+def choose(candidate, baseline, args, force: bool, tolerances=None) -> Choice:
     with torch.no_grad():
         ref, got = baseline(*args), candidate(*args)
-        why = mismatch(ref, got)
+        why = mismatch(ref, got, tolerances)
         if why:
             return Choice(False, reason=f"result differs from eager ({why})")
         cand_us, base_us = measure(candidate, baseline, args)

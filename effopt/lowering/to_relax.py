@@ -6,6 +6,7 @@ dynamic batch) become TIR variables bound by the input shapes.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -26,6 +27,11 @@ class Unsupported(Exception):
 
 
 CONVERTERS: dict[Any, Callable] = {}
+# For ops lowered only in some uses: node -> whether this use can be lowered (checked before partitioning)
+LOWERABLE: dict[Any, Callable[[fx.Node], bool]] = {}
+# Ops that form a region of their own, so that the measured choice (TVM kernel or torch's) is made for the
+# op alone, per shape: attention, where torch's fused kernel is a strong baseline.
+ISOLATED: set = set()
 
 
 def lowers(*ops):
@@ -577,3 +583,51 @@ def _lmul_attention(cv, node, q, k, v, mask, scale, mantissa_bits):
 
     _float32_attention(node, q, k, v)
     return lmul.emit(cv.bb, q, k, v, _additive_mask(cv, mask), float(scale), int(mantissa_bits))
+
+
+# ---- attention: effopt's tiled online-softmax kernel (kernels/flash.py) against torch's fused SDPA -----------
+_FLASH_CPU = aten._scaled_dot_product_flash_attention_for_cpu.default
+
+
+def _sdpa_fields(node: fx.Node) -> dict:
+    names = ("q", "k", "v", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa") \
+        if node.target is aten.scaled_dot_product_attention.default else ("q", "k", "v", "dropout_p", "is_causal")
+    f = dict(zip(names, node.args))
+    f.update(node.kwargs)
+    return f
+
+
+def _sdpa_lowerable(node: fx.Node) -> bool:
+    f = _sdpa_fields(node)
+    if f.get("dropout_p", 0.0) or f.get("is_causal", False) or f.get("enable_gqa", False):
+        return False
+    vals = [x.meta.get("val") if isinstance(x, fx.Node) else None for x in (f["q"], f["k"], f["v"])]
+    if not all(isinstance(v, torch.Tensor) and v.dim() == 4 and v.dtype == torch.float32 for v in vals):
+        return False
+    if isinstance(vals[0].shape[-1], torch.SymInt) or isinstance(vals[2].shape[-1], torch.SymInt):
+        return False
+    if node.target is _FLASH_CPU:  # only the attention output may be used, not the log-sum-exp
+        return all(u.target is operator.getitem and u.args[1] == 0 for u in node.users)
+    return True
+
+
+@lowers(aten.scaled_dot_product_attention.default, _FLASH_CPU)
+def _sdpa(cv, node, *args, **kwargs):
+    from .kernels import flash
+
+    f = _sdpa_fields(node)
+    f.update(zip(("q", "k", "v"), args[:3]))
+    mask = kwargs.get("attn_mask", args[3] if node.target is not _FLASH_CPU and len(args) > 3 else None)
+    scale = f.get("scale")
+    scale = 1.0 / math.sqrt(int(node.args[0].meta["val"].shape[-1])) if scale is None else float(scale)
+    out = flash.emit(cv.bb, f["q"], f["k"], f["v"], mask, scale)
+    if node.target is _FLASH_CPU:  # (output, log-sum-exp): the latter is unused (checked), a placeholder
+        lse = node.meta["val"][1]
+        return relax.Tuple([out, relax.op.zeros(cv.shape(lse), "float32")])
+    return out
+
+
+for _op in (aten.scaled_dot_product_attention.default, _FLASH_CPU):
+    LOWERABLE[_op] = _sdpa_lowerable
+    ISOLATED.add(_op)
+ISOLATED.update({torch.ops.effopt.hamming_attention.default, torch.ops.effopt.lmul_attention.default})

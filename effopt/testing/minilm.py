@@ -34,3 +34,19 @@ def load(attn_implementation: str = "sdpa"):
 def encode(tokenizer, sentences=SENTENCES, length: int = 128):
     batch = tokenizer(list(sentences), padding="max_length", truncation=True, max_length=length, return_tensors="pt")
     return batch["input_ids"], batch["attention_mask"]
+
+
+def sentences() -> list[str]:
+    """64 real English sentences kept in the repository (effopt/testing/data/sentences.txt)."""
+    path = os.path.join(os.path.dirname(__file__), "data", "sentences.txt")
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def sentence_embeddings(last_hidden_state, attention_mask):
+    """all-MiniLM-L6-v2's sentence embedding: the mean of the token vectors over the mask, L2-normalized."""
+    import torch
+
+    m = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
+    pooled = (last_hidden_state * m).sum(1) / m.sum(1).clamp_min(1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)

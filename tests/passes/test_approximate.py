@@ -179,6 +179,7 @@ def test_reparameterize_gives_a_module_that_fine_tunes_and_compiles():
     torch.manual_seed(0)
     teacher = vit_tiny_test().eval()
     x = torch.randn(8, 3, 32, 32)
+    original = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = effopt.reparameterize(teacher, (x,), attention="hamming")
     assert student.effopt_record.matches == 2
     projections = [p for n, p in student.named_parameters() if "hamming_proj" in n]
@@ -196,6 +197,7 @@ def test_reparameterize_gives_a_module_that_fine_tunes_and_compiles():
     with torch.no_grad():
         after = F.mse_loss(student(x), target).item()
     assert after < 0.5 * before, (before, after)
+    assert all(torch.equal(v, original[k]) for k, v in teacher.state_dict().items()), "the original model changed"
     student.eval()
     f = compile_effopt(student)
     with torch.no_grad():

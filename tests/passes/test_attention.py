@@ -213,3 +213,34 @@ def test_boolean_masks(spelling, fused, no_fallback_warnings):
     assert rec.matches == fused
     if not fused:
         assert any("unfused" in n and "every key masked" in n for n in rec.notes), rec.notes
+
+
+def _attention_kernels():
+    return [k for k in effopt.last_report().lowering.kernels if "scaled_dot_product_attention" in k.ops]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_attention_lowers_to_the_tiled_kernel_or_torch_by_measurement(masked, no_fallback_warnings):
+    """The fused op is a region of its own: effopt's tiled online-softmax TVM kernel where it is measured
+    faster than torch's SDPA for the shape, else torch's; either way equal to eager."""
+    model = Spelled("masked" if masked else "mul_scores").eval()
+    x = torch.randn(B, N, H * D)
+    mask = torch.zeros(B, 1, 1, N)
+    mask[0, ..., -5:] = torch.finfo(torch.float32).min
+    args = (x, mask) if masked else (x,)
+    for choice in ("tvm", "measure"):
+        torch._dynamo.reset()
+        f = compile_effopt(model, kernel_choice=choice)
+        with torch.no_grad():
+            assert_same_as_eager(f(*args), model(*args))
+        (k,) = _attention_kernels()
+        assert k.ops == ["scaled_dot_product_attention"] and k.tvm_us and k.eager_us
+        assert k.choice == ("tvm" if choice == "tvm" or k.tvm_us < k.eager_us else "eager"), k
+
+
+def test_causal_sdpa_stays_on_torch_without_warning(no_fallback_warnings):
+    q, k, v = torch.randn(3, 1, 2, 9, 8).unbind(0)
+    f = compile_effopt(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True) * 2)
+    with torch.no_grad():
+        assert_same_as_eager(f(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True) * 2)
+    assert not _attention_kernels()

@@ -28,7 +28,7 @@ def project_func(B, H: int, R: int, D: int, C: int) -> tirx.PrimFunc:
             Pf = T.decl_buffer((D * C,), "float32", data=P.data)
             Yf = T.decl_buffer((B * H * R * C,), "float32", data=Y.data)
             for f in T.parallel(B * H * R):
-                acc = T.decl_buffer((C,), "float32", scope="local")
+                acc = T.decl_buffer((C,), "float32")  # global scope below 1 KiB: on the stack, in registers
                 for t in T.vectorized(C):
                     acc[t] = T.float32(0)
                 for d in range(D):

