@@ -138,7 +138,7 @@ def distill(task, student, steps: int, lr: float) -> float:
     return time.perf_counter() - t0
 
 
-def run_task(key, options, finetune, steps, lr, rounds):
+def run_task(key, options, finetune, steps, lr, rounds, no_guard=()):
     task = TASKS[key]()
     print(f"\n== {task.name} ({task.metric_name}), batch {BATCH}")
     batch = task.test[0]
@@ -154,8 +154,10 @@ def run_task(key, options, finetune, steps, lr, rounds):
             warnings.simplefilter("ignore", effopt.guard.EffoptAccuracyWarning)
             variants["training-free"] = (compiled(task.model, attention=opt), None)
         # 2. the accuracy guard: budget 0.01 (1 - cosine of the model's outputs) on two training batches
-        cal = [task.inputs(b) for b in task.train[:2]]
-        variants["guard 0.01"] = (compiled(task.model, attention=opt, calibration=cal, accuracy_budget=0.01), None)
+        if opt not in no_guard:
+            cal = [task.inputs(b) for b in task.train[:2]]
+            variants["guard 0.01"] = (compiled(task.model, attention=opt, calibration=cal, accuracy_budget=0.01),
+                                      None)
         # 3. fine-tuned: reparameterize, distill, compile
         if opt in finetune:
             with warnings.catch_warnings():
@@ -212,6 +214,9 @@ def main():
                     help="options to fine-tune (lmul's training forward is the slow PyTorch reference; its "
                          "straight-through gradient is exact attention's)")
     ap.add_argument("--steps", type=int, default=40, help="fine-tuning steps (batches of 8)")
+    ap.add_argument("--no-guard", default="dinov2:lmul",
+                    help="model:option pairs measured without the guard variant: the guard evaluates the graph "
+                         "eagerly, and L-Mul's PyTorch reference takes minutes per DINOv2 forward")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--rounds", type=int, default=11)
     args = ap.parse_args()
@@ -220,9 +225,16 @@ def main():
           f"{torch.get_num_threads()} threads")
     rows = []
     for key in args.models.split(","):
-        rows += run_task(key, args.options.split(","), args.finetune.split(","), args.steps, args.lr, args.rounds)
+        skip = {p.split(":")[1] for p in args.no_guard.split(",") if p.startswith(key + ":")}
+        rows += run_task(key, args.options.split(","), args.finetune.split(","), args.steps, args.lr, args.rounds,
+                         no_guard=skip)
     os.makedirs("bench-results", exist_ok=True)
-    with open("bench-results/approximate.json", "w") as f:
+    path = "bench-results/approximate.json"
+    if os.path.exists(path):  # keep other models' and options' rows from earlier runs (--models/--options run a subset)
+        with open(path) as f:
+            done = {(r["model"], r["option"]) for r in rows}
+            rows = [r for r in json.load(f) if (r["model"], r["option"]) not in done] + rows
+    with open(path, "w") as f:
         json.dump(rows, f, indent=1)
     pareto(rows, "bench-results/attention_pareto.png")
     print("wrote bench-results/approximate.json and bench-results/attention_pareto.png")

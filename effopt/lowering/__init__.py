@@ -65,12 +65,12 @@ class LoweringRecord:
 def _tolerances(graph: fx.Graph):
     """The self-check's tolerances for a region: float rounding, except for L-Mul, which truncates
     mantissas: a probability whose last bit differs between kernel and reference (their exp differ) can
-    land on the other side of a truncation step and move its product by 2^-mantissa_bits relative."""
-    lmul = [n for n in graph.nodes if n.target is torch.ops.effopt.lmul_attention.default]
-    if not lmul:
-        return None
-    step = 2.0 ** -min(int(n.args[5]) for n in lmul)
-    return {torch.float32: (step * 1e-2, step * 1e-2)}
+    land on the other side of a truncation step and move its product by up to 2^-mantissa_bits relative.
+    Such flips are rare and local, so L-Mul regions are checked by relative L2 error, which an indexing or
+    layout bug would still fail by orders of magnitude."""
+    if any(n.target is torch.ops.effopt.lmul_attention.default for n in graph.nodes):
+        return {"relative_l2": 1e-3}
+    return None
 
 
 def _region_ops(graph: fx.Graph) -> list[str]:

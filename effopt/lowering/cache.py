@@ -16,13 +16,33 @@ import warnings
 FORMAT = 1
 
 
+_SOURCE: list = []
+
+
+def source_digest() -> str:
+    """A digest of effopt's own source files: kernels and measured choices made by other effopt code (an
+    edited checkout, not only another release) are not reused."""
+    if not _SOURCE:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        h = hashlib.sha256()
+        for d, dirs, files in sorted(os.walk(root)):
+            dirs.sort()
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    with open(os.path.join(d, name), "rb") as f:
+                        h.update(name.encode() + b"\0" + f.read())
+        _SOURCE.append(h.hexdigest()[:16])
+    return _SOURCE[0]
+
+
 def versions() -> dict:
     import torch
     import tvm
 
     from .. import __version__
 
-    return {"effopt": __version__, "torch": torch.__version__, "tvm": tvm.__version__, "format": FORMAT}
+    return {"effopt": __version__, "source": source_digest(), "torch": torch.__version__, "tvm": tvm.__version__,
+            "format": FORMAT}
 
 
 def default_dir() -> str:

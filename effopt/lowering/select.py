@@ -58,6 +58,11 @@ def mismatch(ref, got, tolerances=None) -> str | None:
     for i, (r, g) in enumerate(zip(ref, got)):
         if r.shape != g.shape or r.dtype != g.dtype:
             return f"output {i}: {tuple(g.shape)} {g.dtype}, eager {tuple(r.shape)} {r.dtype}"
+        if tolerances is not None and "relative_l2" in tolerances and r.dtype.is_floating_point:
+            err = ((g.double() - r.double()).norm() / r.double().norm().clamp_min(1e-30)).item()
+            if not err <= tolerances["relative_l2"]:
+                return f"output {i}: relative L2 error {err:.3g}"
+            continue
         rtol, atol = (tolerances or TOLERANCES).get(r.dtype, (0, 0))
         if r.dtype.is_floating_point:
             ok = torch.allclose(g.float(), r.float(), rtol=rtol, atol=atol * max(1.0, r.float().abs().nan_to_num().max().item()),

@@ -164,7 +164,7 @@ class ApproximateAttention:
                 if proj is None:
                     d = int(site.q.meta["val"].shape[-1])
                     gen = torch.Generator().manual_seed(cfg.seed * 1000 + site.index)
-                    proj = site.extra["proj"] = self._constant(torch.randn(d, cfg.bits, generator=gen), site.out)
+                    proj = site.extra["proj"] = self.constant(torch.randn(d, cfg.bits, generator=gen))
                 beta = site.extra.get("beta", cfg.beta if cfg.beta is not None else 1.0)
                 args = (site.q, site.k, site.v, site.mask, proj, float(beta))
                 target = torch.ops.effopt.hamming_attention.default
@@ -203,7 +203,8 @@ class ApproximateAttention:
         self.gm.graph.lint()
         self.gm.recompile()
 
-    def _constant(self, value, before):
+    def constant(self, value: torch.Tensor) -> fx.Node:
+        """A new constant (e.g. a projection), defined before the first computation of the graph."""
         from .constant_fold import add_constant
 
         first = next(n for n in self.gm.graph.nodes if n.op not in ("placeholder", "get_attr"))
@@ -276,7 +277,7 @@ def approximate_attention(gm: fx.GraphModule, config: AttentionConfig, examples:
             proj = torch.randn(q.shape[-1], config.bits, generator=torch.Generator().manual_seed(
                 config.seed * 1000 + s.index))
             s.extra["beta"], err = fit_beta(q, k, v, mask, exact, proj)
-            s.extra["proj"] = rewriter._constant(proj, s.out)
+            s.extra["proj"] = rewriter.constant(proj)
             record.notes.append(f"{s.name}: beta={s.extra['beta']:.3g} (fitted, mse {err:.3g})")
     guard = guarded_apply(lambda args: gm(*args), usable, rewriter.apply, rewriter.revert, calibration, budget,
                           metric, metric if isinstance(metric, str) else getattr(metric, "__name__", "callable"),

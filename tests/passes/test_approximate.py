@@ -209,3 +209,18 @@ def test_reparameterize_gives_a_module_that_fine_tunes_and_compiles():
 def test_reparameterize_needs_an_approximate_attention():
     with pytest.raises(ValueError, match="needs an approximate attention"):
         effopt.reparameterize(vit_tiny_test().eval(), (torch.randn(1, 3, 32, 32),), attention="exact")
+
+
+def test_lmul_kernel_passes_the_self_check_where_truncation_flips_differ():
+    """L-Mul truncates mantissas, so kernel and reference can differ by a truncation step where their exp
+    differ in the last bit; the self-check compares by relative L2 error (a wrong kernel fails it)."""
+    from effopt.lowering.select import mismatch
+
+    q, k, v = torch.randn(3, 1, 6, 257, 64, generator=torch.Generator().manual_seed(3)).unbind(0)
+    f = compile_effopt(lambda q, k, v: torch.ops.effopt.lmul_attention(q, k, v, None, 0.125, 3), kernel_choice="tvm")
+    with torch.no_grad():
+        got, ref = f(q, k, v), ops.lmul_attention_ref(q, k, v, None, 0.125, 3)
+    (kernel,) = [k for k in effopt.last_report().lowering.kernels if "lmul_attention" in k.ops]
+    assert kernel.choice == "tvm", kernel.reason
+    assert mismatch(ref, got, {"relative_l2": 1e-3}) is None
+    assert mismatch(ref, got.roll(1, dims=2), {"relative_l2": 1e-3}) is not None
