@@ -156,12 +156,12 @@ class GuardResult:
 
 
 def guarded_apply(run: Callable[[list], Any], layers: list, apply: Callable, revert: Callable,
-                  calibration: list[list] | None, budget: float | None, metric, metric_name: str,
-                  what: str) -> GuardResult:
+                  calibration: list[list] | None, budget: float | None, metric, what: str) -> GuardResult:
     """Apply each layer's rewrite, keeping those that hold the metric within budget on the calibration data.
 
     `run(args)` evaluates the graph as it currently is; `apply(layer)`/`revert(layer)` change it."""
     t0 = time.perf_counter()
+    metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "callable")
     names = [getattr(l, "name", str(l)) for l in layers]
     if not calibration:
         key = what

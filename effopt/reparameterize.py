@@ -15,8 +15,9 @@ import torch
 import torch.fx as fx
 
 from .guard import guarded_apply
-from .passes.approximate import ApproximateAttention, AttentionConfig, attention_sites, fit_beta, record_site_inputs
+from .passes.approximate import ApproximateAttention, attention_sites
 from .passes.attention import FuseAttention
+from .passes.records import PassRecord
 
 
 def _split(inputs) -> tuple[tuple, dict]:
@@ -56,56 +57,26 @@ def reparameterize(model: torch.nn.Module, example_inputs, attention="hamming", 
         raise ValueError("reparameterize needs an approximate attention: one of 'hamming', 'linear', 'lmul'")
     # a copy: the exported module would otherwise share the model's parameters, and fine-tuning it would
     # change the original model too
-    original = model
-    model = copy.deepcopy(original).eval()
-    gm = _export(model, example_inputs)
-    from .passes.records import PassRecord
-
+    gm = _export(copy.deepcopy(model).eval(), example_inputs)
     FuseAttention()(gm)
     record = PassRecord(f"reparameterize_{config.kind}")
     sites, skipped = attention_sites(gm)
-    rewriter = ApproximateAttention(gm, config)
-    usable = [s for s in sites if rewriter.supports(s) is None]
-    skipped += [f"{s.name}: {rewriter.supports(s)}" for s in sites if s not in usable]
-    if not usable:
+    if not sites:
         raise ValueError(f"reparameterize: no attention layer of this model can take attention={config}"
                          + (f" ({'; '.join(skipped)})" if skipped else " (no softmax attention found)"))
+    rewriter = ApproximateAttention(gm, config)
     args, kwargs = _split(example_inputs)
-    flat = torch.utils._pytree.tree_leaves((args, kwargs))
+    fits = []
     if config.kind == "hamming":
-        seen = record_site_inputs(gm, usable, flat) if config.beta is None else {}
-        for s in usable:
-            d = int(s.q.meta["val"].shape[-1])
-            proj = torch.randn(d, config.bits, generator=torch.Generator().manual_seed(config.seed * 1000 + s.index))
-            if config.beta is None:
-                q, k, v, mask, exact = seen[usable.index(s)]
-                s.extra["beta"], _ = fit_beta(q, k, v, mask, exact, proj)
-            name = f"effopt_hamming_proj_{s.index}"
-            gm.register_parameter(name, torch.nn.Parameter(proj))
-            first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-            with gm.graph.inserting_before(first):
-                node = gm.graph.get_attr(name)
-            node.meta["val"] = proj
-            s.extra["proj"] = node
-    cal = None
-    if opts.calibration is not None:
-        cal = [_split(c) for c in opts.calibration]
-    guard = guarded_apply(lambda ak: gm(*ak[0], **ak[1]), usable, rewriter.apply, rewriter.revert, cal,
-                          opts.accuracy_budget, opts.metric,
-                          opts.metric if isinstance(opts.metric, str) else "callable", f"reparameterize({config})")
-    rewriter.finish(usable)
-    for s in usable:
-        if s.new is None and "proj" in s.extra:
-            name = s.extra["proj"].target
-            if not s.extra["proj"].users:
-                gm.graph.erase_node(s.extra["proj"])
-                delattr(gm, name)
-        elif s.new is not None:
+        fits = rewriter.prepare_hamming(sites, torch.utils._pytree.tree_leaves((args, kwargs)), trainable=True)
+    cal = None if opts.calibration is None else [_split(c) for c in opts.calibration]
+    guard = guarded_apply(lambda ak: gm(*ak[0], **ak[1]), sites, rewriter.apply, rewriter.revert, cal,
+                          opts.accuracy_budget, opts.metric, f"reparameterize({config})")
+    rewriter.finish(sites)  # also drops the projections of rolled-back layers
+    for s in sites:
+        if s.new is not None:
             record.add_match(s.node)
-    gm.graph.lint()
-    gm.recompile()
-    record.notes = [guard.summary()] + [f"skipped {w}" for w in skipped] + \
-        [f"{s.name}: beta={s.extra['beta']:.3g}" for s in usable if "beta" in s.extra and s.new is not None]
+    record.notes = [guard.summary()] + [f"skipped {w}" for w in skipped] + fits
     record.guard = guard
     gm.effopt_record = record
     if not record.matches:

@@ -18,6 +18,7 @@ import torch.fx as fx
 from tvm import relax, tirx
 
 from .. import ops as _effopt_ops  # noqa: F401 - registers torch.ops.effopt.*
+from ..passes.attention import FLASH_CPU, sdpa_arguments
 
 aten = torch.ops.aten
 
@@ -586,48 +587,35 @@ def _lmul_attention(cv, node, q, k, v, mask, scale, mantissa_bits):
 
 
 # ---- attention: effopt's tiled online-softmax kernel (kernels/flash.py) against torch's fused SDPA -----------
-_FLASH_CPU = aten._scaled_dot_product_flash_attention_for_cpu.default
-
-
-def _sdpa_fields(node: fx.Node) -> dict:
-    names = ("q", "k", "v", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa") \
-        if node.target is aten.scaled_dot_product_attention.default else ("q", "k", "v", "dropout_p", "is_causal")
-    f = dict(zip(names, node.args))
-    f.update(node.kwargs)
-    return f
-
-
 def _sdpa_lowerable(node: fx.Node) -> bool:
-    f = _sdpa_fields(node)
-    if f.get("dropout_p", 0.0) or f.get("is_causal", False) or f.get("enable_gqa", False):
+    f = sdpa_arguments(node.target, node.args, node.kwargs)
+    if f["dropout_p"] or f["is_causal"] or f["enable_gqa"]:
         return False
     vals = [x.meta.get("val") if isinstance(x, fx.Node) else None for x in (f["q"], f["k"], f["v"])]
     if not all(isinstance(v, torch.Tensor) and v.dim() == 4 and v.dtype == torch.float32 for v in vals):
         return False
     if isinstance(vals[0].shape[-1], torch.SymInt) or isinstance(vals[2].shape[-1], torch.SymInt):
         return False
-    if node.target is _FLASH_CPU:  # only the attention output may be used, not the log-sum-exp
+    if node.target is FLASH_CPU:  # only the attention output may be used, not the log-sum-exp
         return all(u.target is operator.getitem and u.args[1] == 0 for u in node.users)
     return True
 
 
-@lowers(aten.scaled_dot_product_attention.default, _FLASH_CPU)
+@lowers(aten.scaled_dot_product_attention.default, FLASH_CPU)
 def _sdpa(cv, node, *args, **kwargs):
     from .kernels import flash
 
-    f = _sdpa_fields(node)
-    f.update(zip(("q", "k", "v"), args[:3]))
-    mask = kwargs.get("attn_mask", args[3] if node.target is not _FLASH_CPU and len(args) > 3 else None)
-    scale = f.get("scale")
+    f = sdpa_arguments(node.target, args, kwargs)
+    scale = f["scale"]
     scale = 1.0 / math.sqrt(int(node.args[0].meta["val"].shape[-1])) if scale is None else float(scale)
-    out = flash.emit(cv.bb, f["q"], f["k"], f["v"], mask, scale)
-    if node.target is _FLASH_CPU:  # (output, log-sum-exp): the latter is unused (checked), a placeholder
+    out = flash.emit(cv.bb, f["q"], f["k"], f["v"], f["attn_mask"], scale)
+    if node.target is FLASH_CPU:  # (output, log-sum-exp): the latter is unused (checked), a placeholder
         lse = node.meta["val"][1]
         return relax.Tuple([out, relax.op.zeros(cv.shape(lse), "float32")])
     return out
 
 
-for _op in (aten.scaled_dot_product_attention.default, _FLASH_CPU):
+for _op in (aten.scaled_dot_product_attention.default, FLASH_CPU):
     LOWERABLE[_op] = _sdpa_lowerable
     ISOLATED.add(_op)
 ISOLATED.update({torch.ops.effopt.hamming_attention.default, torch.ops.effopt.lmul_attention.default})

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
 from .. import ops as effops
-from .attention import _erase_dead_chain
-from .records import source_location
+from .attention import FLASH_CPU, _erase_dead_chain, sdpa_arguments
+from .records import PassRecord, source_location
 
 aten = torch.ops.aten
 
@@ -74,9 +74,6 @@ class AttentionConfig:
 
 
 # ---- the attention layers of a graph -----------------------------------------------------------------------
-_FLASH_CPU = aten._scaled_dot_product_flash_attention_for_cpu.default
-
-
 @dataclass
 class AttentionSite:
     """One softmax attention in the graph, with what an approximate op needs."""
@@ -101,12 +98,8 @@ def attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[str]]
         if node.op != "call_function":
             continue
         if node.target is aten.scaled_dot_product_attention.default:
-            args = dict(zip(("q", "k", "v", "attn_mask", "dropout_p", "is_causal", "scale"), node.args))
-            args.update(node.kwargs)
             out = node
-        elif node.target is _FLASH_CPU:
-            args = dict(zip(("q", "k", "v", "dropout_p", "is_causal"), node.args))
-            args.update(node.kwargs)
+        elif node.target is FLASH_CPU:
             users = list(node.users)
             if any(u.target is not operator.getitem for u in users) \
                     or any(u.args[1] != 0 for u in users) or len(users) != 1:
@@ -115,8 +108,9 @@ def attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[str]]
             out = users[0]
         else:
             continue
+        args = sdpa_arguments(node.target, node.args, node.kwargs)
         where = source_location(node) or node.name
-        if args.get("dropout_p", 0.0) or args.get("is_causal", False) or args.get("enable_gqa", False):
+        if args["dropout_p"] or args["is_causal"] or args["enable_gqa"]:
             skipped.append(f"{where}: causal, dropout or grouped-query attention")
             continue
         q, k, v = (args[n] for n in ("q", "k", "v"))
@@ -124,9 +118,9 @@ def attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[str]]
         if not isinstance(qv, torch.Tensor) or qv.dim() != 4 or qv.dtype != torch.float32:
             skipped.append(f"{where}: not a 4-D float32 attention")
             continue
-        scale = args.get("scale")
+        scale = args["scale"]
         scale = 1.0 / math.sqrt(int(qv.shape[-1])) if scale is None else float(scale)
-        sites.append(AttentionSite(node, out, q, k, v, args.get("attn_mask"), scale,
+        sites.append(AttentionSite(node, out, q, k, v, args["attn_mask"], scale,
                                    f"attention[{len(sites)}] at {where}", len(sites)))
     return sites, skipped
 
@@ -146,27 +140,34 @@ def _fake(target, args):
 
 
 class ApproximateAttention:
-    """Applies and reverts one approximate attention per site; `finish()` erases the replaced chains."""
+    """Applies and reverts one approximate attention per site; `finish()` erases the replaced chains.
+    (A linear attention whose mask has a query dim is checked when it runs: Hugging Face's padding masks
+    have one but do not vary along it.)"""
 
     def __init__(self, gm: fx.GraphModule, config: AttentionConfig):
         self.gm, self.config = gm, config
 
-    def supports(self, site: AttentionSite) -> str | None:
-        """Why this site cannot take the approximation, or None. (A linear attention whose mask has a query
-        dim is checked when it runs: Hugging Face's padding masks have one but do not vary along it.)"""
-        return None
+    def prepare_hamming(self, sites: list[AttentionSite], args, trainable: bool = False) -> list[str]:
+        """Each site's projection (a constant, or a trainable parameter) and, unless `beta` is configured,
+        its temperature fitted on `args` (gm's inputs); returns notes on the fits."""
+        cfg, notes = self.config, []
+        seen = record_site_inputs(self.gm, sites, args) if cfg.beta is None else {}
+        for i, s in enumerate(sites):
+            d = int(s.q.meta["val"].shape[-1])
+            proj = torch.randn(d, cfg.bits, generator=torch.Generator().manual_seed(cfg.seed * 1000 + s.index))
+            if cfg.beta is None:
+                q, k, v, mask, exact = seen[i]
+                s.extra["beta"], err = fit_beta(q, k, v, mask, exact, proj)
+                notes.append(f"{s.name}: beta={s.extra['beta']:.3g} (fitted, mse {err:.3g})")
+            s.extra["proj"] = self.constant(proj, f"effopt_hamming_proj_{s.index}" if trainable else None)
+        return notes
 
     def apply(self, site: AttentionSite) -> None:
         cfg, graph = self.config, self.gm.graph
         with graph.inserting_after(site.out):
-            if cfg.kind == "hamming":
-                proj = site.extra.get("proj")
-                if proj is None:
-                    d = int(site.q.meta["val"].shape[-1])
-                    gen = torch.Generator().manual_seed(cfg.seed * 1000 + site.index)
-                    proj = site.extra["proj"] = self.constant(torch.randn(d, cfg.bits, generator=gen))
-                beta = site.extra.get("beta", cfg.beta if cfg.beta is not None else 1.0)
-                args = (site.q, site.k, site.v, site.mask, proj, float(beta))
+            if cfg.kind == "hamming":  # prepare_hamming made the projection
+                beta = site.extra.get("beta", cfg.beta)
+                args = (site.q, site.k, site.v, site.mask, site.extra["proj"], float(beta))
                 target = torch.ops.effopt.hamming_attention.default
             elif cfg.kind == "linear":
                 args = (site.q, site.k, site.v, site.mask, site.scale, cfg.feature_map)
@@ -203,12 +204,19 @@ class ApproximateAttention:
         self.gm.graph.lint()
         self.gm.recompile()
 
-    def constant(self, value: torch.Tensor) -> fx.Node:
-        """A new constant (e.g. a projection), defined before the first computation of the graph."""
+    def constant(self, value: torch.Tensor, parameter: str | None = None) -> fx.Node:
+        """A new constant (e.g. a projection) defined before the first computation of the graph, or, with a
+        `parameter` name, a trainable parameter of that name."""
         from .constant_fold import add_constant
 
         first = next(n for n in self.gm.graph.nodes if n.op not in ("placeholder", "get_attr"))
-        return add_constant(self.gm, value, first, "hamming_proj")
+        if parameter is None:
+            return add_constant(self.gm, value, first, "hamming_proj")
+        self.gm.register_parameter(parameter, torch.nn.Parameter(value))
+        with self.gm.graph.inserting_before(first):
+            node = self.gm.graph.get_attr(parameter)
+        node.meta["val"] = value
+        return node
 
 
 # ---- fitting the Hamming temperature ------------------------------------------------------------------------
@@ -247,12 +255,8 @@ def fit_beta(q, k, v, mask, exact, proj) -> tuple[float, float]:
     return best[1], best[0]
 
 
-__all__ = ["AttentionConfig", "AttentionSite", "ApproximateAttention", "attention_sites", "fit_beta",
-           "record_site_inputs", "KINDS"]
-
-
 def approximate_attention(gm: fx.GraphModule, config: AttentionConfig, examples: list, calibration,
-                          budget, metric) -> "PassRecord":
+                          budget, metric) -> PassRecord:
     """The `attention` option: rewrite gm's attention sites, guarded on the calibration inputs (lists of
     gm's arguments). Hamming's temperature is fitted per layer on the first calibration input, or on the
     example inputs without calibration."""
@@ -260,30 +264,17 @@ def approximate_attention(gm: fx.GraphModule, config: AttentionConfig, examples:
 
     from ..guard import guarded_apply
     from .manager import count_nodes
-    from .records import PassRecord
 
     t0 = time.perf_counter()
     record = PassRecord(f"attention_{config.kind}", nodes_before=count_nodes(gm))
     sites, skipped = attention_sites(gm)
     rewriter = ApproximateAttention(gm, config)
-    usable = []
+    if config.kind == "hamming" and sites:
+        record.notes += rewriter.prepare_hamming(sites, calibration[0] if calibration else examples)
+    guard = guarded_apply(lambda args: gm(*args), sites, rewriter.apply, rewriter.revert, calibration, budget,
+                          metric, f"attention={config}")
+    rewriter.finish(sites)
     for s in sites:
-        why = rewriter.supports(s)
-        (skipped.append(f"{s.name}: {why}") if why else usable.append(s))
-    if config.kind == "hamming" and config.beta is None and usable:
-        seen = record_site_inputs(gm, usable, calibration[0] if calibration else examples)
-        for i, s in enumerate(usable):
-            q, k, v, mask, exact = seen[i]
-            proj = torch.randn(q.shape[-1], config.bits, generator=torch.Generator().manual_seed(
-                config.seed * 1000 + s.index))
-            s.extra["beta"], err = fit_beta(q, k, v, mask, exact, proj)
-            s.extra["proj"] = rewriter.constant(proj)
-            record.notes.append(f"{s.name}: beta={s.extra['beta']:.3g} (fitted, mse {err:.3g})")
-    guard = guarded_apply(lambda args: gm(*args), usable, rewriter.apply, rewriter.revert, calibration, budget,
-                          metric, metric if isinstance(metric, str) else getattr(metric, "__name__", "callable"),
-                          f"attention={config}")
-    rewriter.finish(usable)
-    for s in usable:
         if s.new is not None:
             record.add_match(s.node)
     record.notes[:0] = [guard.summary()] + [f"skipped {w}" for w in skipped]
@@ -291,3 +282,7 @@ def approximate_attention(gm: fx.GraphModule, config: AttentionConfig, examples:
     record.seconds = time.perf_counter() - t0
     record.nodes_after = count_nodes(gm)
     return record
+
+
+__all__ = ["AttentionConfig", "AttentionSite", "ApproximateAttention", "approximate_attention", "attention_sites",
+           "fit_beta", "record_site_inputs", "KINDS"]

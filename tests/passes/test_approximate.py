@@ -206,6 +206,16 @@ def test_reparameterize_gives_a_module_that_fine_tunes_and_compiles():
     assert any("hamming_attention" in " ".join(k.ops) for k in kernels), kernels
 
 
+def test_reparameterize_guard_rolls_back_and_drops_the_projections():
+    teacher, cal = _vit_with_a_sharp_layer(), _calibration(2)
+    with pytest.warns(UserWarning, match="every attention layer was rolled back"):
+        student = effopt.reparameterize(teacher, cal[0], attention="hamming", calibration=cal, accuracy_budget=0.0)
+    assert student.effopt_record.matches == 0 and len(student.effopt_record.guard.rolled_back) == 3
+    assert not [n for n, _ in student.named_parameters() if "hamming_proj" in n]
+    with torch.no_grad():
+        assert_same_as_eager(student(*cal[1]), teacher(*cal[1]))
+
+
 def test_reparameterize_needs_an_approximate_attention():
     with pytest.raises(ValueError, match="needs an approximate attention"):
         effopt.reparameterize(vit_tiny_test().eval(), (torch.randn(1, 3, 32, 32),), attention="exact")

@@ -26,8 +26,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from tvm import relax, sym, tirx
+from tvm import relax, tirx
 from tvm.script import tirx as T
+
+from .common import as_float32, batch, dims, same, static
+
+_OP = "hamming attention"  # names this kernel in shape errors
 
 LOG2E = 1.4426950408889634  # effopt.ops.LOG2E
 _MIN_EXP = -126
@@ -35,36 +39,9 @@ _MIN_EXP = -126
 __all__ = ["emit", "pack_func", "attention_func"]
 
 
-def _dims(expr: relax.Expr, name: str, ndim: int | None = None) -> list:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
-        raise NotImplementedError(f"hamming attention: {name} needs a tensor type with a known shape, got {ty}")
-    dims = [int(d) if isinstance(d, tirx.IntImm) else d for d in ty.shape.values]
-    if ndim is not None and len(dims) != ndim:
-        raise ValueError(f"hamming attention: {name} must be {ndim}-D, got shape {dims}")
-    return dims
-
-
-def _static(d, what: str) -> int:
-    if not isinstance(d, int):
-        raise NotImplementedError(f"hamming attention: {what} must be static, got {d}")
-    return d
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, int) or isinstance(b, int):
-        return isinstance(a, int) and isinstance(b, int) and a == b
-    return sym.Analyzer().can_prove_equal(a, b)
-
-
-def _batch(b):
-    """The PrimFunc's own batch extent: a fresh int64 var if the caller's batch is symbolic."""
-    return b if isinstance(b, int) else tirx.Var("B", "int64")
-
-
 def pack_func(B, H: int, R: int, bits: int) -> tirx.PrimFunc:
     """x [B, H, R, bits] float32 -> codes [B, H, R, ceil(bits/64)] uint64; bit k of word w is x[64w+k] > 0."""
-    B = _batch(B)
+    B = batch(B)
     W = (bits + 63) // 64
 
     @T.prim_func(private=True, s_tir=True)
@@ -115,7 +92,7 @@ def attention_func(B, H: int, N: int, M: int, bits: int, Dv: int, beta: float,
       3. acc[r, :] += v_j with e added to its exponent field (0 if it would leave the normal range), for
          each key j that has a nonzero weight in at least one of the rows; out = acc / normalizer.
     """
-    B = _batch(B)
+    B = batch(B)
     W = (bits + 63) // 64
     R = rows or _rows_per_task(N)
     VL = _chunk(Dv)
@@ -259,10 +236,6 @@ def attention_func(B, H: int, N: int, M: int, bits: int, Dv: int, beta: float,
     return hamming_attention
 
 
-def _as_float32(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
-    return x if str(x.ty.dtype) == "float32" else bb.emit(relax.op.astype(x, "float32"))
-
-
 def emit(bb: relax.BlockBuilder, qp: relax.Expr, kp: relax.Expr, v: relax.Expr, mask: relax.Expr | None,
          beta: float) -> relax.Expr:
     """Emit `effopt.ops.hamming_attention(qp, kp, v, mask, beta)` into `bb` (inside a function / dataflow
@@ -271,21 +244,21 @@ def emit(bb: relax.BlockBuilder, qp: relax.Expr, kp: relax.Expr, v: relax.Expr, 
     qp [B, H, N, bits], kp [B, H, M, bits], v [B, H, M, Dv]; B may be symbolic, the other dims must be
     static. mask: None, or additive float (or bool, True = attend) broadcastable to [B, H, N, M] with
     dims of size 1 broadcast. Returns the output var [B, H, N, Dv] in v's dtype (computed in float32)."""
-    B, H, N, bits = _dims(qp, "qp", 4)
-    kB, kH, M, kbits = _dims(kp, "kp", 4)
-    vB, vH, vM, Dv = _dims(v, "v", 4)
-    H, N, bits, M, Dv = (_static(d, w) for d, w in ((H, "H"), (N, "N"), (bits, "bits"), (M, "M"), (Dv, "Dv")))
-    if not (_same(B, kB) and _same(B, vB) and _same(H, kH) and _same(H, vH) and _same(M, vM) and bits == kbits):
+    B, H, N, bits = dims(qp, _OP, "qp", 4)
+    kB, kH, M, kbits = dims(kp, _OP, "kp", 4)
+    vB, vH, vM, Dv = dims(v, _OP, "v", 4)
+    H, N, bits, M, Dv = (static(d, _OP, w) for d, w in ((H, "H"), (N, "N"), (bits, "bits"), (M, "M"), (Dv, "Dv")))
+    if not (same(B, kB) and same(B, vB) and same(H, kH) and same(H, vH) and same(M, vM) and bits == kbits):
         raise ValueError(f"hamming attention: incompatible shapes qp {[B, H, N, bits]}, kp {[kB, kH, M, kbits]}, "
                          f"v {[vB, vH, vM, Dv]}")
     if bits <= 0:
         raise ValueError("hamming attention: bits must be positive")
     out_dtype = str(v.ty.dtype)
-    qp, kp, v = _as_float32(bb, qp), _as_float32(bb, kp), _as_float32(bb, v)
+    qp, kp, v = as_float32(bb, qp), as_float32(bb, kp), as_float32(bb, v)
     W = (bits + 63) // 64
     mask_shape = None
     if mask is not None:
-        mdims = _dims(mask, "mask")
+        mdims = dims(mask, _OP, "mask")
         if len(mdims) > 4:
             raise ValueError(f"hamming attention: mask must have at most 4 dims, got {mdims}")
         if len(mdims) < 4:
@@ -295,9 +268,9 @@ def emit(bb: relax.BlockBuilder, qp: relax.Expr, kp: relax.Expr, v: relax.Expr, 
             mask = bb.emit(relax.op.where(mask, relax.const(0.0, "float32"), relax.const(-math.inf, "float32")))
         # LOG2E * mask, rounded to float32 as the reference does (an elementwise op on the mask, which
         # leaves the kernel's N x M part free of float multiplies)
-        mask = bb.emit(relax.op.multiply(_as_float32(bb, mask), relax.const(LOG2E, "float32")))
+        mask = bb.emit(relax.op.multiply(as_float32(bb, mask), relax.const(LOG2E, "float32")))
         for d, full, what in zip(mdims, (B, H, N, M), "BHNM"):
-            if not (isinstance(d, int) and d == 1) and not _same(d, full):
+            if not (isinstance(d, int) and d == 1) and not same(d, full):
                 raise ValueError(f"hamming attention: mask shape {mdims} does not broadcast to "
                                  f"{[B, H, N, M]} (dim {what})")
         mask_shape = tuple(1 if isinstance(d, int) and d == 1 else (d if isinstance(d, int) else "B")

@@ -45,6 +45,10 @@ import tvm
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
+from .common import as_float32, batch, dims, same, static
+
+_OP = "lmul attention"  # names this kernel in shape errors
+
 __all__ = ["emit", "emit_elementwise", "attention_func", "prep_k_func", "prep_v_func", "elementwise_func",
            "lmul_constants"]
 
@@ -122,14 +126,9 @@ def _exp(x):
 
 
 # ---- PrimFuncs ----------------------------------------------------------------------------------------------
-def _batch(b):
-    """The PrimFunc's own batch extent: a fresh int64 var if the caller's batch is symbolic."""
-    return b if isinstance(b, int) else tirx.Var("B", "int64")
-
-
 def prep_k_func(B, H: int, M: int, D: int, mantissa_bits: int) -> tirx.PrimFunc:
     """k [B, H, M, D] -> [B, H, MC, D, 2, 16] uint32: encoded pattern (or sentinel) and sign bits."""
-    B = _batch(B)
+    B = batch(B)
     keep, _, sk = lmul_constants(mantissa_bits)
     MC = (M + LANES - 1) // LANES
 
@@ -156,7 +155,7 @@ def prep_k_func(B, H: int, M: int, D: int, mantissa_bits: int) -> tirx.PrimFunc:
 
 def prep_v_func(B, H: int, M: int, DV: int, mantissa_bits: int) -> tirx.PrimFunc:
     """v [B, H, M, Dv] -> [B, H, EC, M, 2, 16] uint32 (EC = ceil(Dv/16)); lanes past Dv hold the sentinel."""
-    B = _batch(B)
+    B = batch(B)
     keep, _, sk = lmul_constants(mantissa_bits)
     EC = (DV + LANES - 1) // LANES
 
@@ -186,7 +185,7 @@ def attention_func(B, H: int, N: int, M: int, D: int, DV: int, scale: float, man
     """(q [B,H,N,D], kp (prep_k), vp (prep_v)[, mask]) -> out [B,H,N,Dv] float32.
 
     `mask_shape`: None, or the mask's 4-D shape, each dim 1 (broadcast) or the full extent."""
-    B = _batch(B)
+    B = batch(B)
     keep, c, _ = lmul_constants(mantissa_bits)
     MC, EC, R = (M + LANES - 1) // LANES, (DV + LANES - 1) // LANES, ROWS
     MP, MF, EF = MC * LANES, (M // LANES) * LANES, (DV // LANES)
@@ -339,29 +338,6 @@ def elementwise_func(mantissa_bits: int) -> tirx.PrimFunc:
 
 
 # ---- Relax entry points ---------------------------------------------------------------------------------------
-def _dims(expr: relax.Expr, name: str) -> list:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
-        raise NotImplementedError(f"lmul attention: {name} needs a tensor type with a known shape, got {ty}")
-    return [int(d) if isinstance(d, tirx.IntImm) else d for d in ty.shape.values]
-
-
-def _static(d, what: str) -> int:
-    if not isinstance(d, int):
-        raise NotImplementedError(f"lmul attention: {what} must be static, got {d}")
-    return d
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, int) or isinstance(b, int):
-        return isinstance(a, int) and isinstance(b, int) and a == b
-    return tvm.sym.Analyzer().can_prove_equal(a, b)
-
-
-def _float32(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
-    return x if str(x.ty.dtype) == "float32" else bb.emit(relax.op.astype(x, "float32"))
-
-
 def emit(bb: relax.BlockBuilder, q: relax.Expr, k: relax.Expr, v: relax.Expr, mask: relax.Expr | None,
          scale: float, mantissa_bits: int) -> relax.Expr:
     """Emit L-Mul attention (effopt.ops.lmul_attention_ref) into `bb`; returns the [B, H, N, Dv] output.
@@ -370,26 +346,26 @@ def emit(bb: relax.BlockBuilder, q: relax.Expr, k: relax.Expr, v: relax.Expr, ma
     [B, H, N, M] (rank <= 4, each dim 1 or full). B may be symbolic; the other dims must be static.
     Non-float32 inputs are computed in float32 and the output cast to v's dtype, as the reference does."""
     lmul_constants(mantissa_bits)  # validates mantissa_bits
-    (B, H, N, D), (Bk, Hk, M, Dk), (Bv, Hv, Mv, DV) = (_dims(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
-    H, N, D, M, DV = (_static(d, w) for d, w in ((H, "H"), (N, "N"), (D, "D"), (M, "M"), (DV, "Dv")))
-    if not (_same(B, Bk) and _same(B, Bv) and H == Hk == Hv and D == Dk and M == Mv):
+    (B, H, N, D), (Bk, Hk, M, Dk), (Bv, Hv, Mv, DV) = (dims(x, _OP, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+    H, N, D, M, DV = (static(d, _OP, w) for d, w in ((H, "H"), (N, "N"), (D, "D"), (M, "M"), (DV, "Dv")))
+    if not (same(B, Bk) and same(B, Bv) and H == Hk == Hv and D == Dk and M == Mv):
         raise ValueError(f"lmul attention: incompatible shapes q {[B, H, N, D]}, k {[Bk, Hk, M, Dk]}, "
                          f"v {[Bv, Hv, Mv, DV]}")
     out_dtype = str(v.ty.dtype)
-    q, k, v = (_float32(bb, x) for x in (q, k, v))
+    q, k, v = (as_float32(bb, x) for x in (q, k, v))
     full = (B, H, N, M)
     if mask is None:
         mask = relax.const(tvm.runtime.tensor(__import__("numpy").zeros((1, 1, 1, 1), "float32")))
         mask_shape = (1, 1, 1, 1)
     else:
-        mdims = _dims(mask, "mask")
+        mdims = dims(mask, _OP, "mask")
         if len(mdims) > 4:
             raise ValueError(f"lmul attention: mask of rank {len(mdims)} > 4")
         mask_shape = tuple([1] * (4 - len(mdims)) + mdims)
         for d, f in zip(mask_shape, full):
-            if not (isinstance(d, int) and d == 1) and not _same(d, f):
+            if not (isinstance(d, int) and d == 1) and not same(d, f):
                 raise ValueError(f"lmul attention: mask shape {mdims} does not broadcast to {list(full)}")
-        mask = _float32(bb, mask)
+        mask = as_float32(bb, mask)
         if len(mdims) < 4:
             mask = bb.emit(relax.op.reshape(mask, relax.ShapeExpr(list(mask_shape))))
     m = int(mantissa_bits)
@@ -405,13 +381,13 @@ def emit(bb: relax.BlockBuilder, q: relax.Expr, k: relax.Expr, v: relax.Expr, ma
 
 def emit_elementwise(bb: relax.BlockBuilder, a: relax.Expr, b: relax.Expr, mantissa_bits: int) -> relax.Expr:
     """Emit the elementwise LMul(a, b) of two float32 tensors of the same shape (no broadcasting)."""
-    sa, sb = _dims(a, "a"), _dims(b, "b")
-    if len(sa) != len(sb) or not all(_same(x, y) for x, y in zip(sa, sb)):
+    sa, sb = dims(a, _OP, "a"), dims(b, _OP, "b")
+    if len(sa) != len(sb) or not all(same(x, y) for x, y in zip(sa, sb)):
         raise ValueError(f"lmul: shapes {sa} and {sb} differ")
     n = 1
     for d in sa:
         n = n * d
-    flat = [bb.emit(relax.op.reshape(_float32(bb, x), relax.ShapeExpr([n]))) for x in (a, b)]
+    flat = [bb.emit(relax.op.reshape(as_float32(bb, x), relax.ShapeExpr([n]))) for x in (a, b)]
     g = bb.add_func(elementwise_func(mantissa_bits), f"lmul_elementwise_m{int(mantissa_bits)}")
     out = bb.emit(relax.call_tir(g, flat, relax.TensorType([n], "float32")))
     return bb.emit(relax.op.reshape(out, relax.ShapeExpr(sa)))

@@ -7,13 +7,11 @@ from __future__ import annotations
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
-
-def _batch(b):
-    return b if isinstance(b, int) else tirx.Var("B", "int64")
+from .common import batch
 
 
 def project_func(B, H: int, R: int, D: int, C: int) -> tirx.PrimFunc:
-    B = _batch(B)
+    B = batch(B)
 
     @T.prim_func(private=True, s_tir=True)
     def project(x_h: T.handle, p_h: T.handle, y_h: T.handle):
