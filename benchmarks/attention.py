@@ -1,9 +1,9 @@
 """Attention benchmark: manual softmax attention in eager PyTorch against the same code compiled by
 effopt (whose fuse_attention pass turns it into one SDPA), at sequence 197, 1024 and 4096.
 
-Latency: interleaved medians in one process. Peak memory: each variant runs once in a fresh subprocess,
-and the growth of its peak resident set (VmHWM) during the call is reported, so one variant's
-allocations never hide another's. Writes bench-results/attention.json. Run with `make bench`.
+Latency: interleaved medians in one process. Peak memory: each variant in a fresh subprocess, called once
+(compiling, for effopt), then the peak resident set (VmHWM) is reset and its growth during a second call is
+reported, so neither compilation nor one variant's allocations hide another's. Writes bench-results/attention.json. Run with `make bench`.
 """
 from __future__ import annotations
 
@@ -35,17 +35,22 @@ def compiled():
     return torch.compile(manual_attention, backend="effopt", options={"cache": False, "strict": True})
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM). Unlike ru_maxrss, it starts afresh at exec, so a child
-    of a large process does not inherit the parent's peak."""
+def rss_mb(field: str = "VmRSS") -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak() -> None:
+    """Restart the peak resident set (VmHWM) from the current one (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def peak_mb(variant: str, n: int) -> float:
+    """Growth of the peak resident set during one call, after a first call (compile, allocator warm-up)."""
     code = f"""
 import torch, warnings
 warnings.filterwarnings("ignore")
@@ -54,12 +59,11 @@ import attention as b
 args = b.inputs({n})
 f = b.compiled() if {variant!r} == "effopt" else b.manual_attention
 with torch.inference_mode():
-    if {variant!r} == "effopt":
-        f(*b.inputs(8))  # compile on a small shape first (dynamic sizes are marked then), outside the measure
-        torch._dynamo.mark_dynamic(args[0], 2)
-    before = b.peak_rss_mb()
+    f(*args)  # compiles for this shape (as in the latency measurement); not measured
+    b.reset_peak()
+    before = b.rss_mb()
     f(*args)
-    print(b.peak_rss_mb() - before)
+    print(b.rss_mb("VmHWM") - before)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.split()[-1])

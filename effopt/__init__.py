@@ -4,6 +4,6 @@ __version__ = "0.1.0"
 from .backend import backend, effopt_backend  # noqa: E402
 from .options import KernelChoice, Options  # noqa: E402
 from .report import last_report  # noqa: E402
-from .reparameterize import reparameterize  # noqa: E402
+from .reparameterize import attention_parameters, reparameterize  # noqa: E402
 
-__all__ = ["backend", "effopt_backend", "Options", "KernelChoice", "last_report", "reparameterize", "__version__"]
+__all__ = ["backend", "effopt_backend", "Options", "KernelChoice", "last_report", "reparameterize", "attention_parameters", "__version__"]

@@ -1,7 +1,7 @@
 """effopt's own operators: the approximate attentions, as torch custom ops.
 
-Each op has a plain-PyTorch reference implementation (what eager runs, and the oracle the TVM kernels are
-tested against) and, where it is approximate in a non-differentiable way, straight-through gradients so
+Each op has a plain-PyTorch reference implementation (what eager runs, except for L-Mul, whose eager
+forward calls its TVM kernel (see `reference_kernels`); and the oracle the TVM kernels are tested against) and, where it is approximate in a non-differentiable way, straight-through gradients so
 that a reparameterized model can be fine-tuned in plain PyTorch. The lowering stage replaces the ops by
 TVM kernels (effopt/lowering/kernels/).
 
@@ -22,7 +22,10 @@ lmul_attention(q, k, v, mask, scale, mantissa_bits)   L-Mul attention ("Addition
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+import warnings
 
 import torch
 
@@ -200,10 +203,58 @@ def _(q, k, v, mask, proj, beta):
     return _out_like(q, v)
 
 
+_reference = threading.local()
+_kernel_failed: list[str] = []  # why effopt's eager kernels are unavailable in this process, once known
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """Run the ops' PyTorch references in this thread, never effopt's TVM kernels (the lowering's self-check
+    compares its kernels with the references under this)."""
+    before = getattr(_reference, "on", False)
+    _reference.on = True
+    try:
+        yield
+    finally:
+        _reference.on = before
+
+
+def _eager_kernel(name: str, *tensors: Tensor):
+    """effopt's TVM kernel `name` (effopt/lowering/eager.py) for these inputs, or None where it does not
+    apply (reference mode, not float32 4-D CPU tensors of one batch and head count) or cannot be built."""
+    if getattr(_reference, "on", False) or _kernel_failed:
+        return None
+    q, k, v = tensors[:3]
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 for t in (q, k, v)) \
+            or not q.shape[:2] == k.shape[:2] == v.shape[:2]:
+        return None
+    try:
+        from .lowering import eager
+    except ImportError as e:  # no TVM: the reference is still correct, only slow
+        _kernel_failed.append(str(e))
+        return None
+    return getattr(eager, name)
+
+
+def _lmul_forward(q, k, v, mask, scale, mantissa_bits):
+    kernel = _eager_kernel("lmul_attention", q, k, v)
+    if kernel is not None:
+        try:
+            return kernel(q, k, v, mask, scale, mantissa_bits)
+        except Exception as e:  # noqa: BLE001 - TVM raises many error types; the reference is always there
+            _kernel_failed.append(str(e))
+            warnings.warn(f"effopt: the L-Mul TVM kernel failed ({str(e).splitlines()[0][:200]}); eager "
+                          "L-Mul attention runs the much slower PyTorch reference", RuntimeWarning, stacklevel=3)
+    return lmul_attention_ref(q, k, v, mask, scale, mantissa_bits)
+
+
 @torch.library.custom_op("effopt::lmul_attention", mutates_args=())
 def lmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
                    mantissa_bits: int) -> Tensor:
-    return _sdpa_layout(lmul_attention_ref(q, k, v, mask, scale, mantissa_bits))
+    """L-Mul attention (see the module docstring). Eager runs effopt's TVM kernel for float32 CPU inputs (the
+    PyTorch reference takes seconds per attention at ViT sizes), the reference otherwise or under
+    `reference_kernels()`."""
+    return _sdpa_layout(_lmul_forward(q, k, v, mask, scale, mantissa_bits))
 
 
 @lmul_attention.register_fake

@@ -5,10 +5,13 @@ exact pass the backend runs, and each attention replaced by one of effopt's appr
 an ordinary trainable nn.Module (an fx GraphModule with the model's parameters, plus the new ones such as
 Hamming projections): its custom ops pass straight-through gradients, so `loss.backward()` and any
 optimizer work. `torch.compile(result, backend="effopt")` then lowers those ops to effopt's TVM kernels.
+`attention_parameters(result)` lists the parameters that feed the approximate attentions (q, k, v
+projections, Hamming code projections): fine-tuning only those is the safe default recipe.
 """
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 
 import torch
@@ -83,3 +86,70 @@ def reparameterize(model: torch.nn.Module, example_inputs, attention="hamming", 
         warnings.warn("effopt.reparameterize: every attention layer was rolled back by the accuracy guard; the "
                       "module computes exact attention", UserWarning, stacklevel=2)
     return gm
+
+
+_aten = torch.ops.aten
+_APPROXIMATE = {torch.ops.effopt.hamming_attention.default, torch.ops.effopt.lmul_attention.default,
+                torch.ops.effopt.linear_attention.default}
+_GEMMS = {_aten.linear, _aten.addmm, _aten.mm, _aten.matmul, _aten.bmm, _aten.baddbmm}
+# ops between a projection's GEMM and the attention's q/k/v (head split, bias add, scaling, copies)
+_BETWEEN = {_aten.view, _aten._unsafe_view, _aten.reshape, _aten.permute, _aten.transpose, _aten.t, _aten.expand,
+            _aten.clone, _aten.contiguous, _aten.unsqueeze, _aten.squeeze, _aten.slice, _aten.select,
+            _aten.unbind, _aten.split, _aten.split_with_sizes, _aten.chunk, _aten.alias, _aten._to_copy,
+            _aten.add, _aten.mul, _aten.div}
+
+
+def _kind(n: fx.Node):
+    if n.op != "call_function":
+        return None
+    if n.target is operator.getitem:
+        return _BETWEEN
+    packet = getattr(n.target, "overloadpacket", None)
+    return _GEMMS if packet in _GEMMS else _BETWEEN if packet in _BETWEEN else None
+
+
+def attention_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of a `reparameterize`d module that feed its approximate attention ops: the q, k and v
+    projections (weights and biases) and Hamming's code projections. Fine-tuning only these adapts the
+    model to the approximation without moving the rest of it (Adam moves every parameter it is given by
+    about the learning rate from its first steps; DINOv2's patch embedding and layer scales do not take
+    that):
+
+        opt = torch.optim.AdamW(effopt.attention_parameters(student), lr=1e-5)
+    """
+    graph = getattr(module, "graph", None)
+    if not isinstance(graph, fx.Graph):
+        raise TypeError("attention_parameters takes the module effopt.reparameterize returned")
+    params = dict(module.named_parameters())
+    found: dict[str, torch.nn.Parameter] = {}
+    seen: set[fx.Node] = set()
+
+    def weights(n: fx.Node):  # a GEMM operand: a parameter, possibly through transposes and views
+        while _kind(n) is _BETWEEN and len(n.all_input_nodes) == 1:
+            n = n.all_input_nodes[0]
+        if n.op == "get_attr" and n.target in params:
+            found[n.target] = params[n.target]
+
+    def walk(n: fx.Node):
+        if n in seen:
+            return
+        seen.add(n)
+        if n.op == "get_attr" and n.target in params:
+            found[n.target] = params[n.target]
+        elif _kind(n) is _GEMMS:
+            for a in n.all_input_nodes:
+                weights(a)
+        elif _kind(n) is _BETWEEN:
+            for a in n.all_input_nodes:
+                walk(a)
+
+    sites = [n for n in graph.nodes if n.op == "call_function" and n.target in _APPROXIMATE]
+    if not sites:
+        raise ValueError("attention_parameters: this module has no approximate attention op (was every layer "
+                         "rolled back by the accuracy guard?)")
+    for node in sites:
+        q, k, v, _mask, *rest = node.args
+        for a in [q, k, v] + [r for r in rest if isinstance(r, fx.Node)]:
+            walk(a)
+    order = {name: i for i, name in enumerate(params)}
+    return [found[name] for name in sorted(found, key=order.get)]

@@ -60,7 +60,8 @@ def main():
     print(f"[before fine-tuning] cosine {cosine(student):.4f}")
     with torch.no_grad():
         targets = [model(**b).last_hidden_state for b in train]
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.0)
+    # train the projections that feed the approximate attentions (q, k, v; Hamming's code projections)
+    opt = torch.optim.AdamW(effopt.attention_parameters(student), lr=1e-5, weight_decay=0.0)
     t0 = time.perf_counter()
     for step in range(args.steps):
         b = step % len(train)

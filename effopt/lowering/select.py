@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops import reference_kernels
 from ..timing import interleaved_medians
 
 # Per-dtype tolerances for the self-check; fast-math exp/erf stay within a few float32 ulps.
@@ -83,7 +84,9 @@ def measure(kernel, eager, args, rounds: int = 7, reps: int = 5, budget_s: float
 
 def choose(candidate, baseline, args, force: bool, tolerances=None) -> Choice:
     with torch.no_grad():
-        ref, got = baseline(*args), candidate(*args)
+        with reference_kernels():  # effopt's own ops as their PyTorch references, not their eager kernels
+            ref = baseline(*args)
+        got = candidate(*args)
         why = mismatch(ref, got, tolerances)
         if why:
             return Choice(False, reason=f"result differs from eager ({why})")

@@ -186,6 +186,8 @@ class Converter:
     def _call(self, bb, node: fx.Node, env):
         if node.target is operator.getitem:
             tup, idx = env[node.args[0]], node.args[1]
+            if isinstance(tup, relax.Tuple):  # a converter's tuple of emitted values: take the field itself
+                return tup.fields[idx]  # (FuseTIR failed on a group holding only a TupleGetItem of one)
             return bb.emit(relax.TupleGetItem(tup, idx))
         rule = CONVERTERS.get(node.target)
         if rule is None:

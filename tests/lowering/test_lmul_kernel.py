@@ -158,3 +158,55 @@ def test_emit_rejects_bad_arguments():
         with pytest.raises(ValueError):
             lmul.emit(bb, q, q, v, None, 0.1, 24)
         bb.emit_func_output(q)
+
+
+# ---- the op's eager forward (effopt/lowering/eager.py): the same kernel, called from PyTorch ----------------
+def _op(q, k, v, mask, mantissa_bits=3):
+    return torch.ops.effopt.lmul_attention(q, k, v, mask, D ** -0.5, mantissa_bits)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_eager_op_runs_the_kernel_and_matches_the_reference(mask_kind):
+    from effopt.lowering import eager
+
+    q, k, v = _inputs()
+    k = k.transpose(1, 2).contiguous().transpose(1, 2)  # a non-contiguous input, as Hugging Face passes them
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.ones(B, 1, 1, M, dtype=torch.bool)
+        mask[1, ..., M - 9:] = False
+    elif mask_kind == "float":
+        mask = torch.randn(N, M) * 3
+    eager.clear()
+    out = _op(q, k, v, mask)
+    assert len(eager._compiled) == 1  # compiled once for this signature, reused
+    assert torch.equal(_op(q, k, v, mask), out) and len(eager._compiled) == 1
+    with ops.reference_kernels():
+        ref = _op(q, k, v, mask)
+    assert len(eager._compiled) == 1
+    assert out.shape == ref.shape == (B, H, N, DV) and out.dtype == ref.dtype
+    assert out.stride() == ref.stride()  # SDPA's layout
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref, ops.lmul_attention_ref(q, k, v, mask, D ** -0.5, 3).transpose(1, 2)
+                               .contiguous().transpose(1, 2))
+
+
+def test_eager_op_falls_back_to_the_reference(monkeypatch):
+    from effopt.lowering import eager
+
+    q, k, v = _inputs()
+    ref = ops.lmul_attention_ref(q.double(), k.double(), v.double(), None, D ** -0.5, 3)
+    eager.clear()
+    got = _op(q.double(), k.double(), v.double(), None)  # not float32: the reference
+    assert got.dtype == torch.float64 and len(eager._compiled) == 0
+    torch.testing.assert_close(got, ref)
+
+    def broken(*args):
+        raise RuntimeError("no kernel today")
+
+    monkeypatch.setattr(ops, "_kernel_failed", [])
+    monkeypatch.setattr(eager, "lmul_attention", broken)
+    with pytest.warns(RuntimeWarning, match="no kernel today"):
+        got = _op(q, k, v, None)
+    torch.testing.assert_close(got, ops.lmul_attention_ref(q, k, v, None, D ** -0.5, 3))
+    assert ops._kernel_failed  # not retried on every call

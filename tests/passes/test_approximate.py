@@ -216,6 +216,26 @@ def test_reparameterize_guard_rolls_back_and_drops_the_projections():
         assert_same_as_eager(student(*cal[1]), teacher(*cal[1]))
 
 
+def test_attention_parameters_are_the_projections_of_the_rewritten_layers():
+    teacher, cal = _vit_with_a_sharp_layer(), _calibration()
+    student = effopt.reparameterize(teacher, cal[0], attention="hamming", calibration=cal, accuracy_budget=0.1)
+    assert [n.split(" ")[0] for n, _ in student.effopt_record.guard.rolled_back] == ["attention[1]"]
+    names = {id(p): n for n, p in student.named_parameters()}
+    got = [names[id(p)] for p in effopt.attention_parameters(student)]
+    # blocks 0 and 2 kept Hamming attention: their fused qkv projections and their code projections
+    assert sorted(got) == ["blocks.0.attn.qkv.bias", "blocks.0.attn.qkv.weight", "blocks.2.attn.qkv.bias",
+                           "blocks.2.attn.qkv.weight", "effopt_hamming_proj_0", "effopt_hamming_proj_2"], got
+    # fine-tuning only those leaves every other parameter as it was
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    opt = torch.optim.Adam(effopt.attention_parameters(student), lr=1e-3)
+    F.mse_loss(student(*cal[0]), teacher(*cal[0]).detach()).backward()
+    opt.step()
+    changed = sorted(n for n, p in student.named_parameters() if not torch.equal(p, before[n]))
+    assert changed == sorted(got), changed
+    with pytest.raises(TypeError, match="reparameterize"):
+        effopt.attention_parameters(teacher)
+
+
 def test_reparameterize_needs_an_approximate_attention():
     with pytest.raises(ValueError, match="needs an approximate attention"):
         effopt.reparameterize(vit_tiny_test().eval(), (torch.randn(1, 3, 32, 32),), attention="exact")

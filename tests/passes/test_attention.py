@@ -238,6 +238,17 @@ def test_fused_attention_lowers_to_the_tiled_kernel_or_torch_by_measurement(mask
         assert k.choice == ("tvm" if choice == "tvm" or k.tvm_us < k.eager_us else "eager"), k
 
 
+def test_a_graph_of_only_sdpa_lowers_to_the_kernel(no_fallback_warnings):
+    """A function that is one SDPA call reaches the lowering as torch's CPU flash op, whose (output,
+    log-sum-exp) tuple the kernel stands in for; TVM's FuseTIR once failed on that region ("fused")."""
+    q, k, v = torch.randn(3, 8, 6, 257, 64).unbind(0)  # failed at DINOv2's shape, not at small ones
+    f = compile_effopt(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), kernel_choice="tvm", strict=True)
+    with torch.no_grad():
+        assert_same_as_eager(f(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    (kern,) = [k for k in effopt.last_report().lowering.kernels if any("scaled_dot_product" in o for o in k.ops)]
+    assert kern.choice == "tvm", kern
+
+
 def test_causal_sdpa_stays_on_torch_without_warning(no_fallback_warnings):
     q, k, v = torch.randn(3, 1, 2, 9, 8).unbind(0)
     f = compile_effopt(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True) * 2)
