@@ -31,6 +31,7 @@ bench: setup
 	$(PY) benchmarks/backend.py
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/approximate.py
+	$(PY) benchmarks/token_reduction.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache bench-results

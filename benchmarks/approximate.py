@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import effopt  # noqa: E402
-from effopt.timing import interleaved_medians  # noqa: E402
+from effopt.timing import interleaved_medians, merge_results  # noqa: E402
 
 BATCH = 8
 
@@ -281,13 +281,7 @@ def main():
         skip = {p.split(":")[1] for p in args.no_guard.split(",") if p.startswith(key + ":")}
         rows += run_task(key, args.options.split(","), args.finetune.split(","), args.steps, args.lr, args.rounds,
                          no_guard=skip)
-    path = "bench-results/approximate.json"
-    if os.path.exists(path):  # keep other models' and options' rows from earlier runs (--models/--options run a subset)
-        with open(path) as f:
-            done = {(r["model"], r["option"]) for r in rows}
-            rows = [r for r in json.load(f) if (r["model"], r["option"]) not in done] + rows
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1)
+    rows = merge_results("bench-results/approximate.json", rows, lambda r: (r["model"], r["option"]))
     pareto(rows, "bench-results/attention_pareto.png")
     print("wrote bench-results/approximate.json and bench-results/attention_pareto.png")
 

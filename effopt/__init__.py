@@ -5,5 +5,7 @@ from .backend import backend, effopt_backend  # noqa: E402
 from .options import KernelChoice, Options  # noqa: E402
 from .report import last_report  # noqa: E402
 from .reparameterize import attention_parameters, reparameterize  # noqa: E402
+from .token_view import draw_token_merges, token_sources  # noqa: E402
 
-__all__ = ["backend", "effopt_backend", "Options", "KernelChoice", "last_report", "reparameterize", "attention_parameters", "__version__"]
+__all__ = ["backend", "effopt_backend", "Options", "KernelChoice", "last_report", "reparameterize", "attention_parameters",
+           "token_sources", "draw_token_merges", "__version__"]

@@ -47,12 +47,18 @@ class CompiledGraph:
         gm, records = default_pass_manager(self.options.disable_passes).run(gm)
         if self.options.approximate:
             from .passes.approximate import approximate_attention
+            from .passes.token_reduction import token_reduction
 
             live = lambda full: [full[i] for i in self.live]  # noqa: E731
             examples = live(self.examples if self.examples is not None else args)
             cal = [live(c) for c in self.calibration] if self.calibration else None
-            records.append(approximate_attention(gm, AttentionConfig.parse(self.options.attention), examples, cal,
-                                                 self.options.accuracy_budget, self.options.metric))
+            if self.options.tokens is not None:
+                gm, rec = token_reduction(gm, self.options.tokens, examples, cal, self.options.accuracy_budget,
+                                          self.options.metric)
+                records.append(rec)
+            if str(self.options.attention) != "exact":
+                records.append(approximate_attention(gm, AttentionConfig.parse(self.options.attention), examples,
+                                                     cal, self.options.accuracy_budget, self.options.metric))
         lowering = None
         if self.options.lower:
             from .lowering import lower

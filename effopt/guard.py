@@ -155,6 +155,16 @@ class GuardResult:
         return s
 
 
+def warn_unverified(what: str, stacklevel: int = 3) -> None:
+    """The one-time warning that an approximate rewrite `what` runs without calibration data."""
+    if what in _warned_unverified:
+        return
+    _warned_unverified.add(what)
+    warnings.warn(f"effopt: {what} is applied without calibration data, so its accuracy is unverified; "
+                  "pass options={'calibration': [inputs, ...], 'accuracy_budget': 0.01} to measure it and "
+                  "roll back what costs too much", EffoptAccuracyWarning, stacklevel=stacklevel)
+
+
 def guarded_apply(run: Callable[[list], Any], layers: list, apply: Callable, revert: Callable,
                   calibration: list[list] | None, budget: float | None, metric, what: str) -> GuardResult:
     """Apply each layer's rewrite, keeping those that hold the metric within budget on the calibration data.
@@ -164,12 +174,7 @@ def guarded_apply(run: Callable[[list], Any], layers: list, apply: Callable, rev
     metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "callable")
     names = [getattr(l, "name", str(l)) for l in layers]
     if not calibration:
-        key = what
-        if key not in _warned_unverified:
-            _warned_unverified.add(key)
-            warnings.warn(f"effopt: {what} is applied without calibration data, so its accuracy is unverified; "
-                          "pass options={'calibration': [inputs, ...], 'accuracy_budget': 0.01} to measure it and "
-                          "roll back the layers that cost too much", EffoptAccuracyWarning, stacklevel=3)
+        warn_unverified(what, stacklevel=4)
         for l in layers:
             apply(l)
         return GuardResult(metric_name, None, kept=names, seconds=time.perf_counter() - t0)

@@ -43,6 +43,12 @@ class Options:
     attention: Any = "exact"
     """'exact' (fused softmax attention, the default), or an approximate attention: 'hamming', 'linear',
     'lmul', or a dict {'kind': ..., parameters} (see effopt.passes.approximate.AttentionConfig)."""
+    token_merge: Any = None
+    """ToMe token merging: r (tokens merged per encoder block), a per-block list, or a dict {'r': ...,
+    'inflect': -0.5 (decreasing schedule), 'proportional': True, 'protected': 1} (TokenConfig)."""
+    token_prune: Any = None
+    """EViT token pruning: a keep rate in (0, 1], or a dict {'keep_rate': 0.7, 'layers': [3, 6, 9],
+    'protected': 1} (TokenConfig)."""
     accuracy_budget: float | None = None
     """Largest allowed loss of `metric` against the original model on `calibration`; approximate rewrites
     that exceed it are rolled back layer by layer. Default with calibration data: 0.01."""
@@ -91,6 +97,15 @@ class Options:
             from .passes.approximate import AttentionConfig
 
             kw["attention"] = AttentionConfig.parse(kw["attention"])
+        if kw.get("token_merge") is not None and kw.get("token_prune") is not None:
+            raise ValueError("token_merge and token_prune are alternatives; pass one of them")
+        if kw.get("token_merge") is not None or kw.get("token_prune") is not None:
+            from .passes.token_reduction import TokenConfig
+
+            if kw.get("token_merge") is not None:
+                kw["token_merge"] = TokenConfig.parse_merge(kw["token_merge"])
+            else:
+                kw["token_prune"] = TokenConfig.parse_prune(kw["token_prune"])
         if kw.get("metric", "cosine") not in METRICS and not callable(kw.get("metric")):
             raise ValueError(f"metric={kw['metric']!r} is invalid; valid: {list(METRICS)} or a callable "
                              "(reference_output, optimized_output) -> loss")
@@ -121,9 +136,14 @@ class Options:
 
         return json.dumps({"target": target_dict(self.target), "kernel_choice": self.kernel_choice.value,
                            "freeze": self.freeze, "disable_passes": sorted(self.disable_passes),
-                           "attention": str(self.attention)}, sort_keys=True)
+                           "attention": str(self.attention), "tokens": str(self.tokens)}, sort_keys=True)
 
     @property
     def approximate(self) -> bool:
         """Whether any approximate rewrite is requested."""
-        return str(self.attention) != "exact"
+        return str(self.attention) != "exact" or self.tokens is not None
+
+    @property
+    def tokens(self):
+        """The token reduction requested (a TokenConfig), or None."""
+        return self.token_merge if self.token_merge is not None else self.token_prune

@@ -28,3 +28,19 @@ def interleaved_medians(fns: dict, args, rounds: int = 15, warmup: int = 2, reps
         if budget_s is not None and r + 1 >= min_rounds and time.perf_counter() - start > budget_s:
             break
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def merge_results(path: str, rows: list[dict], key) -> list[dict]:
+    """Write benchmark `rows` to the JSON file `path`, keeping the rows of an earlier run whose `key(row)`
+    this run did not measure (a benchmark run on a subset of models or options); returns all rows."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if os.path.exists(path):
+        with open(path) as f:
+            done = {key(r) for r in rows}
+            rows = [r for r in json.load(f) if key(r) not in done] + rows
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+    return rows

@@ -28,6 +28,7 @@ class PassRecord:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     guard: object = None  # the accuracy guard's result, for approximate passes (effopt.guard.GuardResult)
+    tokens: list[int] = field(default_factory=list)  # token reduction: tokens entering each block, then at the end
 
     def add_match(self, node: fx.Node | None = None) -> None:
         self.matches += 1

@@ -1,0 +1,544 @@
+"""Token reduction: ToMe token merging (`token_merge`) and EViT token pruning (`token_prune`) inserted into
+the encoder blocks of a traced transformer, training-free.
+
+The pass finds the encoder blocks from their fused attention (an SDPA node, after `fuse_attention`): the
+block's residual stream after attention is the first add downstream of the attention output that adds two
+[B, T, C] tensors (pre-LN: ViT, DINOv2), or that add's LayerNorm when the add feeds only the norm
+(post-LN: BERT). Between attention and MLP of each block, as the papers do, it inserts
+
+    ToMe   effopt::tome_merge: bipartite soft matching on the block's keys (averaged over heads), merging the
+           r most similar pairs with size-weighted averages; later attentions get log(size) added to their
+           logits (proportional attention).
+    EViT   effopt::evit_prune at a few layers: keep the tokens CLS attends to most, fuse the rest into one.
+
+Token state (sizes, the key padding mask, and where each original token went) travels with the stream
+(effopt/token_ops.py). CLS (and any `protected` leading tokens) is never merged or pruned; padding merges
+only with padding, and every later attention gets the reduced key mask. The graph's later shapes are
+re-derived (view sizes follow the token count), and outputs that carried the token dimension are gathered
+back to the original tokens (`token_unmerge`), so the compiled model returns the shapes eager returns.
+Shapes stay static for an input shape and schedule; the batch dimension may be symbolic.
+"""
+from __future__ import annotations
+
+import math
+import operator
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.fx as fx
+
+from .. import token_ops  # noqa: F401 - registers effopt::tome_merge and friends
+from .attention import FLASH_CPU, sdpa_arguments
+from .records import PassRecord, source_location
+
+aten = torch.ops.aten
+effopt_ops = torch.ops.effopt
+_SDPA = (aten.scaled_dot_product_attention.default, FLASH_CPU)
+_LAYER_NORM = (aten.native_layer_norm.default, aten.layer_norm.default)
+
+
+# ---- options --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenConfig:
+    method: str  # "merge" | "prune"
+    r: tuple | int = 0
+    """merge: tokens merged per block: an int (the same in every block), a per-block list, or with
+    `inflect` a schedule (ToMe's parse_r: inflect -0.5 merges 1.5r in the first block down to 0.5r in
+    the last, the same total as a constant r)."""
+    inflect: float = 0.0
+    keep_rate: float = 1.0
+    """prune: the fraction of (non-CLS) tokens each pruning layer keeps."""
+    layers: tuple | None = None
+    """prune: the blocks after whose attention tokens are pruned; default the 4th, 7th and 10th of 12
+    (EViT's choice for DeiT-S), scaled to the model's depth."""
+    proportional: bool = True
+    """merge: proportional attention (log(size) added to the attention logits)."""
+    protected: int = 1
+    """leading tokens never merged or pruned (CLS; 2 with a distillation token)."""
+
+    MERGE_KEYS = ("r", "inflect", "proportional", "protected")
+    PRUNE_KEYS = ("keep_rate", "layers", "protected")
+
+    @classmethod
+    def parse_merge(cls, value) -> "TokenConfig":
+        value = _as_dict("token_merge", value, (int, list, tuple), cls.MERGE_KEYS,
+                         "an int r >= 0 (tokens merged per block), a per-block list of ints")
+        r = value["r"]
+        if isinstance(r, (list, tuple)):
+            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in r):
+                raise ValueError(f"token_merge r list must hold ints >= 0, got {r!r}")
+            r = tuple(r)
+        elif isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"token_merge r must be an int >= 0 or a list of them, got {r!r}")
+        inflect = value.get("inflect", 0.0)
+        if isinstance(inflect, bool) or not isinstance(inflect, (int, float)) or not -1 <= inflect <= 1:
+            raise ValueError(f"token_merge inflect must be a number in [-1, 1] (e.g. -0.5: decreasing), got "
+                             f"{inflect!r}")
+        return cls("merge", r=r, inflect=float(inflect), proportional=_bool(value, "proportional", True),
+                   protected=_protected(value))
+
+    @classmethod
+    def parse_prune(cls, value) -> "TokenConfig":
+        value = _as_dict("token_prune", value, (int, float), cls.PRUNE_KEYS, "a keep rate in (0, 1] (e.g. 0.7)")
+        rate = value["keep_rate"]
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
+            raise ValueError(f"token_prune keep_rate must be in (0, 1], got {rate!r}")
+        layers = value.get("layers")
+        if layers is not None:
+            if isinstance(layers, (str, bytes)) or not all(isinstance(i, int) and i >= 0 for i in layers):
+                raise ValueError(f"token_prune layers must be a list of block indices >= 0, got {layers!r}")
+            layers = tuple(sorted(set(layers)))
+        return cls("prune", keep_rate=float(rate), layers=layers, protected=_protected(value))
+
+    def schedule(self, num_blocks: int) -> list[int]:
+        """merge: r per block (ToMe's parse_r); prune: 1 at the pruning blocks, else 0."""
+        if self.method == "prune":
+            layers = self.layers if self.layers is not None else default_prune_layers(num_blocks)
+            return [1 if i in layers else 0 for i in range(num_blocks)]
+        if isinstance(self.r, tuple):
+            return (list(self.r) + [0] * num_blocks)[:num_blocks]
+        lo = int(self.r * (1.0 - self.inflect))
+        hi = 2 * self.r - lo
+        step = (hi - lo) / max(1, num_blocks - 1)
+        return [int(lo + step * i) for i in range(num_blocks)]
+
+    def scaled(self, factor: float) -> "TokenConfig":
+        """A milder setting for the accuracy guard's back-off: r times factor, or keep rate moved toward 1."""
+        if self.method == "prune":
+            return replace(self, keep_rate=1.0 - (1.0 - self.keep_rate) * factor)
+        if isinstance(self.r, tuple):
+            return replace(self, r=tuple(int(x * factor) for x in self.r))
+        return replace(self, r=int(self.r * factor))
+
+    def __str__(self) -> str:
+        if self.method == "prune":
+            return f"token_prune(keep_rate={self.keep_rate:g}" + (f", layers={list(self.layers)}" if self.layers
+                                                                  else "") + ")"
+        r = list(self.r) if isinstance(self.r, tuple) else self.r
+        return f"token_merge(r={r}" + (f", inflect={self.inflect:g}" if self.inflect else "") + \
+            ("" if self.proportional else ", proportional=False") + ")"
+
+
+def _as_dict(option: str, value, short_types: tuple, keys: tuple, short: str) -> dict:
+    """The option as a dict of parameters: its short form (e.g. `token_merge=8`) is the first key."""
+    given = value
+    if isinstance(value, short_types) and not isinstance(value, bool):
+        value = {keys[0]: value}
+    if not isinstance(value, dict) or keys[0] not in value:
+        raise ValueError(f"{option}={given!r} is invalid; valid: {short}, or a dict with keys {list(keys)}")
+    bad = sorted(set(value) - set(keys))
+    if bad:
+        raise ValueError(f"{option} has no parameter(s) {bad}; valid: {list(keys)}")
+    return value
+
+
+def _bool(d: dict, key: str, default: bool) -> bool:
+    v = d.get(key, default)
+    if not isinstance(v, bool):
+        raise ValueError(f"{key} must be True or False, got {v!r}")
+    return v
+
+
+def _protected(d: dict) -> int:
+    p = d.get("protected", 1)
+    if isinstance(p, bool) or not isinstance(p, int) or p < 0:
+        raise ValueError(f"protected must be an int >= 0 (leading tokens never reduced: 1 = CLS), got {p!r}")
+    return p
+
+
+def default_prune_layers(num_blocks: int) -> tuple[int, ...]:
+    """EViT prunes after blocks 4, 7 and 10 of DeiT-S's 12 (indices 3, 6, 9); the same fractions of depth."""
+    return tuple(sorted({min(num_blocks - 1, round(num_blocks * f)) for f in (0.25, 0.5, 0.75)}))
+
+
+# ---- finding the blocks ---------------------------------------------------------------------------------------
+@dataclass
+class Block:
+    index: int
+    sdpa: fx.Node
+    q: fx.Node
+    k: fx.Node
+    mask: fx.Node | None
+    scale: float
+    stream: fx.Node  # the residual stream after attention, [B, T, C]
+    name: str = ""
+
+
+def _shape(n) -> tuple | None:
+    v = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _stream_after(out: fx.Node, tokens: int) -> fx.Node | None:
+    """The residual add of the attention output `out` (or its LayerNorm, post-LN), following single users."""
+    node = out
+    for _ in range(24):
+        users = list(node.users)
+        if len(users) != 1:
+            return None
+        node = users[0]
+        if node.op != "call_function":
+            return None
+        if node.target is aten.add.Tensor and all(isinstance(a, fx.Node) for a in node.args[:2]):
+            sa, sb = _shape(node.args[0]), _shape(node.args[1])
+            if sa is not None and sa == sb and len(sa) == 3 and sa[1] == tokens:
+                break
+    else:
+        return None
+    users = list(node.users)
+    if len(users) == 1 and users[0].target in _LAYER_NORM:  # post-LN (BERT): the stream is the norm's output
+        ln = users[0]
+        if ln.target is aten.layer_norm.default:
+            return ln
+        outs = list(ln.users)
+        if len(outs) == 1 and outs[0].target is operator.getitem and outs[0].args[1] == 0:
+            return outs[0]
+        return None
+    return node
+
+
+def find_blocks(gm: fx.GraphModule) -> tuple[list[Block], list[str]]:
+    blocks, skipped = [], []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _SDPA:
+            continue
+        where = source_location(node) or node.name
+        f = sdpa_arguments(node.target, node.args, node.kwargs)
+        q, k = f["q"], f["k"]
+        sq, sk = _shape(q), _shape(k)
+        why = None
+        if f["dropout_p"] or f["is_causal"] or f["enable_gqa"]:
+            why = "dropout, causal or grouped-query attention"
+        elif sq is None or sk is None or len(sq) != 4 or sq[2] != sk[2] or not isinstance(sq[2], int):
+            why = "not self-attention over a static token count"
+        out = node
+        if not why and node.target is FLASH_CPU:
+            outs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+            out = outs[0] if len(outs) == 1 and len(node.users) == 1 else None
+            why = None if out is not None else "attention log-sum-exp is used"
+        stream = None if why else _stream_after(out, sq[2])
+        if not why and stream is None:
+            why = "no residual stream [B, T, C] found after the attention"
+        if why:
+            skipped.append(f"{where}: {why}")
+            continue
+        scale = f["scale"]
+        scale = 1.0 / math.sqrt(int(sq[-1])) if scale is None else float(scale)
+        blocks.append(Block(len(blocks), node, q, k, f["attn_mask"], scale, stream,
+                            f"block[{len(blocks)}] at {where}"))
+    return blocks, skipped
+
+
+# ---- shapes after the token count changed ---------------------------------------------------------------------
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def _groups(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]] | None:
+    """Matching groups of dims (dims of `a`, dims of `b`) with equal products, for a view from a to b."""
+    groups, i, j = [], 0, 0
+    while i < len(a) or j < len(b):
+        gi, gj, pi, pj = [], [], 1, 1
+        if i < len(a):
+            gi.append(i); pi *= a[i]; i += 1  # noqa: E702
+        if j < len(b):
+            gj.append(j); pj *= b[j]; j += 1  # noqa: E702
+        while pi != pj:
+            if pi < pj and i < len(a):
+                gi.append(i); pi *= a[i]; i += 1  # noqa: E702
+            elif pj < pi and j < len(b):
+                gj.append(j); pj *= b[j]; j += 1  # noqa: E702
+            else:
+                return None
+        groups.append((gi, gj))
+    return groups
+
+
+def _hint(s) -> int:
+    """An int for a size: symbolic sizes (the batch) by their example value, without adding a guard."""
+    return int(s.node.hint) if isinstance(s, torch.SymInt) else int(s)
+
+
+def _new_view_size(old_in: tuple, old_out: tuple, new_in: tuple, size: list, token_counts: set):
+    """The size argument of a view whose input changed from old_in to new_in (token counts), or None.
+
+    Dims group by equal products (e.g. [B*T, C] -> [B, T, C]: (B*T) -> (B, T), (C) -> (C)); an output group
+    fed by a changed input group changes in one dim: the only one, or the one whose old extent is a token
+    count and whose new extent is whole. Symbolic output dims become -1."""
+    if len(old_in) != len(new_in):
+        return None
+    groups = _groups(tuple(_hint(s) for s in old_in), tuple(_hint(s) for s in old_out))
+    if groups is None:
+        return None
+    size = list(size)
+    for gi, gj in groups:
+        if all(old_in[d] == new_in[d] for d in gi):
+            continue
+        old_ext = math.prod(_hint(old_in[d]) for d in gi)
+        new_ext = math.prod(_hint(new_in[d]) for d in gi)
+        fits = [j for j in gj if (new_ext * _hint(old_out[j])) % old_ext == 0 and _hint(old_out[j]) != 1]
+        if len(fits) > 1:
+            fits = [j for j in fits if _hint(old_out[j]) in token_counts]
+        if len(fits) != 1:
+            return None
+        j = fits[0]
+        value = new_ext * _hint(old_out[j]) // old_ext
+        symbolic = any(isinstance(new_in[d], torch.SymInt) for d in gi) and len(gj) == 1
+        size[j] = -1 if symbolic or not isinstance(size[j], int) else value
+    return size
+
+
+class ShapeError(RuntimeError):
+    pass
+
+
+def repropagate(gm: fx.GraphModule, old: dict[fx.Node, tuple], token_counts: set) -> None:
+    """Recompute every node's fake value after the token count changed, fixing view sizes on the way."""
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    placeholders = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode([v for v in placeholders if isinstance(v, torch.Tensor)])
+    if mode is None:
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+    env: dict[fx.Node, object] = {}
+
+    def fake(v):
+        return mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor) \
+            else v
+
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            env[n] = fake(n.meta.get("val"))
+            continue
+        if n.op == "get_attr":
+            env[n] = fake(getattr(gm, n.target))
+            continue
+        if n.op == "output":
+            continue
+        if n.target in _VIEWS and isinstance(n.args[0], fx.Node):
+            src = n.args[0]
+            new_in = tuple(env[src].shape)
+            if src in old and old[src] != new_in and n in old:
+                size = _new_view_size(old[src], old[n], new_in, n.args[1], token_counts)
+                if size is None:
+                    raise ShapeError(f"cannot follow the token count through {n.target} at {n.name}: "
+                                     f"{old[src]} -> {list(old[n])} with input now {new_in}")
+                n.args = (src, size) + tuple(n.args[2:])
+        elif n.target is aten.expand.default and isinstance(n.args[0], fx.Node):
+            src = n.args[0]
+            new_in = tuple(env[src].shape)
+            if src in old and old[src] != new_in:
+                pad = len(n.args[1]) - len(new_in)
+                size = [(-1 if d >= pad and new_in[d - pad] != 1 else s) for d, s in enumerate(n.args[1])]
+                for d, s in enumerate(size):
+                    if s != -1 and d >= pad and old[src][d - pad] == 1 and n in old and old[n][d] != 1 \
+                            and old[n][d] in set(old[src]) | {max(old[src])}:
+                        raise ShapeError(f"cannot tell whether {n.name} expands the token dimension")
+                n.args = (src, size) + tuple(n.args[2:])
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
+        with mode:
+            val = n.target(*args, **kwargs)
+        n.meta["val"] = val
+        env[n] = val
+
+
+# ---- the rewrite ----------------------------------------------------------------------------------------------
+def _set_mask(sdpa: fx.Node, mask: fx.Node) -> None:
+    if sdpa.target is FLASH_CPU:
+        kwargs = dict(sdpa.kwargs)
+        kwargs["attn_mask"] = mask
+        sdpa.kwargs = kwargs
+        return
+    args = list(sdpa.args)
+    if len(args) > 3:
+        args[3] = mask
+        sdpa.args = tuple(args)
+    else:
+        kwargs = dict(sdpa.kwargs)
+        kwargs["attn_mask"] = mask
+        sdpa.kwargs = kwargs
+
+
+@dataclass
+class Plan:
+    config: TokenConfig
+    amounts: list[int]  # per block: tokens merged (merge) or 1 = prune here (prune)
+    tokens: list[int] = field(default_factory=list)  # token count entering each block, then at the end
+
+
+def plan(config: TokenConfig, blocks: list[Block]) -> Plan:
+    from ..token_ops import max_merge
+
+    sched = config.schedule(len(blocks))
+    t = int(_shape(blocks[0].stream)[1]) if blocks else 0
+    p = Plan(config, [], [])
+    for amount in sched:
+        p.tokens.append(t)
+        if config.method == "merge":
+            r = min(amount, max_merge(t, config.protected))
+            p.amounts.append(r)
+            t -= r
+        else:
+            keep = max(1, int(math.ceil((t - 1) * config.keep_rate)))
+            if amount and keep + 2 < t and config.keep_rate < 1:
+                p.amounts.append(keep)
+                t = keep + 2
+            else:
+                p.amounts.append(0)
+    p.tokens.append(t)
+    return p
+
+
+def apply_plan(gm: fx.GraphModule, blocks: list[Block], p: Plan) -> int:
+    """Insert the reductions of `p` into gm; returns the number of blocks reduced. Raises ShapeError (gm
+    is then inconsistent: apply to a copy)."""
+    graph = gm.graph
+    old = {n: _shape(n) for n in graph.nodes if _shape(n) is not None}
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    outputs_before = [(_shape(a) if isinstance(a, fx.Node) else None) for a in torch.utils._pytree.tree_leaves(
+        out_node.args[0])]
+    state = None  # (size, kmask, source) nodes
+    first_mask = blocks[0].mask if blocks else None
+    reduced = 0
+    for blk, amount in zip(blocks, p.amounts):
+        if state is not None:
+            with graph.inserting_before(blk.sdpa):
+                m = graph.call_function(effopt_ops.token_mask.default,
+                                        (state[1], state[0], p.config.method == "merge" and p.config.proportional))
+            _set_mask(blk.sdpa, m)
+        if amount <= 0:
+            continue
+        x = blk.stream
+        inserted = []
+        with graph.inserting_before(x.next):  # new nodes in order, right after the stream
+            if state is None:
+                init = graph.call_function(effopt_ops.token_init.default, (x, first_mask))
+                inserted.append(init)
+                state = tuple(graph.call_function(operator.getitem, (init, i)) for i in range(3))
+                inserted += state
+            if p.config.method == "merge":
+                metric = graph.call_function(aten.mean.dim, (blk.k, [1]))
+                red = graph.call_function(effopt_ops.tome_merge.default,
+                                          (x, metric, *state, amount, p.config.protected))
+            else:
+                metric = graph.call_function(effopt_ops.cls_attention.default, (blk.q, blk.k, state[1], blk.scale))
+                red = graph.call_function(effopt_ops.evit_prune.default, (x, metric, *state, amount))
+            outs = [graph.call_function(operator.getitem, (red, i)) for i in range(4)]
+        inserted += [metric, red]
+        keep = set(inserted) | set(outs)
+        x.replace_all_uses_with(outs[0], delete_user_cb=lambda u: u not in keep)
+        old[outs[0]] = old[x]  # the views after it had the stream's old shape
+        state = tuple(outs[1:])
+        reduced += 1
+    if not reduced:
+        return 0
+    # outputs that carry the token dimension go back to the original tokens
+    source = state[2]
+    repropagate(gm, old, set(p.tokens))
+    leaves, spec = torch.utils._pytree.tree_flatten(out_node.args[0])
+    fixed = []
+    for a, before in zip(leaves, outputs_before):
+        now = _shape(a)
+        if isinstance(a, fx.Node) and before is not None and now != before:
+            if len(now) >= 2 and now[0] == before[0] and now[2:] == before[2:] and before[1] == p.tokens[0]:
+                with graph.inserting_before(out_node):
+                    a = graph.call_function(effopt_ops.token_unmerge.default, (a, source))
+            else:
+                raise ShapeError(f"output {a.name} changed from {before} to {now}")
+        fixed.append(a)
+    out_node.args = (torch.utils._pytree.tree_unflatten(fixed, spec),)
+    repropagate(gm, old, set(p.tokens))
+    graph.lint()
+    gm.recompile()
+    return reduced
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    from ..capture import copy_graph_module
+
+    return copy_graph_module(gm)
+
+
+def token_reduction(gm: fx.GraphModule, config: TokenConfig, examples: list, calibration, budget,
+                    metric) -> tuple[fx.GraphModule, PassRecord]:
+    """The `token_merge`/`token_prune` option on gm (after the exact passes). With calibration data, the
+    accuracy guard backs the schedule off (r, or the pruned fraction, times 3/4, 1/2, 1/4, then none) until
+    the metric holds within budget. Returns the rewritten graph (gm itself when nothing was applied)."""
+    from ..guard import GuardResult, metric_fn, warn_unverified
+    from .manager import count_nodes
+
+    t0 = time.perf_counter()
+    record = PassRecord(f"token_{config.method}", nodes_before=count_nodes(gm))
+    blocks, skipped = find_blocks(gm)
+    record.notes += [f"skipped {s}" for s in skipped]
+    if not blocks:
+        record.notes.insert(0, "no encoder block found: nothing reduced")
+        record.nodes_after = record.nodes_before
+        return gm, record
+
+    def build(cfg: TokenConfig):
+        p = plan(cfg, blocks)
+        new = _copy(gm)
+        n = apply_plan(new, find_blocks(new)[0], p)
+        return new, p, n
+
+    name = str(config)
+    metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "callable")
+    try:
+        if not calibration:
+            warn_unverified(name)
+            new, p, n = build(config)
+            guard = GuardResult(metric_name, None, kept=[name])
+        else:
+            from ..guard import DEFAULT_BUDGET
+
+            budget = DEFAULT_BUDGET if budget is None else budget
+            loss_of = metric_fn(metric)
+            with torch.no_grad():
+                refs = [gm(*args) for args in calibration]
+            guard = GuardResult(metric_name, budget)
+            new = None
+            for factor in (1.0, 0.75, 0.5, 0.25):
+                cfg = config.scaled(factor)
+                cand, p, n = build(cfg)
+                if not n:
+                    break
+                guard.evaluations += 1
+                with torch.no_grad():
+                    losses = [loss_of(r, cand(*args)) for r, args in zip(refs, calibration)]
+                loss = sum(losses) / len(losses)
+                loss = loss if math.isfinite(loss) else math.inf
+                if loss <= budget:
+                    new, guard.loss = cand, loss
+                    guard.kept = [str(cfg)]
+                    break
+                guard.rolled_back.append((str(cfg), loss))
+            if new is None:  # even a quarter of the schedule costs too much: the graph stays as it was
+                guard.loss, n, p = 0.0, 0, plan(config.scaled(0.0), blocks)
+                new = gm
+    except ShapeError as e:
+        record.notes.insert(0, f"not applied: {e}")
+        record.nodes_after = record.nodes_before
+        return gm, record
+    guard.seconds = time.perf_counter() - t0
+    record.guard = guard
+    for blk, amount in zip(blocks, p.amounts):
+        if amount and n:
+            record.add_match(blk.sdpa)
+    if not calibration:
+        summary = f"{name} applied, accuracy unverified (no calibration data)"
+    else:
+        tried = "; ".join(f"{c}: {guard.metric} loss {l:.3g} > budget" for c, l in guard.rolled_back)
+        summary = (f"kept {guard.kept[0]} ({guard.metric} loss {guard.loss:.4g} <= budget {guard.budget:g})"
+                   if guard.kept else f"rolled back: no schedule held the budget {guard.budget:g}")
+        summary += f"; backed off from {tried}" if tried else ""
+    record.notes.insert(0, summary)
+    record.notes.insert(1, "tokens per block: " + " -> ".join(str(t) for t in p.tokens))
+    record.tokens = p.tokens
+    record.seconds = time.perf_counter() - t0
+    record.nodes_after = count_nodes(new)
+    return new, record
+
+
+__all__ = ["TokenConfig", "find_blocks", "plan", "apply_plan", "token_reduction", "default_prune_layers"]

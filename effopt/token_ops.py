@@ -1,0 +1,240 @@
+"""Token reduction operators (ToMe merging, EViT pruning) as torch custom ops.
+
+The token reduction pass (effopt/passes/token_reduction.py) threads a small state through the encoder
+blocks of a graph, next to the residual stream x [B, T, C]:
+
+    size    [B, T] float32   how many original tokens each token stands for (ToMe's size)
+    kmask   [B, T] float32   additive key mask: 0 for real tokens, -inf (or the model's very negative
+                             value) for padding; padding is never merged into real tokens and vice versa
+    source  [B, T0] int64    for each original token, the index of the token that now holds it
+
+token_init(x, mask)                              -> (size, kmask, source)   the state of an unreduced x
+tome_merge(x, metric, size, kmask, source, r, protected)
+    ToMe's bipartite soft matching on `metric` [B, T, D] (the keys, averaged over heads): tokens
+    alternate into sets A and B, each A token's most similar B token (cosine) is its edge, the r
+    strongest edges merge (size-weighted averages); the first `protected` tokens (CLS, distillation) are
+    never merged away; padding merges only with padding, and before any real token (by position, so
+    the real tokens' merges do not depend on what padding holds). -> (x', size', kmask', source') with
+    T - r tokens.
+evit_prune(x, cls_attn, size, kmask, source, keep)
+    EViT: keeps the `keep` tokens (after CLS) that receive the most attention from CLS (`cls_attn` [B, T],
+    averaged over heads), and fuses the rest into one token (their attention-weighted average, padding
+    excluded). -> (x', ...) with 1 + keep + 1 tokens.
+token_mask(kmask, size, proportional)            -> [B, 1, 1, T] additive attention mask: kmask, plus
+    log(size) with proportional attention (ToMe: a merged token counts as `size` keys).
+token_unmerge(y, source)                         -> y gathered back to the original T0 tokens (each
+    original token gets the value of the token that holds it), so graph outputs keep their shapes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+PAD_BELOW = -1.0  # a key-mask value below this marks padding (Hugging Face uses finfo.min, others -inf or -1e4)
+
+
+def _key_mask(mask: Optional[Tensor], b: int, t: int) -> Tensor:
+    """[B, T] additive key mask from an attention mask broadcastable to [B, H, T, T] that is the same for
+    every query and head (checked), or zeros."""
+    if mask is None:
+        return torch.zeros(b, t)
+    from .ops import additive_mask
+
+    m = additive_mask(mask).to(torch.float32)
+    m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)).expand(b, -1, -1, t)
+    first = m[:, :1, :1, :]
+    if not torch.equal(m, first.expand_as(m)):
+        raise ValueError("token reduction needs a key padding mask (the same for every query and head)")
+    return first.reshape(b, t).clone()
+
+
+def token_init_ref(x: Tensor, mask: Optional[Tensor]):
+    b, t = x.shape[0], x.shape[1]
+    size = torch.ones(b, t, dtype=torch.float32, device=x.device)
+    source = torch.arange(t, device=x.device).expand(b, t).contiguous()
+    return size, _key_mask(mask, b, t).to(x.device), source
+
+
+def _pad(kmask: Tensor) -> Tensor:
+    return kmask < PAD_BELOW
+
+
+def tome_match(metric: Tensor, kmask: Tensor, r: int, protected: int):
+    """ToMe's bipartite soft matching: (unm_idx [B, Ta - r], src_idx [B, r], dst_idx [B, r]) indices into
+    the A (even) and B (odd) tokens."""
+    metric = metric.to(torch.float32)
+    metric = metric * metric.square().sum(dim=-1, keepdim=True).clamp_min(1e-24).rsqrt()
+    a, b = metric[:, ::2], metric[:, 1::2]
+    scores = a @ b.transpose(-1, -2)
+    pa, pb = _pad(kmask[:, ::2]), _pad(kmask[:, 1::2])
+    scores = scores.masked_fill(pa[:, :, None] != pb[:, None, :], -math.inf)  # padding only with padding
+    # padding merges first, and by position only: which real tokens merge never depends on what the
+    # padding holds (its keys are masked; merging it costs nothing)
+    scores = scores.masked_fill(pa[:, :, None] & pb[:, None, :], 2.0)
+    for p in range(protected):  # protected tokens neither merge away nor receive merges
+        if p % 2 == 0:
+            scores[:, p // 2, :] = -math.inf
+        else:
+            scores[:, :, p // 2] = -math.inf
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
+    unm_idx = edge_idx[:, r:].sort(dim=-1).values  # unmerged A tokens keep their order (CLS first)
+    src_idx = edge_idx[:, :r]
+    dst_idx = node_idx.gather(1, src_idx)
+    return unm_idx, src_idx, dst_idx
+
+
+def _merge(v: Tensor, unm_idx, src_idx, dst_idx, reduce: str) -> Tensor:
+    """[B, T, ...] -> [B, T - r, ...]: unmerged A tokens, then B tokens with the merged A tokens reduced in."""
+    src, dst = v[:, ::2], v[:, 1::2]
+    tail = v.shape[2:]
+
+    def idx(i):
+        return i.reshape(i.shape + (1,) * len(tail)).expand(i.shape + tail)
+
+    unm = src.gather(1, idx(unm_idx))
+    moved = src.gather(1, idx(src_idx))
+    dst = dst.scatter_reduce(1, idx(dst_idx), moved, reduce=reduce)
+    return torch.cat([unm, dst], dim=1)
+
+
+def max_merge(t: int, protected: int) -> int:
+    """The largest r a sequence of t tokens can merge in one step."""
+    return max(0, (t - protected) // 2)
+
+
+def tome_merge_ref(x, metric, size, kmask, source, r: int, protected: int):
+    b, t = x.shape[0], x.shape[1]
+    r = min(r, max_merge(t, protected))
+    if r <= 0:
+        return x.clone(), size.clone(), kmask.clone(), source.clone()
+    unm_idx, src_idx, dst_idx = tome_match(metric, kmask, r, protected)
+    ta, c = (t + 1) // 2, x.shape[2]
+    # x' = [unmerged A tokens, B tokens with the merged A tokens added in], size-weighted averages
+    w = size.to(torch.float32)
+    wa, wb = w[:, ::2], w[:, 1::2]
+    w_src = wa.gather(1, src_idx)
+    new_size = torch.cat([wa.gather(1, unm_idx), wb.scatter_add(1, dst_idx, w_src)], dim=1)
+    new_x = torch.empty((b, t - r, c), dtype=x.dtype, device=x.device)
+    new_x[:, :ta - r] = x[:, ::2].gather(1, unm_idx[..., None].expand(-1, -1, c))
+    moved = x[:, ::2].gather(1, src_idx[..., None].expand(-1, -1, c)).to(torch.float32) * w_src[..., None]
+    dst = (x[:, 1::2].to(torch.float32) * wb[..., None]).scatter_add_(1, dst_idx[..., None].expand(-1, -1, c), moved)
+    new_x[:, ta - r:] = dst / new_size[:, ta - r:, None]
+    new_kmask = _merge(kmask, unm_idx, src_idx, dst_idx, "amax")  # merges never mix padding and real tokens
+    # where each current token went: unmerged A tokens in order, merged A tokens to their B token
+    pos_a = torch.empty(b, ta, dtype=torch.int64, device=x.device)
+    pos_a.scatter_(1, unm_idx, torch.arange(ta - r, device=x.device).expand(b, ta - r))
+    pos_a.scatter_(1, src_idx, ta - r + dst_idx)
+    pos_b = (ta - r + torch.arange(t // 2, device=x.device)).expand(b, t // 2)
+    pos = torch.empty(b, t, dtype=torch.int64, device=x.device)
+    pos[:, ::2], pos[:, 1::2] = pos_a, pos_b
+    return new_x, new_size, new_kmask, pos.gather(1, source)
+
+
+def evit_prune_ref(x, cls_attn, size, kmask, source, keep: int):
+    b, t = x.shape[0], x.shape[1]
+    keep = min(keep, t - 1)
+    if keep >= t - 1:
+        return x.clone(), size.clone(), kmask.clone(), source.clone()
+    att = cls_attn[:, 1:].to(torch.float32)
+    kept = att.topk(keep, dim=-1).indices.sort(dim=-1).values + 1  # token indices, in order
+    dropped = torch.ones(b, t, dtype=torch.bool, device=x.device)
+    dropped[:, 0] = False
+    dropped.scatter_(1, kept, False)
+    real = ~_pad(kmask)
+    w = torch.where(dropped & real, cls_attn.to(torch.float32), torch.zeros((), device=x.device))
+    wsum = w.sum(dim=-1, keepdim=True)
+    fused = (w[..., None] * x.to(torch.float32)).sum(dim=1, keepdim=True) / wsum.clamp_min(1e-30)[..., None]
+    fused = torch.where(wsum[..., None] > 0, fused, torch.zeros_like(fused))
+    fused_size = torch.where(dropped & real, size, torch.zeros_like(size)).sum(dim=-1, keepdim=True)
+    any_real = (dropped & real).any(dim=-1, keepdim=True)
+    fused_mask = torch.where(any_real, torch.zeros_like(wsum), kmask.min(dim=-1, keepdim=True).values)
+    idx = torch.cat([torch.zeros(b, 1, dtype=torch.int64, device=x.device), kept], dim=1)
+    new_x = torch.cat([x.gather(1, idx[..., None].expand(-1, -1, x.shape[2])), fused.to(x.dtype)], dim=1)
+    new_size = torch.cat([size.gather(1, idx), fused_size.clamp_min(1.0)], dim=1)
+    new_kmask = torch.cat([kmask.gather(1, idx), fused_mask], dim=1)
+    pos = torch.full((b, t), keep + 1, dtype=torch.int64, device=x.device)
+    pos.scatter_(1, idx, torch.arange(keep + 1, device=x.device).expand(b, keep + 1))
+    return new_x, new_size, new_kmask, pos.gather(1, source)
+
+
+def cls_attention_ref(q: Tensor, k: Tensor, kmask: Tensor, scale: float) -> Tensor:
+    """Attention of the first query (CLS) over the keys, averaged over heads: q, k [B, H, T, D] -> [B, T]."""
+    s = (q[:, :, :1].to(torch.float32) @ k.to(torch.float32).transpose(-1, -2)) * scale + kmask[:, None, None, :]
+    return s.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+# ---- the custom ops -------------------------------------------------------------------------------------
+@torch.library.custom_op("effopt::token_init", mutates_args=())
+def token_init(x: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    return token_init_ref(x, mask)
+
+
+@token_init.register_fake
+def _(x, mask):
+    b, t = x.shape[0], x.shape[1]
+    return (x.new_empty((b, t), dtype=torch.float32), x.new_empty((b, t), dtype=torch.float32),
+            x.new_empty((b, t), dtype=torch.int64))
+
+
+@torch.library.custom_op("effopt::tome_merge", mutates_args=())
+def tome_merge(x: Tensor, metric: Tensor, size: Tensor, kmask: Tensor, source: Tensor, r: int,
+               protected: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tome_merge_ref(x, metric, size, kmask, source, r, protected)
+
+
+@tome_merge.register_fake
+def _(x, metric, size, kmask, source, r, protected):
+    b, t = x.shape[0], x.shape[1]
+    n = t - min(r, max_merge(t, protected))
+    return (x.new_empty((b, n) + tuple(x.shape[2:])), size.new_empty((b, n)), kmask.new_empty((b, n)),
+            source.new_empty(source.shape))
+
+
+@torch.library.custom_op("effopt::evit_prune", mutates_args=())
+def evit_prune(x: Tensor, cls_attn: Tensor, size: Tensor, kmask: Tensor, source: Tensor,
+               keep: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return evit_prune_ref(x, cls_attn, size, kmask, source, keep)
+
+
+@evit_prune.register_fake
+def _(x, cls_attn, size, kmask, source, keep):
+    b, t = x.shape[0], x.shape[1]
+    n = t if keep >= t - 1 else keep + 2
+    return (x.new_empty((b, n) + tuple(x.shape[2:])), size.new_empty((b, n)), kmask.new_empty((b, n)),
+            source.new_empty(source.shape))
+
+
+@torch.library.custom_op("effopt::cls_attention", mutates_args=())
+def cls_attention(q: Tensor, k: Tensor, kmask: Tensor, scale: float) -> Tensor:
+    return cls_attention_ref(q, k, kmask, scale)
+
+
+@cls_attention.register_fake
+def _(q, k, kmask, scale):
+    return q.new_empty((q.shape[0], k.shape[2]), dtype=torch.float32)
+
+
+@torch.library.custom_op("effopt::token_mask", mutates_args=())
+def token_mask(kmask: Tensor, size: Tensor, proportional: bool) -> Tensor:
+    m = kmask + size.log() if proportional else kmask.clone()
+    return m[:, None, None, :]
+
+
+@token_mask.register_fake
+def _(kmask, size, proportional):
+    return kmask.new_empty((kmask.shape[0], 1, 1, kmask.shape[1]))
+
+
+@torch.library.custom_op("effopt::token_unmerge", mutates_args=())
+def token_unmerge(y: Tensor, source: Tensor) -> Tensor:
+    idx = source.reshape(source.shape + (1,) * (y.dim() - 2)).expand(source.shape + tuple(y.shape[2:]))
+    return y.gather(1, idx)
+
+
+@token_unmerge.register_fake
+def _(y, source):
+    return y.new_empty((y.shape[0], source.shape[1]) + tuple(y.shape[2:]))
