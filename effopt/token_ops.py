@@ -62,43 +62,41 @@ def _pad(kmask: Tensor) -> Tensor:
     return kmask < PAD_BELOW
 
 
-def tome_match(metric: Tensor, kmask: Tensor, r: int, protected: int):
-    """ToMe's bipartite soft matching: (unm_idx [B, Ta - r], src_idx [B, r], dst_idx [B, r]) indices into
-    the A (even) and B (odd) tokens."""
-    metric = metric.to(torch.float32)
-    metric = metric * metric.square().sum(dim=-1, keepdim=True).clamp_min(1e-24).rsqrt()
-    a, b = metric[:, ::2], metric[:, 1::2]
-    scores = a @ b.transpose(-1, -2)
+NO_EDGE = -1e30  # score of a pair that may not merge (a protected token, padding with a real token)
+PAD_EDGE = 2.0  # score of two padding tokens: above any cosine, so padding merges first
+
+
+def tome_positions(metric: Tensor, kmask: Tensor, r: int, protected: int) -> Tensor:
+    """ToMe's bipartite soft matching as the position [B, T] each token takes in the merged sequence.
+
+    Tokens alternate into A (even) and B (odd); each A token's edge is its most similar B token (cosine of
+    `metric`, first index on ties). The r A tokens with the strongest edges (ties: lower index first, as a
+    stable descending sort) merge into their B token; the merged sequence is [unmerged A tokens in order,
+    B tokens in order]. Ranks come from pairwise comparisons rather than a sort, so effopt's TVM lowering
+    (lowering/kernels/tokens.py) computes exactly the same positions."""
+    b, t = kmask.shape
+    ta = (t + 1) // 2
+    m = metric.to(torch.float32)
+    m = m * m.square().sum(dim=-1, keepdim=True).clamp_min(1e-24).rsqrt()
+    scores = m[:, ::2] @ m[:, 1::2].transpose(-1, -2)  # [B, Ta, Tb]
     pa, pb = _pad(kmask[:, ::2]), _pad(kmask[:, 1::2])
-    scores = scores.masked_fill(pa[:, :, None] != pb[:, None, :], -math.inf)  # padding only with padding
+    scores = torch.where(pa[:, :, None] != pb[:, None, :], NO_EDGE, scores)  # padding only with padding
     # padding merges first, and by position only: which real tokens merge never depends on what the
     # padding holds (its keys are masked; merging it costs nothing)
-    scores = scores.masked_fill(pa[:, :, None] & pb[:, None, :], 2.0)
-    for p in range(protected):  # protected tokens neither merge away nor receive merges
-        if p % 2 == 0:
-            scores[:, p // 2, :] = -math.inf
-        else:
-            scores[:, :, p // 2] = -math.inf
+    scores = torch.where(pa[:, :, None] & pb[:, None, :], PAD_EDGE, scores)
+    ia, ib = torch.arange(ta, device=kmask.device), torch.arange(t // 2, device=kmask.device)
+    # protected tokens neither merge away (A) nor receive merges (B)
+    scores = torch.where((2 * ia < protected)[:, None] | (2 * ib + 1 < protected)[None, :], NO_EDGE, scores)
     node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
-    unm_idx = edge_idx[:, r:].sort(dim=-1).values  # unmerged A tokens keep their order (CLS first)
-    src_idx = edge_idx[:, :r]
-    dst_idx = node_idx.gather(1, src_idx)
-    return unm_idx, src_idx, dst_idx
-
-
-def _merge(v: Tensor, unm_idx, src_idx, dst_idx, reduce: str) -> Tensor:
-    """[B, T, ...] -> [B, T - r, ...]: unmerged A tokens, then B tokens with the merged A tokens reduced in."""
-    src, dst = v[:, ::2], v[:, 1::2]
-    tail = v.shape[2:]
-
-    def idx(i):
-        return i.reshape(i.shape + (1,) * len(tail)).expand(i.shape + tail)
-
-    unm = src.gather(1, idx(unm_idx))
-    moved = src.gather(1, idx(src_idx))
-    dst = dst.scatter_reduce(1, idx(dst_idx), moved, reduce=reduce)
-    return torch.cat([unm, dst], dim=1)
+    beats = (node_max[:, None, :] > node_max[:, :, None]) | \
+        ((node_max[:, None, :] == node_max[:, :, None]) & (ia[None, :] < ia[:, None])[None])
+    rank = beats.sum(dim=-1)  # [B, Ta]: how many edges come before each A token's
+    merged = rank < r
+    kept_before = torch.cumsum((~merged).to(torch.int64), dim=1) - (~merged).to(torch.int64)
+    pos_a = torch.where(merged, ta - r + node_idx, kept_before)
+    pos = torch.empty(b, t, dtype=torch.int64, device=kmask.device)
+    pos[:, ::2], pos[:, 1::2] = pos_a, (ta - r + ib).expand(b, t // 2)
+    return pos
 
 
 def max_merge(t: int, protected: int) -> int:
@@ -107,30 +105,19 @@ def max_merge(t: int, protected: int) -> int:
 
 
 def tome_merge_ref(x, metric, size, kmask, source, r: int, protected: int):
-    b, t = x.shape[0], x.shape[1]
+    b, t, c = x.shape[0], x.shape[1], x.shape[2]
     r = min(r, max_merge(t, protected))
     if r <= 0:
         return x.clone(), size.clone(), kmask.clone(), source.clone()
-    unm_idx, src_idx, dst_idx = tome_match(metric, kmask, r, protected)
-    ta, c = (t + 1) // 2, x.shape[2]
-    # x' = [unmerged A tokens, B tokens with the merged A tokens added in], size-weighted averages
+    pos = tome_positions(metric, kmask, r, protected)
+    # every token added into its position, weighted by its size: merged tokens are size-weighted averages
     w = size.to(torch.float32)
-    wa, wb = w[:, ::2], w[:, 1::2]
-    w_src = wa.gather(1, src_idx)
-    new_size = torch.cat([wa.gather(1, unm_idx), wb.scatter_add(1, dst_idx, w_src)], dim=1)
-    new_x = torch.empty((b, t - r, c), dtype=x.dtype, device=x.device)
-    new_x[:, :ta - r] = x[:, ::2].gather(1, unm_idx[..., None].expand(-1, -1, c))
-    moved = x[:, ::2].gather(1, src_idx[..., None].expand(-1, -1, c)).to(torch.float32) * w_src[..., None]
-    dst = (x[:, 1::2].to(torch.float32) * wb[..., None]).scatter_add_(1, dst_idx[..., None].expand(-1, -1, c), moved)
-    new_x[:, ta - r:] = dst / new_size[:, ta - r:, None]
-    new_kmask = _merge(kmask, unm_idx, src_idx, dst_idx, "amax")  # merges never mix padding and real tokens
-    # where each current token went: unmerged A tokens in order, merged A tokens to their B token
-    pos_a = torch.empty(b, ta, dtype=torch.int64, device=x.device)
-    pos_a.scatter_(1, unm_idx, torch.arange(ta - r, device=x.device).expand(b, ta - r))
-    pos_a.scatter_(1, src_idx, ta - r + dst_idx)
-    pos_b = (ta - r + torch.arange(t // 2, device=x.device)).expand(b, t // 2)
-    pos = torch.empty(b, t, dtype=torch.int64, device=x.device)
-    pos[:, ::2], pos[:, 1::2] = pos_a, pos_b
+    new_size = torch.zeros(b, t - r, device=x.device).scatter_add_(1, pos, w)
+    acc = torch.zeros(b, t - r, c, device=x.device).scatter_add_(
+        1, pos[..., None].expand(-1, -1, c), x.to(torch.float32) * w[..., None])
+    new_x = (acc / new_size[..., None]).to(x.dtype)
+    # merges never mix padding and real tokens: any member's mask is the group's
+    new_kmask = torch.full((b, t - r), -math.inf, device=x.device).scatter_reduce_(1, pos, kmask, "amax")
     return new_x, new_size, new_kmask, pos.gather(1, source)
 
 

@@ -24,11 +24,10 @@ LIBRARY_OPS = frozenset({
     aten._transformer_encoder_layer_fwd.default, aten._native_multi_head_attention.default,
     # linear attention is a few small GEMMs and elementwise ops: torch's kernels (MKL) run it
     torch.ops.effopt.linear_attention.default,
-    # token reduction's bookkeeping (matching, sort, gather/scatter-reduce; effopt/token_ops.py): torch's
-    # kernels; these are small next to the blocks they shrink
-    torch.ops.effopt.token_init.default, torch.ops.effopt.tome_merge.default, torch.ops.effopt.evit_prune.default,
-    torch.ops.effopt.cls_attention.default, torch.ops.effopt.token_mask.default,
-    torch.ops.effopt.token_unmerge.default,
+    # token reduction: the state's set-up (it checks the mask at run time) and EViT's pruning run on torch's
+    # kernels; ToMe's matching and merging, masks and unmerging are lowered (lowering/kernels/tokens.py)
+    torch.ops.effopt.token_init.default, torch.ops.effopt.evit_prune.default,
+    torch.ops.effopt.cls_attention.default,
 })
 
 # Zero-cost in torch (they make views); in TVM they cost nothing only when fused into a compute kernel,

@@ -18,6 +18,7 @@ import torch.fx as fx
 from tvm import relax, tirx
 
 from .. import ops as _effopt_ops  # noqa: F401 - registers torch.ops.effopt.*
+from .. import token_ops as _token_ops  # noqa: F401
 from ..passes.attention import FLASH_CPU, sdpa_arguments
 
 aten = torch.ops.aten
@@ -586,6 +587,30 @@ def _lmul_attention(cv, node, q, k, v, mask, scale, mantissa_bits):
 
     _float32_attention(node, q, k, v)
     return lmul.emit(cv.bb, q, k, v, _additive_mask(cv, mask), float(scale), int(mantissa_bits))
+
+
+# ---- token reduction (effopt/token_ops.py): ToMe's matching and merging as Relax (kernels/tokens.py) -------
+@lowers(torch.ops.effopt.tome_merge.default)
+def _tome_merge(cv, node, x, metric, size, kmask, source, r, protected):
+    from .kernels import tokens
+
+    if any(not isinstance(v, int) for v in node.args[0].meta["val"].shape[1:]):
+        raise Unsupported("tome_merge needs static token and channel counts")
+    return tokens.emit_tome_merge(cv.bb, x, metric, size, kmask, source, int(r), int(protected))
+
+
+@lowers(torch.ops.effopt.token_mask.default)
+def _token_mask(cv, node, kmask, size, proportional):
+    from .kernels import tokens
+
+    return tokens.emit_token_mask(cv.bb, kmask, size, bool(proportional))
+
+
+@lowers(torch.ops.effopt.token_unmerge.default)
+def _token_unmerge(cv, node, y, source):
+    from .kernels import tokens
+
+    return tokens.emit_token_unmerge(cv.bb, y, source)
 
 
 # ---- attention: effopt's tiled online-softmax kernel (kernels/flash.py) against torch's fused SDPA -----------

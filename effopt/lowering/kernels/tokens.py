@@ -1,0 +1,102 @@
+"""Token reduction ops (effopt/token_ops.py) as Relax graphs, so ToMe's matching and merging compile into
+TVM kernels with the block around them.
+
+`emit_tome_merge` computes exactly what `token_ops.tome_merge_ref` computes, op for op: cosine scores of
+the A and B tokens (one batched matmul), the padding and protection rules as `where`s, each A token's best
+edge (max/argmax), edge ranks from pairwise comparisons (no sort: ties break by index as the reference's),
+positions by counting the unmerged tokens before each, then one scatter-add of every token (times its size) into its position,
+a scatter-add of the sizes, a scatter-max of the key mask, and a gather of the source map. Default schedules
+and FuseOps take it from there.
+"""
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+
+from ...token_ops import NO_EDGE, PAD_BELOW, PAD_EDGE, max_merge
+from .common import dims, static
+
+
+def _const(value: np.ndarray) -> relax.Constant:
+    import tvm
+
+    return relax.const(tvm.runtime.tensor(value))
+
+
+def _f32(v: float) -> relax.Constant:
+    return relax.const(v, "float32")
+
+
+def _every_other(bb, x, start: int, t: int):
+    return bb.emit(relax.op.strided_slice(x, axes=[1], begin=[start], end=[t], strides=[2]))
+
+
+def emit_tome_merge(bb: relax.BlockBuilder, x, metric, size, kmask, source, r: int, protected: int):
+    """(x [B, T, C], metric [B, T, D], size [B, T], kmask [B, T], source [B, T0] int64) -> relax.Tuple of
+    (x', size', kmask', source') with T - r tokens. T, C static; B may be symbolic."""
+    op = relax.op
+    bsz, t, c = dims(x, "tome_merge", "x", 3)
+    t, c = static(t, "tome_merge", "the token count"), static(c, "tome_merge", "the channel count")
+    r = min(int(r), max_merge(t, int(protected)))
+    ta, tb = (t + 1) // 2, t // 2
+    n = t - r
+    m = bb.emit(op.astype(metric, "float32"))
+    norm = bb.emit(op.rsqrt(op.maximum(op.sum(op.multiply(m, m), axis=-1, keepdims=True), _f32(1e-24))))
+    m = bb.emit(op.multiply(m, norm))
+    a, b = _every_other(bb, m, 0, t), _every_other(bb, m, 1, t)
+    scores = bb.emit(op.matmul(a, op.permute_dims(b, [0, 2, 1])))  # [B, Ta, Tb]
+    pad = bb.emit(op.less(kmask, _f32(PAD_BELOW)))
+    pa = bb.emit(op.expand_dims(_every_other(bb, pad, 0, t), 2))
+    pb = bb.emit(op.expand_dims(_every_other(bb, pad, 1, t), 1))
+    # (bools compared as int8: LLVM rejected TVM's float compare of two i1)
+    scores = bb.emit(op.where(op.not_equal(op.astype(pa, "int8"), op.astype(pb, "int8")), _f32(NO_EDGE), scores))
+    scores = bb.emit(op.where(op.logical_and(pa, pb), _f32(PAD_EDGE), scores))
+    ia, ib = np.arange(ta), np.arange(tb)
+    prot = (2 * ia < protected)[:, None] | (2 * ib + 1 < protected)[None, :]
+    scores = bb.emit(op.where(_const(prot), _f32(NO_EDGE), scores))
+    node_max = bb.emit(op.max(scores, axis=-1))  # [B, Ta]
+    node_idx = bb.emit(op.astype(op.argmax(scores, axis=-1), "int64"))
+    vi = bb.emit(op.expand_dims(node_max, 2))  # [B, Ta, 1]: edge i
+    vj = bb.emit(op.expand_dims(node_max, 1))  # [B, 1, Ta]: edge j
+    earlier = _const((ia[None, :] < ia[:, None]))  # [i, j]: j < i
+    beats = bb.emit(op.logical_or(op.greater(vj, vi), op.logical_and(op.equal(vj, vi), earlier)))
+    rank = bb.emit(op.sum(op.astype(beats, "int32"), axis=-1))
+    merged = bb.emit(op.less(rank, relax.const(r, "int32")))
+    # unmerged A tokens before each (an exclusive cumsum, as pairwise counts: TVM has no int cumsum legalization)
+    kept = bb.emit(op.expand_dims(op.logical_not(merged), 1))  # [B, 1, Ta]: token j kept
+    kept_before = bb.emit(op.astype(op.sum(op.astype(op.logical_and(kept, earlier), "int32"), axis=-1), "int64"))
+    pos_a = bb.emit(op.where(merged, op.add(node_idx, relax.const(ta - r, "int64")), kept_before))  # [B, Ta]
+    # interleave A and B positions: [B, Ta, 2] -> [B, 2 Ta] -> the first T
+    pos_b = _const(np.concatenate([ta - r + ib, [0] * (ta - tb)]).astype("int64"))  # [Ta]
+    pos_b = bb.emit(op.broadcast_to(pos_b, relax.ShapeExpr([bsz, ta])))
+    pos = bb.emit(op.reshape(op.stack([pos_a, pos_b], axis=2), relax.ShapeExpr([bsz, 2 * ta])))
+    if 2 * ta != t:
+        pos = bb.emit(op.strided_slice(pos, axes=[1], begin=[0], end=[t]))
+    w = bb.emit(op.astype(size, "float32"))
+    new_size = bb.emit(op.scatter_elements(op.zeros(relax.ShapeExpr([bsz, n]), "float32"), pos, w, axis=1,
+                                           reduction="add"))
+    pos3 = bb.emit(op.broadcast_to(op.expand_dims(pos, 2), relax.ShapeExpr([bsz, t, c])))
+    weighted = bb.emit(op.multiply(op.astype(x, "float32"), op.expand_dims(w, 2)))
+    acc = bb.emit(op.scatter_elements(op.zeros(relax.ShapeExpr([bsz, n, c]), "float32"), pos3, weighted, axis=1,
+                                      reduction="add"))
+    new_x = bb.emit(op.astype(op.divide(acc, op.expand_dims(new_size, 2)), str(x.ty.dtype)))
+    new_kmask = bb.emit(op.scatter_elements(op.add(op.zeros(relax.ShapeExpr([bsz, n]), "float32"), _f32(float("-inf"))),
+                                            pos, kmask, axis=1, reduction="max"))
+    new_source = bb.emit(op.gather_elements(pos, source, axis=1))
+    return relax.Tuple([new_x, new_size, new_kmask, new_source])
+
+
+def emit_token_mask(bb: relax.BlockBuilder, kmask, size, proportional: bool):
+    """[B, T] key mask (+ log size) -> [B, 1, 1, T]."""
+    m = bb.emit(relax.op.add(kmask, relax.op.log(size))) if proportional else kmask
+    return relax.op.expand_dims(m, [1, 2])
+
+
+def emit_token_unmerge(bb: relax.BlockBuilder, y, source):
+    """y [B, T, ...] gathered at source [B, T0] along dim 1 -> [B, T0, ...]."""
+    shape = dims(y, "token_unmerge", "y")
+    idx = source
+    for _ in range(len(shape) - 2):
+        idx = relax.op.expand_dims(idx, -1)
+    full = relax.ShapeExpr([shape[0], dims(source, "token_unmerge", "source", 2)[1]] + shape[2:])
+    return relax.op.gather_elements(y, bb.emit(relax.op.broadcast_to(idx, full)), axis=1)
