@@ -111,7 +111,8 @@ def tome_merge_ref(x, metric, size, kmask, source, r: int, protected: int):
         return x.clone(), size.clone(), kmask.clone(), source.clone()
     pos = tome_positions(metric, kmask, r, protected)
     # every token added into its position, weighted by its size: merged tokens are size-weighted averages
-    w = size.to(torch.float32)
+    # (sizes count tokens, so >= 1; the clamp keeps the lowering's self-check on random inputs well-posed)
+    w = size.to(torch.float32).clamp_min(1.0)
     new_size = torch.zeros(b, t - r, device=x.device).scatter_add_(1, pos, w)
     acc = torch.zeros(b, t - r, c, device=x.device).scatter_add_(
         1, pos[..., None].expand(-1, -1, c), x.to(torch.float32) * w[..., None])
@@ -122,29 +123,31 @@ def tome_merge_ref(x, metric, size, kmask, source, r: int, protected: int):
 
 
 def evit_prune_ref(x, cls_attn, size, kmask, source, keep: int):
-    b, t = x.shape[0], x.shape[1]
+    """EViT: CLS and the `keep` tokens with the most CLS attention (ties: lower index first) stay, in order;
+    the rest fuse into one last token, their attention-weighted average (padding weighs nothing). Ranks and
+    positions as in `tome_positions`, so the TVM lowering computes the same."""
+    b, t, c = x.shape[0], x.shape[1], x.shape[2]
     keep = min(keep, t - 1)
     if keep >= t - 1:
         return x.clone(), size.clone(), kmask.clone(), source.clone()
-    att = cls_attn[:, 1:].to(torch.float32)
-    kept = att.topk(keep, dim=-1).indices.sort(dim=-1).values + 1  # token indices, in order
-    dropped = torch.ones(b, t, dtype=torch.bool, device=x.device)
-    dropped[:, 0] = False
-    dropped.scatter_(1, kept, False)
+    idx = torch.arange(t, device=x.device)
+    att = torch.where(idx == 0, torch.finfo(torch.float32).max, cls_attn.to(torch.float32))  # CLS first
+    beats = (att[:, None, :] > att[:, :, None]) | ((att[:, None, :] == att[:, :, None]) & (idx[None, :] < idx[:, None]))
+    kept = beats.sum(dim=-1) < keep + 1  # CLS and the top `keep`
+    before = (kept[:, None, :] & (idx[None, :] < idx[:, None])).sum(dim=-1)  # kept tokens before each
+    pos = torch.where(kept, before, keep + 1)
     real = ~_pad(kmask)
-    w = torch.where(dropped & real, cls_attn.to(torch.float32), torch.zeros((), device=x.device))
-    wsum = w.sum(dim=-1, keepdim=True)
-    fused = (w[..., None] * x.to(torch.float32)).sum(dim=1, keepdim=True) / wsum.clamp_min(1e-30)[..., None]
-    fused = torch.where(wsum[..., None] > 0, fused, torch.zeros_like(fused))
-    fused_size = torch.where(dropped & real, size, torch.zeros_like(size)).sum(dim=-1, keepdim=True)
-    any_real = (dropped & real).any(dim=-1, keepdim=True)
-    fused_mask = torch.where(any_real, torch.zeros_like(wsum), kmask.min(dim=-1, keepdim=True).values)
-    idx = torch.cat([torch.zeros(b, 1, dtype=torch.int64, device=x.device), kept], dim=1)
-    new_x = torch.cat([x.gather(1, idx[..., None].expand(-1, -1, x.shape[2])), fused.to(x.dtype)], dim=1)
-    new_size = torch.cat([size.gather(1, idx), fused_size.clamp_min(1.0)], dim=1)
-    new_kmask = torch.cat([kmask.gather(1, idx), fused_mask], dim=1)
-    pos = torch.full((b, t), keep + 1, dtype=torch.int64, device=x.device)
-    pos.scatter_(1, idx, torch.arange(keep + 1, device=x.device).expand(b, keep + 1))
+    # (attention is >= 0; the clamp keeps every weight in [0, 1] whatever the input, which the lowering's
+    # self-check on random inputs relies on)
+    w = torch.where(~kept & real, cls_attn.to(torch.float32).clamp_min(0.0), 0.0)
+    coef = torch.where(kept, 1.0, w / w.sum(dim=-1, keepdim=True).clamp_min(1e-30))
+    n = keep + 2
+    new_x = torch.zeros(b, n, c, device=x.device).scatter_add_(
+        1, pos[..., None].expand(-1, -1, c), x.to(torch.float32) * coef[..., None]).to(x.dtype)
+    new_size = torch.zeros(b, n, device=x.device).scatter_add_(
+        1, pos, torch.where(kept | real, size, 0.0)).clamp_min(1.0)
+    new_kmask = torch.full((b, n), -math.inf, device=x.device).scatter_reduce_(
+        1, pos, torch.where(kept | ~real, kmask, 0.0), "amax")  # the fused token is padding only if all of it is
     return new_x, new_size, new_kmask, pos.gather(1, source)
 
 

@@ -24,10 +24,9 @@ LIBRARY_OPS = frozenset({
     aten._transformer_encoder_layer_fwd.default, aten._native_multi_head_attention.default,
     # linear attention is a few small GEMMs and elementwise ops: torch's kernels (MKL) run it
     torch.ops.effopt.linear_attention.default,
-    # token reduction: the state's set-up (it checks the mask at run time) and EViT's pruning run on torch's
-    # kernels; ToMe's matching and merging, masks and unmerging are lowered (lowering/kernels/tokens.py)
-    torch.ops.effopt.token_init.default, torch.ops.effopt.evit_prune.default,
-    torch.ops.effopt.cls_attention.default,
+    # token reduction's state set-up checks the mask at run time (torch); the reductions, masks and
+    # unmerging are lowered (lowering/kernels/tokens.py)
+    torch.ops.effopt.token_init.default,
 })
 
 # Zero-cost in torch (they make views); in TVM they cost nothing only when fused into a compute kernel,

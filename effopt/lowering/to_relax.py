@@ -599,6 +599,20 @@ def _tome_merge(cv, node, x, metric, size, kmask, source, r, protected):
     return tokens.emit_tome_merge(cv.bb, x, metric, size, kmask, source, int(r), int(protected))
 
 
+@lowers(torch.ops.effopt.evit_prune.default)
+def _evit_prune(cv, node, x, cls_attn, size, kmask, source, keep):
+    from .kernels import tokens
+
+    return tokens.emit_evit_prune(cv.bb, x, cls_attn, size, kmask, source, int(keep))
+
+
+@lowers(torch.ops.effopt.cls_attention.default)
+def _cls_attention(cv, node, q, k, kmask, scale):
+    from .kernels import tokens
+
+    return tokens.emit_cls_attention(cv.bb, q, k, kmask, float(scale))
+
+
 @lowers(torch.ops.effopt.token_mask.default)
 def _token_mask(cv, node, kmask, size, proportional):
     from .kernels import tokens

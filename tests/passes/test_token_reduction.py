@@ -179,35 +179,39 @@ def test_prune_keeps_the_rate_at_the_pruning_blocks():
     assert _record().tokens == [17, 17, 10, 7, 7]
 
 
-def _token_kernels():
-    return [k for k in effopt.last_report().lowering.kernels if "tome_merge" in k.ops]
+def _token_kernels(op):
+    return [k for k in effopt.last_report().lowering.kernels if op in k.ops]
 
 
-def test_lowered_graph_matches_the_unlowered_one(no_fallback_warnings):
-    """ToMe's matching and merging lower to TVM (kernels/tokens.py) with the block around them."""
+@pytest.mark.parametrize("option,op,n", [({"token_merge": 2}, "tome_merge", 3),
+                                         ({"token_prune": {"keep_rate": 0.5, "layers": [0, 2]}}, "evit_prune", 2)])
+def test_lowered_graph_matches_the_unlowered_one(option, op, n, no_fallback_warnings):
+    """The reductions lower to TVM (kernels/tokens.py) with the block around them."""
     model = vit_tiny_test(depth=3).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        plain = compile_effopt(model, token_merge=2, lower=False)(x)
+        plain = compile_effopt(model, lower=False, **option)(x)
         torch._dynamo.reset()
-        lowered = compile_effopt(model, token_merge=2, kernel_choice="tvm")(x)
+        lowered = compile_effopt(model, kernel_choice="tvm", **option)(x)
     assert_same_as_eager(lowered, plain)
-    kernels = _token_kernels()
-    assert len(kernels) == 3 and all(k.choice == "tvm" for k in kernels), kernels
+    kernels = _token_kernels(op)
+    assert len(kernels) == n and all(k.choice == "tvm" for k in kernels), kernels
 
 
-def test_lowered_merging_with_padding(no_fallback_warnings):
+@pytest.mark.parametrize("option,op", [({"token_merge": 5}, "tome_merge"), ({"token_prune": 0.5}, "evit_prune")])
+def test_lowered_reduction_with_padding(option, op, no_fallback_warnings):
+    """Padding ties (equal scores, zero CLS attention) break the same way in the kernels as in torch."""
     model = _tiny_bert()
     ids = torch.randint(1, 100, (3, 24), generator=torch.Generator().manual_seed(6))
     mask = torch.ones(3, 24, dtype=torch.long)
     mask[0, 10:] = 0
     mask[2, 3:] = 0
     with torch.no_grad():
-        plain = compile_effopt(model, token_merge=5, lower=False)(input_ids=ids, attention_mask=mask)
+        plain = compile_effopt(model, lower=False, **option)(input_ids=ids, attention_mask=mask)
         torch._dynamo.reset()
-        lowered = compile_effopt(model, token_merge=5, kernel_choice="tvm")(input_ids=ids, attention_mask=mask)
+        lowered = compile_effopt(model, kernel_choice="tvm", **option)(input_ids=ids, attention_mask=mask)
     assert_same_as_eager(lowered.last_hidden_state, plain.last_hidden_state)
-    assert all(k.choice == "tvm" for k in _token_kernels()) and _token_kernels()
+    assert all(k.choice == "tvm" for k in _token_kernels(op)) and _token_kernels(op)
 
 
 def test_dynamic_batch():

@@ -1,12 +1,13 @@
-"""Token reduction ops (effopt/token_ops.py) as Relax graphs, so ToMe's matching and merging compile into
-TVM kernels with the block around them.
+"""Token reduction ops (effopt/token_ops.py) as Relax graphs, so ToMe's matching and merging and EViT's
+pruning compile into TVM kernels with the block around them.
 
-`emit_tome_merge` computes exactly what `token_ops.tome_merge_ref` computes, op for op: cosine scores of
+Each emit function computes what its reference in `token_ops` computes, op for op. ToMe: cosine scores of
 the A and B tokens (one batched matmul), the padding and protection rules as `where`s, each A token's best
 edge (max/argmax), edge ranks from pairwise comparisons (no sort: ties break by index as the reference's),
-positions by counting the unmerged tokens before each, then one scatter-add of every token (times its size) into its position,
-a scatter-add of the sizes, a scatter-max of the key mask, and a gather of the source map. Default schedules
-and FuseOps take it from there.
+positions by counting the unmerged tokens before each, then one scatter-add of every token (times its
+size) into its position, a scatter-add of the sizes, a scatter-max of the key mask and a gather of the
+source map. EViT: ranks of the CLS attention the same way, kept tokens in order and the rest
+scatter-added into one fused token. Default schedules and FuseOps take it from there.
 """
 from __future__ import annotations
 
@@ -62,9 +63,7 @@ def emit_tome_merge(bb: relax.BlockBuilder, x, metric, size, kmask, source, r: i
     beats = bb.emit(op.logical_or(op.greater(vj, vi), op.logical_and(op.equal(vj, vi), earlier)))
     rank = bb.emit(op.sum(op.astype(beats, "int32"), axis=-1))
     merged = bb.emit(op.less(rank, relax.const(r, "int32")))
-    # unmerged A tokens before each (an exclusive cumsum, as pairwise counts: TVM has no int cumsum legalization)
-    kept = bb.emit(op.expand_dims(op.logical_not(merged), 1))  # [B, 1, Ta]: token j kept
-    kept_before = bb.emit(op.astype(op.sum(op.astype(op.logical_and(kept, earlier), "int32"), axis=-1), "int64"))
+    kept_before = _before(bb, bb.emit(op.logical_not(merged)), earlier)  # unmerged A tokens before each
     pos_a = bb.emit(op.where(merged, op.add(node_idx, relax.const(ta - r, "int64")), kept_before))  # [B, Ta]
     # interleave A and B positions: [B, Ta, 2] -> [B, 2 Ta] -> the first T
     pos_b = _const(np.concatenate([ta - r + ib, [0] * (ta - tb)]).astype("int64"))  # [Ta]
@@ -72,7 +71,7 @@ def emit_tome_merge(bb: relax.BlockBuilder, x, metric, size, kmask, source, r: i
     pos = bb.emit(op.reshape(op.stack([pos_a, pos_b], axis=2), relax.ShapeExpr([bsz, 2 * ta])))
     if 2 * ta != t:
         pos = bb.emit(op.strided_slice(pos, axes=[1], begin=[0], end=[t]))
-    w = bb.emit(op.astype(size, "float32"))
+    w = bb.emit(op.maximum(op.astype(size, "float32"), _f32(1.0)))
     new_size = bb.emit(op.scatter_elements(op.zeros(relax.ShapeExpr([bsz, n]), "float32"), pos, w, axis=1,
                                            reduction="add"))
     pos3 = bb.emit(op.broadcast_to(op.expand_dims(pos, 2), relax.ShapeExpr([bsz, t, c])))
@@ -84,6 +83,58 @@ def emit_tome_merge(bb: relax.BlockBuilder, x, metric, size, kmask, source, r: i
                                             pos, kmask, axis=1, reduction="max"))
     new_source = bb.emit(op.gather_elements(pos, source, axis=1))
     return relax.Tuple([new_x, new_size, new_kmask, new_source])
+
+
+def _before(bb, flags, earlier):
+    """[B, T] bool -> [B, T] int64: how many flagged tokens come before each (pairwise counts: TVM has no
+    integer cumsum legalization)."""
+    op = relax.op
+    pair = op.logical_and(op.expand_dims(flags, 1), earlier)  # [B, i, j]: j flagged and j < i
+    return bb.emit(op.astype(op.sum(op.astype(pair, "int32"), axis=-1), "int64"))
+
+
+def emit_evit_prune(bb: relax.BlockBuilder, x, cls_attn, size, kmask, source, keep: int):
+    """EViT pruning as `token_ops.evit_prune_ref`: (x', size', kmask', source') with keep + 2 tokens."""
+    op = relax.op
+    bsz, t, c = dims(x, "evit_prune", "x", 3)
+    t, c = static(t, "evit_prune", "the token count"), static(c, "evit_prune", "the channel count")
+    keep = min(int(keep), t - 1)
+    n = keep + 2
+    idx = np.arange(t)
+    att_raw = bb.emit(op.astype(cls_attn, "float32"))
+    att = bb.emit(op.where(_const(idx == 0), _f32(float(np.finfo(np.float32).max)), att_raw))  # CLS first
+    earlier = _const(idx[None, :] < idx[:, None])  # [i, j]: j < i
+    vi, vj = bb.emit(op.expand_dims(att, 2)), bb.emit(op.expand_dims(att, 1))
+    beats = bb.emit(op.logical_or(op.greater(vj, vi), op.logical_and(op.equal(vj, vi), earlier)))
+    rank = bb.emit(op.sum(op.astype(beats, "int32"), axis=-1))
+    kept = bb.emit(op.less(rank, relax.const(keep + 1, "int32")))
+    pos = bb.emit(op.where(kept, _before(bb, kept, earlier), relax.const(keep + 1, "int64")))
+    real = bb.emit(op.logical_not(op.less(kmask, _f32(PAD_BELOW))))
+    w = bb.emit(op.where(op.logical_and(op.logical_not(kept), real), op.maximum(att_raw, _f32(0.0)), _f32(0.0)))
+    wsum = bb.emit(op.maximum(op.sum(w, axis=-1, keepdims=True), _f32(1e-30)))
+    coef = bb.emit(op.where(kept, _f32(1.0), op.divide(w, wsum)))
+    pos3 = bb.emit(op.broadcast_to(op.expand_dims(pos, 2), relax.ShapeExpr([bsz, t, c])))
+    weighted = bb.emit(op.multiply(op.astype(x, "float32"), op.expand_dims(coef, 2)))
+    new_x = bb.emit(op.astype(op.scatter_elements(op.zeros(relax.ShapeExpr([bsz, n, c]), "float32"), pos3, weighted,
+                                                  axis=1, reduction="add"), str(x.ty.dtype)))
+    counted = bb.emit(op.where(op.logical_or(kept, real), op.astype(size, "float32"), _f32(0.0)))
+    new_size = bb.emit(op.maximum(op.scatter_elements(op.zeros(relax.ShapeExpr([bsz, n]), "float32"), pos, counted,
+                                                      axis=1, reduction="add"), _f32(1.0)))
+    masks = bb.emit(op.where(op.logical_or(kept, op.logical_not(real)), kmask, _f32(0.0)))
+    new_kmask = bb.emit(op.scatter_elements(op.add(op.zeros(relax.ShapeExpr([bsz, n]), "float32"),
+                                                   _f32(float("-inf"))), pos, masks, axis=1, reduction="max"))
+    new_source = bb.emit(op.gather_elements(pos, source, axis=1))
+    return relax.Tuple([new_x, new_size, new_kmask, new_source])
+
+
+def emit_cls_attention(bb: relax.BlockBuilder, q, k, kmask, scale: float):
+    """The first query's (CLS) attention over the keys, averaged over heads: q, k [B, H, T, D] -> [B, T]."""
+    op = relax.op
+    q0 = bb.emit(op.strided_slice(op.astype(q, "float32"), axes=[2], begin=[0], end=[1]))
+    s = bb.emit(op.multiply(op.matmul(q0, op.permute_dims(op.astype(k, "float32"), [0, 1, 3, 2])), _f32(scale)))
+    s = bb.emit(op.add(s, op.expand_dims(kmask, [1, 2])))
+    p = bb.emit(op.nn.softmax(s, axis=-1))
+    return op.squeeze(op.mean(p, axis=1), axis=[1])
 
 
 def emit_token_mask(bb: relax.BlockBuilder, kmask, size, proportional: bool):
