@@ -65,6 +65,17 @@ def test_tome_merge_keeps_cls_and_averages_by_size():
     assert x3.shape[1] == 11 - 5 and s3[0, 0] == 1
 
 
+def test_distillation_token_is_protected_too():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 12, 8, generator=g)
+    metric = torch.randn(2, 12, 4, generator=g)
+    metric[:, 1] = metric[:, 3]  # token 1 (distillation) looks exactly like token 3: still never merged
+    size, kmask, source = _state(x)
+    x1, s1, k1, src1 = token_ops.tome_merge_ref(x, metric, size, kmask, source, 5, 2)
+    for b, groups in enumerate(_groups(src1, 7)):
+        assert {0} in groups and {1} in groups, groups
+
+
 def test_tome_merge_never_mixes_padding_and_merges_it_first():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 12, 8, generator=g)
