@@ -454,6 +454,13 @@ def apply_plan(gm: fx.GraphModule, blocks: list[Block], p: Plan) -> int:
     return reduced
 
 
+def _warn_not_applied(config: TokenConfig, why: str) -> None:
+    import warnings
+
+    warnings.warn(f"effopt: {config} was not applied to this graph, which runs without token reduction: {why}",
+                  UserWarning, stacklevel=4)
+
+
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     from ..capture import copy_graph_module
 
@@ -474,6 +481,8 @@ def token_reduction(gm: fx.GraphModule, config: TokenConfig, examples: list, cal
     record.notes += [f"skipped {s}" for s in skipped]
     if not blocks:
         record.notes.insert(0, "no encoder block found: nothing reduced")
+        _warn_not_applied(config, "no transformer encoder block (fused attention followed by a residual add) "
+                          "in this graph" + (f"; skipped {'; '.join(skipped)}" if skipped else ""))
         record.nodes_after = record.nodes_before
         return gm, record
 
@@ -519,6 +528,7 @@ def token_reduction(gm: fx.GraphModule, config: TokenConfig, examples: list, cal
                 new = gm
     except ShapeError as e:
         record.notes.insert(0, f"not applied: {e}")
+        _warn_not_applied(config, str(e))
         record.nodes_after = record.nodes_before
         return gm, record
     guard.seconds = time.perf_counter() - t0

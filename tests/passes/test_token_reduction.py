@@ -305,3 +305,15 @@ def test_token_sources_and_merge_drawing(tmp_path):
     assert path.stat().st_size > 1000 and "10 tokens hold 16 patches" in fig.axes[1].get_title()
     with pytest.raises(ValueError, match="token_merge"):
         effopt.token_sources(model, (x,))
+
+
+def test_a_model_without_encoder_blocks_warns_and_runs_unchanged():
+    from effopt.testing.models import SmallCNN
+
+    model = SmallCNN().eval()
+    x = torch.randn(2, 3, 16, 16)
+    f = compile_effopt(model, token_merge=4)
+    with pytest.warns(UserWarning, match="token_merge.*was not applied"):
+        with torch.no_grad():
+            out = f(x)
+    assert_same_as_eager(out, model(x))
