@@ -32,6 +32,7 @@ bench: setup
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/approximate.py
 	$(PY) benchmarks/token_reduction.py
+	$(PY) benchmarks/shift.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache bench-results
