@@ -165,46 +165,58 @@ def warn_unverified(what: str, stacklevel: int = 3) -> None:
                   "roll back what costs too much", EffoptAccuracyWarning, stacklevel=stacklevel)
 
 
+def metric_name(metric) -> str:
+    return metric if isinstance(metric, str) else getattr(metric, "__name__", "callable")
+
+
+class Calibrated:
+    """The reference outputs of `run` on the calibration inputs, and the metric loss of a candidate against
+    them (averaged over the inputs; inf if not finite). Counts its evaluations in `result`."""
+
+    def __init__(self, run: Callable[[list], Any], calibration: list[list], metric, result: GuardResult):
+        self.calibration, self.loss_of, self.result = calibration, metric_fn(metric), result
+        with torch.no_grad():
+            self.refs = [run(args) for args in calibration]
+
+    def loss(self, run: Callable[[list], Any]) -> float:
+        self.result.evaluations += 1
+        with torch.no_grad():
+            losses = [self.loss_of(r, run(args)) for r, args in zip(self.refs, self.calibration)]
+        loss = sum(losses) / len(losses)
+        return loss if math.isfinite(loss) else math.inf
+
+
 def guarded_apply(run: Callable[[list], Any], layers: list, apply: Callable, revert: Callable,
                   calibration: list[list] | None, budget: float | None, metric, what: str) -> GuardResult:
     """Apply each layer's rewrite, keeping those that hold the metric within budget on the calibration data.
 
     `run(args)` evaluates the graph as it currently is; `apply(layer)`/`revert(layer)` change it."""
     t0 = time.perf_counter()
-    metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "callable")
+    mname = metric_name(metric)
     names = [getattr(l, "name", str(l)) for l in layers]
     if not calibration:
         warn_unverified(what, stacklevel=4)
         for l in layers:
             apply(l)
-        return GuardResult(metric_name, None, kept=names, seconds=time.perf_counter() - t0)
+        return GuardResult(mname, None, kept=names, seconds=time.perf_counter() - t0)
     budget = DEFAULT_BUDGET if budget is None else budget
-    loss_of = metric_fn(metric)
-    with torch.no_grad():
-        refs = [run(args) for args in calibration]
-    result = GuardResult(metric_name, budget)
-
-    def measure() -> float:
-        result.evaluations += 1
-        with torch.no_grad():
-            losses = [loss_of(r, run(args)) for r, args in zip(refs, calibration)]
-        loss = sum(losses) / len(losses)
-        return loss if math.isfinite(loss) else math.inf
+    result = GuardResult(mname, budget)
+    cal = Calibrated(run, calibration, metric, result)
 
     # the common case first: every layer at once within budget costs one evaluation
     for l in layers:
         apply(l)
-    loss = measure()
+    loss = cal.loss(run)
     if loss <= budget:
         result.kept, result.loss = names, loss
-        log.info("effopt: %s: all %d layers kept (%s loss %.4g)", what, len(layers), metric_name, loss)
+        log.info("effopt: %s: all %d layers kept (%s loss %.4g)", what, len(layers), mname, loss)
     else:
         for l in layers:
             revert(l)
         loss = 0.0
         for i, (l, name) in enumerate(zip(layers, names)):
             apply(l)
-            trial = measure()
+            trial = cal.loss(run)
             if trial <= budget:
                 result.kept.append(name)
                 loss = trial
@@ -212,7 +224,7 @@ def guarded_apply(run: Callable[[list], Any], layers: list, apply: Callable, rev
                 revert(l)
                 result.rolled_back.append((name, trial))
             log.info("effopt: %s: layer %d/%d %s (%s loss %.4g)", what, i + 1, len(layers),
-                     "kept" if trial <= budget else "rolled back", metric_name, trial)
+                     "kept" if trial <= budget else "rolled back", mname, trial)
         result.loss = loss if result.kept else 0.0
     result.seconds = time.perf_counter() - t0
     return result

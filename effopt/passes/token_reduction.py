@@ -155,14 +155,12 @@ def default_prune_layers(num_blocks: int) -> tuple[int, ...]:
 # ---- finding the blocks ---------------------------------------------------------------------------------------
 @dataclass
 class Block:
-    index: int
     sdpa: fx.Node
     q: fx.Node
     k: fx.Node
     mask: fx.Node | None
     scale: float
     stream: fx.Node  # the residual stream after attention, [B, T, C]
-    name: str = ""
 
 
 def _shape(n) -> tuple | None:
@@ -225,8 +223,7 @@ def find_blocks(gm: fx.GraphModule) -> tuple[list[Block], list[str]]:
             continue
         scale = f["scale"]
         scale = 1.0 / math.sqrt(int(sq[-1])) if scale is None else float(scale)
-        blocks.append(Block(len(blocks), node, q, k, f["attn_mask"], scale, stream,
-                            f"block[{len(blocks)}] at {where}"))
+        blocks.append(Block(node, q, k, f["attn_mask"], scale, stream))
     return blocks, skipped
 
 
@@ -292,15 +289,20 @@ class ShapeError(RuntimeError):
     pass
 
 
+def _fake_mode(*vals):
+    """The fake mode of these values (dynamo's, with its shape environment), or a fresh one."""
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    return mode if mode is not None else FakeTensorMode(allow_non_fake_inputs=True)
+
+
 def repropagate(gm: fx.GraphModule, old: dict[fx.Node, tuple], token_counts: set) -> None:
     """Recompute every node's fake value after the token count changed, fixing view sizes on the way."""
-    from torch._guards import detect_fake_mode
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensor
 
-    placeholders = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-    mode = detect_fake_mode([v for v in placeholders if isinstance(v, torch.Tensor)])
-    if mode is None:
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = _fake_mode(*[n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
     env: dict[fx.Node, object] = {}
 
     def fake(v):
@@ -345,19 +347,11 @@ def repropagate(gm: fx.GraphModule, old: dict[fx.Node, tuple], token_counts: set
 
 # ---- the rewrite ----------------------------------------------------------------------------------------------
 def _set_mask(sdpa: fx.Node, mask: fx.Node) -> None:
-    if sdpa.target is FLASH_CPU:
-        kwargs = dict(sdpa.kwargs)
-        kwargs["attn_mask"] = mask
-        sdpa.kwargs = kwargs
-        return
-    args = list(sdpa.args)
-    if len(args) > 3:
-        args[3] = mask
-        sdpa.args = tuple(args)
+    """Set the attention mask argument (positional in SDPA's 4th place when given there, else a keyword)."""
+    if sdpa.target is not FLASH_CPU and len(sdpa.args) > 3:
+        sdpa.update_arg(3, mask)
     else:
-        kwargs = dict(sdpa.kwargs)
-        kwargs["attn_mask"] = mask
-        sdpa.kwargs = kwargs
+        sdpa.update_kwarg("attn_mask", mask)
 
 
 @dataclass
@@ -443,12 +437,14 @@ def apply_plan(gm: fx.GraphModule, blocks: list[Block], p: Plan) -> int:
         if isinstance(a, fx.Node) and before is not None and now != before:
             if len(now) >= 2 and now[0] == before[0] and now[2:] == before[2:] and before[1] == p.tokens[0]:
                 with graph.inserting_before(out_node):
-                    a = graph.call_function(effopt_ops.token_unmerge.default, (a, source))
+                    unmerged = graph.call_function(effopt_ops.token_unmerge.default, (a, source))
+                with _fake_mode(a.meta["val"]):
+                    unmerged.meta["val"] = effopt_ops.token_unmerge.default(a.meta["val"], source.meta["val"])
+                a = unmerged
             else:
                 raise ShapeError(f"output {a.name} changed from {before} to {now}")
         fixed.append(a)
     out_node.args = (torch.utils._pytree.tree_unflatten(fixed, spec),)
-    repropagate(gm, old, set(p.tokens))
     graph.lint()
     gm.recompile()
     return reduced
@@ -461,18 +457,13 @@ def _warn_not_applied(config: TokenConfig, why: str) -> None:
                   UserWarning, stacklevel=4)
 
 
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    from ..capture import copy_graph_module
-
-    return copy_graph_module(gm)
-
-
 def token_reduction(gm: fx.GraphModule, config: TokenConfig, examples: list, calibration, budget,
                     metric) -> tuple[fx.GraphModule, PassRecord]:
     """The `token_merge`/`token_prune` option on gm (after the exact passes). With calibration data, the
     accuracy guard backs the schedule off (r, or the pruned fraction, times 3/4, 1/2, 1/4, then none) until
     the metric holds within budget. Returns the rewritten graph (gm itself when nothing was applied)."""
-    from ..guard import GuardResult, metric_fn, warn_unverified
+    from ..capture import copy_graph_module
+    from ..guard import DEFAULT_BUDGET, Calibrated, GuardResult, metric_name, warn_unverified
     from .manager import count_nodes
 
     t0 = time.perf_counter()
@@ -488,36 +479,27 @@ def token_reduction(gm: fx.GraphModule, config: TokenConfig, examples: list, cal
 
     def build(cfg: TokenConfig):
         p = plan(cfg, blocks)
-        new = _copy(gm)
+        new = copy_graph_module(gm)
         n = apply_plan(new, find_blocks(new)[0], p)
         return new, p, n
 
     name = str(config)
-    metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "callable")
     try:
         if not calibration:
             warn_unverified(name)
             new, p, n = build(config)
-            guard = GuardResult(metric_name, None, kept=[name])
+            guard = GuardResult(metric_name(metric), None, kept=[name])
         else:
-            from ..guard import DEFAULT_BUDGET
-
             budget = DEFAULT_BUDGET if budget is None else budget
-            loss_of = metric_fn(metric)
-            with torch.no_grad():
-                refs = [gm(*args) for args in calibration]
-            guard = GuardResult(metric_name, budget)
+            guard = GuardResult(metric_name(metric), budget)
+            cal = Calibrated(lambda args: gm(*args), calibration, metric, guard)
             new = None
             for factor in (1.0, 0.75, 0.5, 0.25):
                 cfg = config.scaled(factor)
                 cand, p, n = build(cfg)
                 if not n:
                     break
-                guard.evaluations += 1
-                with torch.no_grad():
-                    losses = [loss_of(r, cand(*args)) for r, args in zip(refs, calibration)]
-                loss = sum(losses) / len(losses)
-                loss = loss if math.isfinite(loss) else math.inf
+                loss = cal.loss(lambda args: cand(*args))  # noqa: B023 - called at once
                 if loss <= budget:
                     new, guard.loss = cand, loss
                     guard.kept = [str(cfg)]
