@@ -1,8 +1,9 @@
 """effopt's own operators: the approximate attentions, as torch custom ops.
 
 Each op has a plain-PyTorch reference implementation (what eager runs, except for L-Mul, whose eager
-forward calls its TVM kernel (see `reference_kernels`); and the oracle the TVM kernels are tested against) and, where it is approximate in a non-differentiable way, straight-through gradients so
-that a reparameterized model can be fine-tuned in plain PyTorch. The lowering stage replaces the ops by
+forward calls its TVM kernel: see `reference_kernels`; and the oracle the TVM kernels are tested against)
+and, where it is approximate in a non-differentiable way, straight-through gradients so that a
+reparameterized model can be fine-tuned in plain PyTorch. The lowering stage replaces the ops by
 TVM kernels (effopt/lowering/kernels/).
 
 Shapes follow `scaled_dot_product_attention`: q [B, H, N, D], k and v [B, H, M, D] (v may have its own

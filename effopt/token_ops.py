@@ -66,6 +66,31 @@ NO_EDGE = -1e30  # score of a pair that may not merge (a protected token, paddin
 PAD_EDGE = 2.0  # score of two padding tokens: above any cosine, so padding merges first
 
 
+def rank_descending(v: Tensor) -> Tensor:
+    """[B, T] -> [B, T]: each value's place in a stable descending sort (ties: lower index first), from
+    pairwise comparisons (the TVM lowering has no sort it could match tie for tie)."""
+    i = torch.arange(v.shape[1], device=v.device)
+    beats = (v[:, None, :] > v[:, :, None]) | ((v[:, None, :] == v[:, :, None]) & (i[None, :] < i[:, None])[None])
+    return beats.sum(dim=-1)
+
+
+def _count_before(flags: Tensor) -> Tensor:
+    """[B, T] bool -> how many flagged tokens come before each (int64)."""
+    f = flags.to(torch.int64)
+    return torch.cumsum(f, dim=1) - f
+
+
+def scatter_tokens(x: Tensor, pos: Tensor, n: int, coef: Tensor, sizes: Tensor, masks: Tensor, source: Tensor):
+    """Every token into its position pos [B, T] of a sequence of n: (sum of x * coef, sum of sizes, max of
+    masks, the source map through pos), the shared end of ToMe's merge and EViT's prune."""
+    b, c = x.shape[0], x.shape[2]
+    acc = torch.zeros(b, n, c, device=x.device).scatter_add_(
+        1, pos[..., None].expand(-1, -1, c), x.to(torch.float32) * coef[..., None])
+    new_size = torch.zeros(b, n, device=x.device).scatter_add_(1, pos, sizes)
+    new_kmask = torch.full((b, n), -math.inf, device=x.device).scatter_reduce_(1, pos, masks, "amax")
+    return acc, new_size, new_kmask, pos.gather(1, source)
+
+
 def tome_positions(metric: Tensor, kmask: Tensor, r: int, protected: int) -> Tensor:
     """ToMe's bipartite soft matching as the position [B, T] each token takes in the merged sequence.
 
@@ -88,12 +113,8 @@ def tome_positions(metric: Tensor, kmask: Tensor, r: int, protected: int) -> Ten
     # protected tokens neither merge away (A) nor receive merges (B)
     scores = torch.where((2 * ia < protected)[:, None] | (2 * ib + 1 < protected)[None, :], NO_EDGE, scores)
     node_max, node_idx = scores.max(dim=-1)
-    beats = (node_max[:, None, :] > node_max[:, :, None]) | \
-        ((node_max[:, None, :] == node_max[:, :, None]) & (ia[None, :] < ia[:, None])[None])
-    rank = beats.sum(dim=-1)  # [B, Ta]: how many edges come before each A token's
-    merged = rank < r
-    kept_before = torch.cumsum((~merged).to(torch.int64), dim=1) - (~merged).to(torch.int64)
-    pos_a = torch.where(merged, ta - r + node_idx, kept_before)
+    merged = rank_descending(node_max) < r  # the r strongest edges
+    pos_a = torch.where(merged, ta - r + node_idx, _count_before(~merged))
     pos = torch.empty(b, t, dtype=torch.int64, device=kmask.device)
     pos[:, ::2], pos[:, 1::2] = pos_a, (ta - r + ib).expand(b, t // 2)
     return pos
@@ -105,7 +126,7 @@ def max_merge(t: int, protected: int) -> int:
 
 
 def tome_merge_ref(x, metric, size, kmask, source, r: int, protected: int):
-    b, t, c = x.shape[0], x.shape[1], x.shape[2]
+    t = x.shape[1]
     r = min(r, max_merge(t, protected))
     if r <= 0:
         return x.clone(), size.clone(), kmask.clone(), source.clone()
@@ -113,42 +134,32 @@ def tome_merge_ref(x, metric, size, kmask, source, r: int, protected: int):
     # every token added into its position, weighted by its size: merged tokens are size-weighted averages
     # (sizes count tokens, so >= 1; the clamp keeps the lowering's self-check on random inputs well-posed)
     w = size.to(torch.float32).clamp_min(1.0)
-    new_size = torch.zeros(b, t - r, device=x.device).scatter_add_(1, pos, w)
-    acc = torch.zeros(b, t - r, c, device=x.device).scatter_add_(
-        1, pos[..., None].expand(-1, -1, c), x.to(torch.float32) * w[..., None])
-    new_x = (acc / new_size[..., None]).to(x.dtype)
     # merges never mix padding and real tokens: any member's mask is the group's
-    new_kmask = torch.full((b, t - r), -math.inf, device=x.device).scatter_reduce_(1, pos, kmask, "amax")
-    return new_x, new_size, new_kmask, pos.gather(1, source)
+    acc, new_size, new_kmask, new_source = scatter_tokens(x, pos, t - r, w, w, kmask, source)
+    return (acc / new_size[..., None]).to(x.dtype), new_size, new_kmask, new_source
 
 
 def evit_prune_ref(x, cls_attn, size, kmask, source, keep: int):
     """EViT: CLS and the `keep` tokens with the most CLS attention (ties: lower index first) stay, in order;
     the rest fuse into one last token, their attention-weighted average (padding weighs nothing). Ranks and
     positions as in `tome_positions`, so the TVM lowering computes the same."""
-    b, t, c = x.shape[0], x.shape[1], x.shape[2]
+    t = x.shape[1]
     keep = min(keep, t - 1)
     if keep >= t - 1:
         return x.clone(), size.clone(), kmask.clone(), source.clone()
-    idx = torch.arange(t, device=x.device)
-    att = torch.where(idx == 0, torch.finfo(torch.float32).max, cls_attn.to(torch.float32))  # CLS first
-    beats = (att[:, None, :] > att[:, :, None]) | ((att[:, None, :] == att[:, :, None]) & (idx[None, :] < idx[:, None]))
-    kept = beats.sum(dim=-1) < keep + 1  # CLS and the top `keep`
-    before = (kept[:, None, :] & (idx[None, :] < idx[:, None])).sum(dim=-1)  # kept tokens before each
-    pos = torch.where(kept, before, keep + 1)
+    att = torch.where(torch.arange(t, device=x.device) == 0, torch.finfo(torch.float32).max,
+                      cls_attn.to(torch.float32))  # CLS first
+    kept = rank_descending(att) < keep + 1  # CLS and the top `keep`
+    pos = torch.where(kept, _count_before(kept), keep + 1)
     real = ~_pad(kmask)
     # (attention is >= 0; the clamp keeps every weight in [0, 1] whatever the input, which the lowering's
     # self-check on random inputs relies on)
     w = torch.where(~kept & real, cls_attn.to(torch.float32).clamp_min(0.0), 0.0)
     coef = torch.where(kept, 1.0, w / w.sum(dim=-1, keepdim=True).clamp_min(1e-30))
-    n = keep + 2
-    new_x = torch.zeros(b, n, c, device=x.device).scatter_add_(
-        1, pos[..., None].expand(-1, -1, c), x.to(torch.float32) * coef[..., None]).to(x.dtype)
-    new_size = torch.zeros(b, n, device=x.device).scatter_add_(
-        1, pos, torch.where(kept | real, size, 0.0)).clamp_min(1.0)
-    new_kmask = torch.full((b, n), -math.inf, device=x.device).scatter_reduce_(
-        1, pos, torch.where(kept | ~real, kmask, 0.0), "amax")  # the fused token is padding only if all of it is
-    return new_x, new_size, new_kmask, pos.gather(1, source)
+    # the fused token is padding only if all of it is
+    acc, new_size, new_kmask, new_source = scatter_tokens(
+        x, pos, keep + 2, coef, torch.where(kept | real, size, 0.0), torch.where(kept | ~real, kmask, 0.0), source)
+    return acc.to(x.dtype), new_size.clamp_min(1.0), new_kmask, new_source
 
 
 def cls_attention_ref(q: Tensor, k: Tensor, kmask: Tensor, scale: float) -> Tensor:

@@ -25,41 +25,46 @@ _lock = threading.Lock()
 _compiled: dict[tuple, object] = {}
 
 
+def build_function(emit_body, *param_types, target="host"):
+    """One Relax function `emit_body(bb, *params)` over tensors of `param_types` ((shape, dtype) each),
+    compiled alone into a callable taking and returning tensors, its parallel loops on torch's OpenMP
+    threads as in compiled graphs (for the eager path here, and for kernel tests and benchmarks)."""
+    import tvm
+    from tvm import relax
+
+    from ..autotune.targets import resolve_target
+    from .build import build_module
+
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"x{i}", relax.TensorType(list(shape), dtype)) for i, (shape, dtype) in
+              enumerate(param_types)]
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(emit_body(bb, *params))
+        bb.emit_func_output(out)
+    executable = build_module(bb.get(), resolve_target(target))
+    build_dir = tempfile.mkdtemp(prefix="effopt-eager-")
+    try:
+        lib_path = os.path.join(build_dir, "lib.so")
+        executable.export_library(lib_path)
+        module = tvm.runtime.load_module(lib_path)
+        launch = threads.launcher(os.path.join(default_dir(), "runtime"))
+        if launch is not None:
+            threads.attach(lib_path, launch)
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)  # the loaded library stays mapped
+    return relax.VirtualMachine(module, tvm.cpu())["main"]
+
+
 def _compile(key, emit_body, *param_types):
-    """A VM function for one Relax function built by `emit_body(bb, *params)`, cached by `key`."""
+    """`build_function`, cached in this process by `key`."""
     fn = _compiled.get(key)
     if fn is not None:
         return fn
     with _lock:
-        if key in _compiled:
-            return _compiled[key]
-        import tvm
-        from tvm import relax
-
-        from ..autotune.targets import resolve_target
-        from .build import build_module
-
-        bb = relax.BlockBuilder()
-        params = [relax.Var(f"x{i}", relax.TensorType(list(shape), dtype)) for i, (shape, dtype) in
-                  enumerate(param_types)]
-        with bb.function("main", params):
-            with bb.dataflow():
-                out = bb.emit_output(emit_body(bb, *params))
-            bb.emit_func_output(out)
-        executable = build_module(bb.get(), resolve_target("host"))
-        build_dir = tempfile.mkdtemp(prefix="effopt-eager-")
-        try:
-            lib_path = os.path.join(build_dir, "lib.so")
-            executable.export_library(lib_path)
-            module = tvm.runtime.load_module(lib_path)
-            launch = threads.launcher(os.path.join(default_dir(), "runtime"))
-            if launch is not None:  # parallel loops on torch's OpenMP threads, as in compiled graphs
-                threads.attach(lib_path, launch)
-        finally:
-            shutil.rmtree(build_dir, ignore_errors=True)  # the loaded library stays mapped
-        fn = relax.VirtualMachine(module, tvm.cpu())["main"]
-        _compiled[key] = fn
-        return fn
+        if key not in _compiled:
+            _compiled[key] = build_function(emit_body, *param_types)
+        return _compiled[key]
 
 
 def lmul_attention(q, k, v, mask, scale: float, mantissa_bits: int) -> torch.Tensor:

@@ -70,40 +70,17 @@ def gemv_func(N: int, K: int, terms: int) -> tirx.PrimFunc:
 
 
 def build_gemv(n: int, k: int, terms: int, target="host"):
-    """The kernel compiled on its own (tests, benchmarks): a function (x, packed, scale) -> y, with its
-    parallel loop on torch's OpenMP threads as in compiled graphs."""
-    import os
-    import shutil
-    import tempfile
-
-    import tvm
+    """The kernel compiled on its own (tests, benchmarks): a function (x, packed, scale) -> y."""
     from tvm import relax
 
-    from ...autotune.targets import resolve_target
-    from .. import threads
-    from ..build import build_module
-    from ..cache import default_dir
+    from ..eager import build_function
 
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([k], "float32"))
-    w = relax.Var("w", relax.TensorType([terms, n, (k + 1) // 2], "uint8"))
-    s = relax.Var("s", relax.TensorType([n], "float32"))
-    with bb.function("main", [x, w, s]):
-        with bb.dataflow():
-            gv = bb.add_func(gemv_func(n, k, terms), "shift_gemv")
-            out = bb.emit_output(relax.call_tir(gv, [x, w, s], relax.TensorType([n], "float32")))
-        bb.emit_func_output(out)
-    build_dir = tempfile.mkdtemp(prefix="effopt-shift-")
-    try:
-        lib = os.path.join(build_dir, "lib.so")
-        build_module(bb.get(), resolve_target(target)).export_library(lib)
-        module = tvm.runtime.load_module(lib)
-        launch = threads.launcher(os.path.join(default_dir(), "runtime"))
-        if launch is not None:
-            threads.attach(lib, launch)
-    finally:
-        shutil.rmtree(build_dir, ignore_errors=True)
-    return relax.VirtualMachine(module, tvm.cpu())["main"]
+    def body(bb, x, w, s):
+        gv = bb.add_func(gemv_func(n, k, terms), "shift_gemv")
+        return relax.call_tir(gv, [x, w, s], relax.TensorType([n], "float32"))
+
+    return build_function(body, ((k,), "float32"), ((terms, n, (k + 1) // 2), "uint8"), ((n,), "float32"),
+                          target=target)
 
 
 __all__ = ["gemv_func", "build_gemv", "LANES"]

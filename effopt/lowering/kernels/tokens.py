@@ -32,6 +32,30 @@ def _every_other(bb, x, start: int, t: int):
     return bb.emit(relax.op.strided_slice(x, axes=[1], begin=[start], end=[t], strides=[2]))
 
 
+def _rank_descending(bb, v, earlier):
+    """As `token_ops.rank_descending`: v [B, T] -> each value's place in a stable descending sort, int32;
+    `earlier` the constant [T, T] matrix of j < i."""
+    op = relax.op
+    vi, vj = bb.emit(op.expand_dims(v, 2)), bb.emit(op.expand_dims(v, 1))  # [B, T, 1] value i; [B, 1, T] value j
+    beats = bb.emit(op.logical_or(op.greater(vj, vi), op.logical_and(op.equal(vj, vi), earlier)))
+    return bb.emit(op.sum(op.astype(beats, "int32"), axis=-1))
+
+
+def _scatter_tokens(bb, x, pos, n: int, coef, sizes, masks, source):
+    """As `token_ops.scatter_tokens`: (sum of x * coef, sum of sizes, max of masks, source through pos)."""
+    op = relax.op
+    bsz, t, c = dims(x, "token reduction", "x", 3)
+    pos3 = bb.emit(op.broadcast_to(op.expand_dims(pos, 2), relax.ShapeExpr([bsz, t, c])))
+    weighted = bb.emit(op.multiply(op.astype(x, "float32"), op.expand_dims(coef, 2)))
+    acc = bb.emit(op.scatter_elements(op.zeros(relax.ShapeExpr([bsz, n, c]), "float32"), pos3, weighted, axis=1,
+                                      reduction="add"))
+    new_size = bb.emit(op.scatter_elements(op.zeros(relax.ShapeExpr([bsz, n]), "float32"), pos, sizes, axis=1,
+                                           reduction="add"))
+    lowest = bb.emit(op.add(op.zeros(relax.ShapeExpr([bsz, n]), "float32"), _f32(float("-inf"))))
+    new_kmask = bb.emit(op.scatter_elements(lowest, pos, masks, axis=1, reduction="max"))
+    return acc, new_size, new_kmask, bb.emit(op.gather_elements(pos, source, axis=1))
+
+
 def emit_tome_merge(bb: relax.BlockBuilder, x, metric, size, kmask, source, r: int, protected: int):
     """(x [B, T, C], metric [B, T, D], size [B, T], kmask [B, T], source [B, T0] int64) -> relax.Tuple of
     (x', size', kmask', source') with T - r tokens. T, C static; B may be symbolic."""
@@ -57,12 +81,8 @@ def emit_tome_merge(bb: relax.BlockBuilder, x, metric, size, kmask, source, r: i
     scores = bb.emit(op.where(_const(prot), _f32(NO_EDGE), scores))
     node_max = bb.emit(op.max(scores, axis=-1))  # [B, Ta]
     node_idx = bb.emit(op.astype(op.argmax(scores, axis=-1), "int64"))
-    vi = bb.emit(op.expand_dims(node_max, 2))  # [B, Ta, 1]: edge i
-    vj = bb.emit(op.expand_dims(node_max, 1))  # [B, 1, Ta]: edge j
     earlier = _const((ia[None, :] < ia[:, None]))  # [i, j]: j < i
-    beats = bb.emit(op.logical_or(op.greater(vj, vi), op.logical_and(op.equal(vj, vi), earlier)))
-    rank = bb.emit(op.sum(op.astype(beats, "int32"), axis=-1))
-    merged = bb.emit(op.less(rank, relax.const(r, "int32")))
+    merged = bb.emit(op.less(_rank_descending(bb, node_max, earlier), relax.const(r, "int32")))
     kept_before = _before(bb, bb.emit(op.logical_not(merged)), earlier)  # unmerged A tokens before each
     pos_a = bb.emit(op.where(merged, op.add(node_idx, relax.const(ta - r, "int64")), kept_before))  # [B, Ta]
     # interleave A and B positions: [B, Ta, 2] -> [B, 2 Ta] -> the first T
@@ -72,16 +92,8 @@ def emit_tome_merge(bb: relax.BlockBuilder, x, metric, size, kmask, source, r: i
     if 2 * ta != t:
         pos = bb.emit(op.strided_slice(pos, axes=[1], begin=[0], end=[t]))
     w = bb.emit(op.maximum(op.astype(size, "float32"), _f32(1.0)))
-    new_size = bb.emit(op.scatter_elements(op.zeros(relax.ShapeExpr([bsz, n]), "float32"), pos, w, axis=1,
-                                           reduction="add"))
-    pos3 = bb.emit(op.broadcast_to(op.expand_dims(pos, 2), relax.ShapeExpr([bsz, t, c])))
-    weighted = bb.emit(op.multiply(op.astype(x, "float32"), op.expand_dims(w, 2)))
-    acc = bb.emit(op.scatter_elements(op.zeros(relax.ShapeExpr([bsz, n, c]), "float32"), pos3, weighted, axis=1,
-                                      reduction="add"))
+    acc, new_size, new_kmask, new_source = _scatter_tokens(bb, x, pos, n, w, w, kmask, source)
     new_x = bb.emit(op.astype(op.divide(acc, op.expand_dims(new_size, 2)), str(x.ty.dtype)))
-    new_kmask = bb.emit(op.scatter_elements(op.add(op.zeros(relax.ShapeExpr([bsz, n]), "float32"), _f32(float("-inf"))),
-                                            pos, kmask, axis=1, reduction="max"))
-    new_source = bb.emit(op.gather_elements(pos, source, axis=1))
     return relax.Tuple([new_x, new_size, new_kmask, new_source])
 
 
@@ -104,27 +116,17 @@ def emit_evit_prune(bb: relax.BlockBuilder, x, cls_attn, size, kmask, source, ke
     att_raw = bb.emit(op.astype(cls_attn, "float32"))
     att = bb.emit(op.where(_const(idx == 0), _f32(float(np.finfo(np.float32).max)), att_raw))  # CLS first
     earlier = _const(idx[None, :] < idx[:, None])  # [i, j]: j < i
-    vi, vj = bb.emit(op.expand_dims(att, 2)), bb.emit(op.expand_dims(att, 1))
-    beats = bb.emit(op.logical_or(op.greater(vj, vi), op.logical_and(op.equal(vj, vi), earlier)))
-    rank = bb.emit(op.sum(op.astype(beats, "int32"), axis=-1))
-    kept = bb.emit(op.less(rank, relax.const(keep + 1, "int32")))
+    kept = bb.emit(op.less(_rank_descending(bb, att, earlier), relax.const(keep + 1, "int32")))
     pos = bb.emit(op.where(kept, _before(bb, kept, earlier), relax.const(keep + 1, "int64")))
     real = bb.emit(op.logical_not(op.less(kmask, _f32(PAD_BELOW))))
     w = bb.emit(op.where(op.logical_and(op.logical_not(kept), real), op.maximum(att_raw, _f32(0.0)), _f32(0.0)))
     wsum = bb.emit(op.maximum(op.sum(w, axis=-1, keepdims=True), _f32(1e-30)))
     coef = bb.emit(op.where(kept, _f32(1.0), op.divide(w, wsum)))
-    pos3 = bb.emit(op.broadcast_to(op.expand_dims(pos, 2), relax.ShapeExpr([bsz, t, c])))
-    weighted = bb.emit(op.multiply(op.astype(x, "float32"), op.expand_dims(coef, 2)))
-    new_x = bb.emit(op.astype(op.scatter_elements(op.zeros(relax.ShapeExpr([bsz, n, c]), "float32"), pos3, weighted,
-                                                  axis=1, reduction="add"), str(x.ty.dtype)))
     counted = bb.emit(op.where(op.logical_or(kept, real), op.astype(size, "float32"), _f32(0.0)))
-    new_size = bb.emit(op.maximum(op.scatter_elements(op.zeros(relax.ShapeExpr([bsz, n]), "float32"), pos, counted,
-                                                      axis=1, reduction="add"), _f32(1.0)))
     masks = bb.emit(op.where(op.logical_or(kept, op.logical_not(real)), kmask, _f32(0.0)))
-    new_kmask = bb.emit(op.scatter_elements(op.add(op.zeros(relax.ShapeExpr([bsz, n]), "float32"),
-                                                   _f32(float("-inf"))), pos, masks, axis=1, reduction="max"))
-    new_source = bb.emit(op.gather_elements(pos, source, axis=1))
-    return relax.Tuple([new_x, new_size, new_kmask, new_source])
+    acc, new_size, new_kmask, new_source = _scatter_tokens(bb, x, pos, n, coef, counted, masks, source)
+    new_x = bb.emit(op.astype(acc, str(x.ty.dtype)))
+    return relax.Tuple([new_x, bb.emit(op.maximum(new_size, _f32(1.0))), new_kmask, new_source])
 
 
 def emit_cls_attention(bb: relax.BlockBuilder, q, k, kmask, scale: float):
