@@ -14,6 +14,19 @@ more precision. The scale s[n] is max|W[n, :]|, so every |w / s| <= 1 and e = 0 
 Every dequantized weight s * (±2^-e) is exact in float32, so the reference linear `shift_linear_ref` is an
 ordinary float matmul with the dequantized weights; the kernels compute x * 2^-e as an integer subtract on
 x's exponent bits (exact for normal floats) and differ from it only in summation order.
+
+The integer path (ShiftAddViT's MatShift, `activation_bits=8`): each token's activations are quantized
+symmetrically, xq = nearbyint(x * (qmax / max|x|)) with qmax = 2^(bits-1) - 1, and each weight term is the
+integer ±2^(6-e), so xq * w is xq shifted left by 6 - e, negated for a negative sign, accumulated in int32
+(exact); y = float32(acc) * s[n] * 2^-6 * (max|x| / qmax), multiplied in that order. `matshift_linear_ref` computes the same integers
+exactly (float64 matmul of integers below 2^53) and the same float32 epilogue, so the kernel matches it
+bit for bit.
+
+The torch custom ops (`torch.ops.effopt.*`):
+    shift_linear(x, packed, scale, bias, in_features, activation_bits)   the inference op the `shift_add`
+        pass puts in place of a frozen linear layer; lowered to effopt's shift kernels
+    shift_weight(weight, terms)        the power-of-two weight, with a straight-through gradient (fine-tuning)
+    act_quant(x, bits)                 per-token symmetric fake quantization, straight-through (fine-tuning)
 """
 from __future__ import annotations
 
@@ -89,9 +102,104 @@ def shift_linear_ref(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | No
     return y.to(x.dtype)
 
 
+ACT_BITS = (0, 4, 8)  # 0: the float path; 4 or 8: MatShift's integer path with activations of that many bits
+
+
+def act_quantize(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """(xq, step): x [..., K] float32 quantized per token (last dim), symmetric, to integers in
+    [-qmax, qmax] (float32 holding integers), and the step max|x| / qmax per token [..., 1]."""
+    qmax = float(2 ** (bits - 1) - 1)
+    amax = x.to(torch.float32).abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    xq = torch.round(x.to(torch.float32) * (qmax / amax)).clamp(-qmax, qmax)  # round: half to even (nearbyint)
+    return xq, amax / qmax
+
+
+def integer_weight(codes: Tensor) -> Tensor:
+    """The integer weight sum_t ±2^(6-e) [N, K] (int64) of codes [terms, N, K]: MatShift's shift amounts."""
+    e = (codes & 7).to(torch.int64)
+    v = torch.where(e == ZERO_CODE, 0, 1 << (MAX_SHIFT - e).clamp_min(0))
+    return torch.where((codes >> 3).bool(), -v, v).sum(dim=0)
+
+
+def matshift_linear_ref(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, k: int,
+                        bits: int) -> Tensor:
+    """The integer path: exactly the kernel's integers (xq << (6 - e), signed, summed in int32) and its
+    float32 epilogue float32(acc) * s[n] * 2^-6 * step (+ bias)."""
+    xq, step = act_quantize(x, bits)
+    w = integer_weight(unpack(packed, k)).to(torch.float64)
+    acc = (xq.to(torch.float64) @ w.t()).to(torch.float32)  # exact integers (< 2^31), rounded to float32
+    y = acc * scale * (2.0 ** -MAX_SHIFT) * step
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)
+
+
+def linear_ref(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, k: int, bits: int) -> Tensor:
+    """The shift linear of either path: float (bits 0) or integer."""
+    if bits:
+        return matshift_linear_ref(x, packed, scale, bias, k, bits)
+    return shift_linear_ref(x, packed, scale, bias, k)
+
+
 def weight_bytes(n: int, k: int, terms: int) -> int:
     """Bytes of a packed [N, K] weight with its scales (the fp32 weight takes 4 N K)."""
     return terms * n * ((k + 1) // 2) + 4 * n
 
 
-__all__ = ["quantize", "dequantize", "pack", "unpack", "shift_linear_ref", "weight_bytes", "TERMS", "MAX_SHIFT"]
+
+# ---- the custom ops --------------------------------------------------------------------------------------
+from typing import Optional  # noqa: E402
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in ACT_BITS:
+        raise ValueError(f"activation_bits={bits!r}; valid: {list(ACT_BITS)} (0: float path)")
+
+
+@torch.library.custom_op("effopt::shift_linear", mutates_args=())
+def shift_linear(x: Tensor, packed: Tensor, scale: Tensor, bias: Optional[Tensor], in_features: int,
+                 activation_bits: int) -> Tensor:
+    """x [..., K] @ W^T + bias with W the packed power-of-two weight [terms, N, ceil(K/2)] and scales [N]."""
+    _check_bits(activation_bits)
+    return linear_ref(x, packed, scale, bias, in_features, activation_bits)
+
+
+@shift_linear.register_fake
+def _(x, packed, scale, bias, in_features, activation_bits):
+    return x.new_empty((*x.shape[:-1], packed.shape[1]))
+
+
+@torch.library.custom_op("effopt::shift_weight", mutates_args=())
+def shift_weight(weight: Tensor, terms: int) -> Tensor:
+    """The weight [N, K] rounded to `terms` powers of two per element (exact dequantized values)."""
+    codes, scale = quantize(weight, terms)
+    return dequantize(codes, scale).to(weight.dtype)
+
+
+@shift_weight.register_fake
+def _(weight, terms):
+    return torch.empty_like(weight)
+
+
+@torch.library.custom_op("effopt::act_quant", mutates_args=())
+def act_quant(x: Tensor, bits: int) -> Tensor:
+    """x fake-quantized per token to `bits` bits (symmetric), as MatShift's integer path sees it."""
+    if bits not in ACT_BITS[1:]:
+        raise ValueError(f"act_quant bits={bits!r}; valid: {list(ACT_BITS[1:])}")
+    xq, step = act_quantize(x, bits)
+    return (xq * step).to(x.dtype)
+
+
+@act_quant.register_fake
+def _(x, bits):
+    return torch.empty_like(x)
+
+
+# straight-through estimators: the rounding passes the gradient unchanged (DeepShift's and ShiftAddViT's
+# fine-tuning recipe), so the float weights under the rounding keep learning
+torch.library.register_autograd("effopt::shift_weight", lambda ctx, g: (g, None))
+torch.library.register_autograd("effopt::act_quant", lambda ctx, g: (g, None))
+
+
+__all__ = ["quantize", "dequantize", "pack", "unpack", "shift_linear_ref", "matshift_linear_ref", "linear_ref",
+           "act_quantize", "integer_weight", "weight_bytes", "TERMS", "ACT_BITS", "MAX_SHIFT"]

@@ -1,30 +1,65 @@
-"""The single-token shift linear kernel (effopt/lowering/kernels/shift.py) against the plain-torch reference
-of the same shift arithmetic (effopt.shift_ops.shift_linear_ref)."""
+"""The shift linear kernels (effopt/lowering/kernels/shift.py) against the plain-torch references of the same
+shift arithmetic (effopt.shift_ops): the float path within float summation order, the integer MatShift path
+bit for bit."""
 import pytest
 import torch
 from effopt import shift_ops as so
 from effopt.lowering.kernels import shift
 
 
-def _kernel(n, k, terms):
-    return shift.build_gemv(n, k, terms)
-
-
-@pytest.mark.parametrize("n,k,terms", [(10, 37, 1), (24, 64, 2), (7, 100, 3), (33, 32, 1)])
-def test_shift_gemv_matches_the_reference(n, k, terms):
-    g = torch.Generator().manual_seed(n * k + terms)
+def _case(m, n, k, terms, seed):
+    g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
-    x = torch.randn(k, generator=g)
-    x[3] = 0.0  # zero activations contribute nothing
-    x[5] = -1e-38  # so does an x too small to shift (a subnormal in the reference)
+    x = torch.randn(m, k, generator=g)
+    x[0, 3] = 0.0  # zero activations contribute nothing
+    x[-1, min(5, k - 1)] = -1e-38  # so does an x too small to shift (a subnormal in the reference)
     codes, scale = so.quantize(w, terms)
-    packed = so.pack(codes)
-    y = torch.from_dlpack(_kernel(n, k, terms)(x, packed, scale))
-    ref = so.shift_linear_ref(x[None], packed, scale, None, k)[0]
-    assert y.shape == ref.shape == (n,) and y.dtype == ref.dtype
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    # the kernel really uses the codes: a flipped sign bit changes the result
+    return x, so.pack(codes), scale, torch.randn(n, generator=g)
+
+
+def _flip_a_sign(packed):
     flipped = packed.clone()
     j = int(torch.nonzero((packed[0, 0] & 7) != so.ZERO_CODE)[0])  # a nonzero weight's low nibble
     flipped[0, 0, j] ^= 8
-    assert not torch.allclose(torch.from_dlpack(_kernel(n, k, terms)(x, flipped, scale)), ref)
+    return flipped
+
+
+@pytest.mark.parametrize("m,n,k,terms", [(1, 10, 37, 1), (1, 24, 64, 2), (1, 7, 100, 3), (1, 33, 32, 1),
+                                         (5, 9, 70, 1), (4, 16, 64, 2), (11, 3, 33, 1)])
+def test_shift_float_kernel_matches_the_reference(m, n, k, terms):
+    x, packed, scale, bias = _case(m, n, k, terms, m * n * k + terms)
+    f = shift.build(m, n, k, terms, bias=True)
+    y = torch.from_dlpack(f(x, packed, scale, bias))
+    ref = so.shift_linear_ref(x, packed, scale, bias, k)
+    assert y.shape == ref.shape == (m, n) and y.dtype == ref.dtype
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # the kernel really uses the codes: a flipped sign bit changes the result
+    assert not torch.allclose(torch.from_dlpack(f(x, _flip_a_sign(packed), scale, bias)), ref)
+
+
+@pytest.mark.parametrize("m,n,k,terms,bits", [(1, 10, 37, 1, 8), (3, 24, 64, 2, 8), (6, 7, 100, 3, 8),
+                                              (5, 17, 96, 1, 4)])
+def test_matshift_integer_kernel_is_bit_exact(m, n, k, terms, bits):
+    x, packed, scale, bias = _case(m, n, k, terms, 7 * m + n + k)
+    x[1 % m] *= 1e4  # tokens of very different ranges: each has its own step
+    f = shift.build(m, n, k, terms, bits=bits, bias=True)
+    y = torch.from_dlpack(f(x, packed, scale, bias))
+    ref = so.matshift_linear_ref(x, packed, scale, bias, k, bits)
+    assert y.shape == ref.shape == (m, n) and y.dtype == ref.dtype
+    assert torch.equal(y, ref), (y - ref).abs().max()
+    # and it is close to the float linear with the same power-of-two weights (8 bits: within quantization)
+    if bits == 8:
+        flt = so.shift_linear_ref(x, packed, scale, bias, k)
+        assert ((y - flt).norm() / flt.norm()) < 0.02
+    assert not torch.equal(torch.from_dlpack(f(x, _flip_a_sign(packed), scale, bias)), ref)
+
+
+def test_activation_quantization_rounds_half_to_even_like_the_kernel():
+    # values landing exactly on .5 after scaling: 127 / 127 * [0.5, 1.5, 2.5] -> 0, 2, 2
+    x = torch.tensor([[0.5, 1.5, 2.5, 127.0, -2.5, 0.0] + [0.0] * 26])
+    xq, step = so.act_quantize(x, 8)
+    assert xq[0, :6].tolist() == [0.0, 2.0, 2.0, 127.0, -2.0, 0.0] and step.item() == 1.0
+    codes, scale = so.quantize(torch.ones(2, 32), 1)
+    f = shift.build(1, 2, 32, 1, bits=8)
+    assert torch.equal(torch.from_dlpack(f(x, so.pack(codes), scale)),
+                       so.matshift_linear_ref(x, so.pack(codes), scale, None, 32, 8))

@@ -1,86 +1,179 @@
-"""The shift linear for one token (GEMV) on packed power-of-two weights (effopt/shift_ops.py), float path.
+"""Shift linear kernels on packed power-of-two weights (effopt/shift_ops.py): `effopt::shift_linear`.
 
-y[n] = s[n] * sum_t sum_k  x[k] * (±2^-e[t, n, k])
+Float path (`shift_float`): y[m, n] = s[n] * sum_t sum_k  x[m, k] * (±2^-e[t, n, k])
 
 x * 2^-e is an integer subtract on x's exponent bits and the sign an xor: the inner loop has no
-multiplication (the one multiply per output is the channel scale). The weights stream through as 4-bit
-codes, 8x fewer bytes than fp32, which is what a single token's linear is bound by. An x whose exponent
-field is not above e (zero, or below 2^(e-126)) contributes 0: the reference gives a subnormal there, within
-float tolerance of 0. Vectorized over 16 bytes of codes (32 weights), parallel over outputs.
+multiplication (the one multiply per output is the channel scale). An x whose exponent field is not above
+e (zero, or below 2^(e-126)) contributes 0: the reference gives a subnormal there, within float tolerance
+of 0. The result differs from `shift_linear_ref` only in summation order.
+
+Integer path (ShiftAddViT's MatShift): activations quantized per token (`shift_quant`), then
+acc[m, n] = sum  ±(xq[m, k] << (6 - e)) in int32 and y = float32(acc) * s[n] * (step[m] * 2^-6): bit for
+bit `matshift_linear_ref`. One PrimFunc (`shift_matmul`) serves both
+paths; its x dtype picks the term arithmetic.
+
+Both stream the weights as 4-bit codes (8x fewer bytes than fp32, which is what a few tokens' linear is
+bound by): blocks of 32 weights, 16 bytes of codes loaded as one vector, their low nibbles paired with the
+block's even x and their high nibbles with its odd x, read from a de-interleaved copy of x made once per
+call. Each output channel is a parallel task; its codes are decoded once per block and applied to `MB`
+tokens at a time, so the decode is shared by several tokens. Bias is added after the kernel (a separate
+Relax op). Entry point for graphs: `emit`; alone (tests, benchmarks): `build`.
 """
 from __future__ import annotations
 
-from tvm import tirx
+from tvm import relax, tirx
 from tvm.script import tirx as T
 
+from .common import dims, static
+
 LANES = 16
+BLK = 2 * LANES  # weights per block of 16 code bytes
 _ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}  # 8: kOpaque
+_OP = "shift linear"
 
 
-def gemv_func(N: int, K: int, terms: int) -> tirx.PrimFunc:
-    """(x [K] float32, w [terms, N, ceil(K/2)] uint8, scale [N] float32) -> y [N] float32.
+def token_block(m: int) -> int:
+    """Tokens that share one decode of a code block."""
+    return 1 if m == 1 else 4
 
-    Blocks of 32 weights: 16 bytes of codes load as one vector; their low nibbles pair with the block's
-    even x, their high nibbles with its odd x, read from a de-interleaved copy of x (made once per call),
-    so every load is contiguous and every shift a constant."""
+
+def _float_term(xi, code):
+    """x * (±2^-e) on x's bits (uint32): exponent subtract, sign xor; 0 for code 7 or an x too small."""
+    e = code & T.uint32(7)
+    r = (xi - (e << T.uint32(23))) ^ ((code >> T.uint32(3)) << T.uint32(31))
+    live = T.And(e < T.uint32(7), ((xi >> T.uint32(23)) & T.uint32(255)) > e)
+    return T.Select(live, T.reinterpret("float32", r), T.float32(0.0))
+
+
+def _int_term(xi, code):
+    """±(xi << (6 - e)) on int32, 0 for code 7: shift, mask, conditional negate."""
+    e = code & T.int32(7)
+    sgn = T.int32(0) - (code >> T.int32(3))  # 0 or -1
+    live = T.int32(0) - T.Cast("int32", e < T.int32(7))  # -1 or 0
+    return (((xi << ((T.int32(6) - e) & T.int32(7))) & live) ^ sgn) - sgn
+
+
+def matmul_func(M: int, N: int, K: int, terms: int, xdtype: str = "float32") -> tirx.PrimFunc:
+    """(x [M, K], w [terms, N, ceil(K/2)] uint8, scale [N] float32, post [M, 1] float32) -> y [M, N] float32.
+
+    float32 x: the float path, y = sum x * (±2^-e) * s[n] * post[m] (post: ones). int8 x (quantized
+    activations): MatShift, y = float32(sum ±(x << (6 - e))) * s[n] * post[m] (post: each token's step
+    times 2^-6). The epilogue's multiplies are in the kernel, so nothing can contract them with a bias add."""
     KH = (K + 1) // 2
-    BLK = 2 * LANES
     KF = K // BLK * BLK
-
-    def term(xi, code):
-        e = code & T.uint32(7)
-        r = (xi - (e << T.uint32(23))) ^ ((code >> T.uint32(3)) << T.uint32(31))
-        live = T.And(e < T.uint32(7), ((xi >> T.uint32(23)) & T.uint32(255)) > e)
-        return T.Select(live, T.reinterpret("float32", r), T.float32(0.0))
+    MB = token_block(M)
+    MP = (M + MB - 1) // MB * MB
+    integer = xdtype == "int8"
+    acc_t, bits_t = ("int32", "int32") if integer else ("float32", "uint32")
+    term, zero, to_bits = (_int_term, T.int32(0), lambda v: T.Cast("int32", v)) if integer else \
+        (_float_term, T.float32(0.0), lambda v: T.reinterpret("uint32", v))
 
     @T.prim_func(private=True, s_tir=True)
-    def shift_gemv(x_h: T.handle, w_h: T.handle, s_h: T.handle, y_h: T.handle):
+    def shift_matmul(x_h: T.handle, w_h: T.handle, s_h: T.handle, p_h: T.handle, y_h: T.handle):
         T.func_attr(_ATTRS)
-        X = T.match_buffer(x_h, (K,), "float32")
+        X = T.match_buffer(x_h, (M, K), xdtype)
         W = T.match_buffer(w_h, (terms, N, KH), "uint8")
         S = T.match_buffer(s_h, (N,), "float32")
-        Y = T.match_buffer(y_h, (N,), "float32")
+        P = T.match_buffer(p_h, (M, 1), "float32")
+        Y = T.match_buffer(y_h, (M, N), "float32")
         with T.sblock("root"):
-            XD = T.alloc_buffer((2, KF // 2 + 1), "uint32")  # even, odd x of the full blocks, as bits
-            for k in range(KF // 2):
-                XD[0, k] = T.reinterpret("uint32", X[2 * k])
-                XD[1, k] = T.reinterpret("uint32", X[2 * k + 1])
+            XD = T.alloc_buffer((MP, 2, KF // 2 + 1), bits_t)  # even, odd x of the full blocks (zero padded)
+            for m in T.parallel(MP):
+                for k in range(KF // 2):
+                    XD[m, 0, k] = T.Select(m < M, to_bits(X[T.min(m, M - 1), 2 * k]), T.Cast(bits_t, 0))
+                    XD[m, 1, k] = T.Select(m < M, to_bits(X[T.min(m, M - 1), 2 * k + 1]), T.Cast(bits_t, 0))
             for n in T.parallel(N):
-                acc = T.alloc_buffer((LANES,), "float32", scope="local")
-                tot = T.alloc_buffer((1,), "float32", scope="local")
-                for l in T.vectorized(LANES):
-                    acc[l] = T.float32(0.0)
-                for t in range(terms):
-                    for kb in range(KF // BLK):
-                        for l in T.vectorized(LANES):
-                            byte = T.meta_var(T.Cast("uint32", W[t, n, kb * LANES + l]))
-                            acc[l] = acc[l] + term(XD[0, kb * LANES + l], byte & T.uint32(15)) \
-                                + term(XD[1, kb * LANES + l], byte >> T.uint32(4))
-                tot[0] = T.float32(0.0)
-                for l in range(LANES):
-                    tot[0] = tot[0] + acc[l]
-                for t in range(terms):
-                    for k in range(KF, K):
-                        code = T.meta_var((T.Cast("uint32", W[t, n, k // 2]) >> T.Cast("uint32", (k % 2) * 4))
-                                          & T.uint32(15))
-                        tot[0] = tot[0] + term(T.reinterpret("uint32", X[k]), code)
-                Y[n] = tot[0] * S[n]
+                acc = T.alloc_buffer((MB, LANES), acc_t, scope="local")
+                for mb in range(MP // MB):
+                    for i, l in T.grid(MB, LANES):
+                        acc[i, l] = zero
+                    for t in range(terms):
+                        for kb in range(KF // BLK):
+                            for i in T.unroll(MB):
+                                for l in T.vectorized(LANES):
+                                    byte = T.meta_var(T.Cast(bits_t, W[t, n, kb * LANES + l]))
+                                    acc[i, l] = acc[i, l] \
+                                        + term(XD[mb * MB + i, 0, kb * LANES + l], byte & T.Cast(bits_t, 15)) \
+                                        + term(XD[mb * MB + i, 1, kb * LANES + l], byte >> T.Cast(bits_t, 4))
+                    for i in range(MB):
+                        if mb * MB + i < M:
+                            tot = T.alloc_buffer((1,), acc_t, scope="local")
+                            tot[0] = zero
+                            for l in range(LANES):
+                                tot[0] = tot[0] + acc[i, l]
+                            for t in range(terms):
+                                for k in range(KF, K):
+                                    code = T.meta_var((T.Cast(bits_t, W[t, n, k // 2])
+                                                       >> T.Cast(bits_t, (k % 2) * 4)) & T.Cast(bits_t, 15))
+                                    tot[0] = tot[0] + term(to_bits(X[mb * MB + i, k]), code)
+                            Y[mb * MB + i, n] = T.Cast("float32", tot[0]) * S[n] * P[mb * MB + i, 0]
 
-    return shift_gemv
+    return shift_matmul
 
 
-def build_gemv(n: int, k: int, terms: int, target="host"):
-    """The kernel compiled on its own (tests, benchmarks): a function (x, packed, scale) -> y."""
-    from tvm import relax
+def quant_func(M: int, K: int, bits: int) -> tirx.PrimFunc:
+    """x [M, K] float32 -> (xq [M, K] int8, step [M, 1] float32): per token, xq = nearbyint(x * (qmax / amax)),
+    step = amax / qmax, amax = max(max|x|, smallest normal float)."""
+    qmax = float(2 ** (bits - 1) - 1)
 
+    @T.prim_func(private=True, s_tir=True)
+    def shift_quant(x_h: T.handle, q_h: T.handle, st_h: T.handle):
+        T.func_attr(_ATTRS)
+        X = T.match_buffer(x_h, (M, K), "float32")
+        Q = T.match_buffer(q_h, (M, K), "int8")
+        ST = T.match_buffer(st_h, (M, 1), "float32")
+        with T.sblock("root"):
+            for m in T.parallel(M):
+                amax = T.alloc_buffer((1,), "float32", scope="local")
+                amax[0] = T.float32(1.1754943508222875e-38)
+                for k in range(K):
+                    amax[0] = T.max(amax[0], T.fabs(X[m, k]))
+                inv = T.meta_var(T.float32(qmax) / amax[0])
+                for k in T.vectorized(K):
+                    Q[m, k] = T.Cast("int8", T.max(T.min(T.nearbyint(X[m, k] * inv), T.float32(qmax)),
+                                                   T.float32(-qmax)))
+                ST[m, 0] = amax[0] / T.float32(qmax)
+
+    return shift_quant
+
+
+def emit(bb: relax.BlockBuilder, x: relax.Expr, packed: relax.Expr, scale: relax.Expr, bias, k: int,
+         bits: int) -> relax.Expr:
+    """y [..., N] = shift_linear(x [..., K]) (+ bias [N]) as Relax calls of the kernels above."""
+    xs = [static(d, _OP, "every dim of x") for d in dims(x, _OP, "x")]
+    terms, n, kh = (static(d, _OP, "the packed weight") for d in dims(packed, _OP, "packed weight", 3))
+    if xs[-1] != k or kh != (k + 1) // 2:
+        raise ValueError(f"{_OP}: x has {xs[-1]} features, the weight {k} ({kh} bytes per row)")
+    if str(x.ty.dtype) != "float32":
+        raise NotImplementedError(f"{_OP} kernels take float32 activations, got {x.ty.dtype}")
+    m = 1
+    for d in xs[:-1]:
+        m *= d
+    x2 = bb.emit(relax.op.reshape(x, [m, k]))
+    out = relax.TensorType([m, n], "float32")
+    if bits:
+        q = bb.emit(relax.call_tir(bb.add_func(quant_func(m, k, bits), "shift_quant"), [x2],
+                                   [relax.TensorType([m, k], "int8"), relax.TensorType([m, 1], "float32")]))
+        x2 = bb.emit(relax.TupleGetItem(q, 0))
+        post = bb.emit(relax.op.multiply(relax.TupleGetItem(q, 1), relax.const(2.0 ** -6, "float32")))  # exact
+    else:
+        post = relax.op.ones(relax.ShapeExpr([m, 1]), "float32")
+    y = bb.emit(relax.call_tir(bb.add_func(matmul_func(m, n, k, terms, "int8" if bits else "float32"),
+                                           "shift_matmul"), [x2, packed, scale, post], out))
+    if bias is not None:
+        y = bb.emit(relax.op.add(y, bias))
+    return bb.emit(relax.op.reshape(y, [*xs[:-1], n]))
+
+
+def build(m: int, n: int, k: int, terms: int, bits: int = 0, bias: bool = False, target="host"):
+    """The shift linear compiled alone: a function (x [m, k], packed, scale[, bias]) -> y [m, n]."""
     from ..eager import build_function
 
-    def body(bb, x, w, s):
-        gv = bb.add_func(gemv_func(n, k, terms), "shift_gemv")
-        return relax.call_tir(gv, [x, w, s], relax.TensorType([n], "float32"))
+    def body(bb, x, w, s, b=None):
+        return emit(bb, x, w, s, b, k, bits)
 
-    return build_function(body, ((k,), "float32"), ((terms, n, (k + 1) // 2), "uint8"), ((n,), "float32"),
-                          target=target)
+    types = [((m, k), "float32"), ((terms, n, (k + 1) // 2), "uint8"), ((n,), "float32")]
+    return build_function(body, *types, *([((n,), "float32")] if bias else []), target=target)
 
 
-__all__ = ["gemv_func", "build_gemv", "LANES"]
+__all__ = ["matmul_func", "quant_func", "emit", "build", "token_block", "LANES"]
