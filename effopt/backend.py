@@ -45,8 +45,9 @@ class CompiledGraph:
         values = {i: args[i] for i in self.frozen}
         capture.freeze(gm, values)
         gm, records = default_pass_manager(self.options.disable_passes).run(gm)
-        if self.options.approximate:
+        if self.options.approximate or _has_trained_shift(gm):
             from .passes.approximate import approximate_attention
+            from .passes.shift_add import shift_add
             from .passes.token_reduction import token_reduction
 
             live = lambda full: [full[i] for i in self.live]  # noqa: E731
@@ -59,6 +60,9 @@ class CompiledGraph:
             if str(self.options.attention) != "exact":
                 records.append(approximate_attention(gm, AttentionConfig.parse(self.options.attention), examples,
                                                      cal, self.options.accuracy_budget, self.options.metric))
+            if self.options.shift_add is not None or _has_trained_shift(gm):
+                records.append(shift_add(gm, self.options.shift_add, cal, self.options.accuracy_budget,
+                                         self.options.metric))
         lowering = None
         if self.options.lower:
             from .lowering import lower
@@ -83,6 +87,12 @@ class CompiledGraph:
         args.clear()  # boxed calling convention: drop references early so inputs can be freed
         out = self.runtime(*live)
         return out if isinstance(out, (tuple, list)) else (out,)
+
+
+def _has_trained_shift(gm) -> bool:
+    from .passes.shift_add import has_trained_layers
+
+    return has_trained_layers(gm)
 
 
 def _inference_compiler(real_inputs, frozen, options, calibration=None):

@@ -49,6 +49,10 @@ class Options:
     token_prune: Any = None
     """EViT token pruning: a keep rate in (0, 1], or a dict {'keep_rate': 0.7, 'layers': [3, 6, 9],
     'protected': 1} (TokenConfig)."""
+    shift_add: Any = None
+    """Power-of-two weights on linear layers: 'mlp' (the MLP linears), 'all', or a dict {'layers': 'mlp'|'all',
+    'terms': 1|2|3, 'activation_bits': 0 (float path)|8|4 (MatShift's integer path)} (ShiftConfig). Layers of
+    an effopt.reparameterize'd model are converted without this option."""
     accuracy_budget: float | None = None
     """Largest allowed loss of `metric` against the original model on `calibration`; approximate rewrites
     that exceed it are rolled back layer by layer. Default with calibration data: 0.01."""
@@ -97,6 +101,10 @@ class Options:
             from .passes.approximate import AttentionConfig
 
             kw["attention"] = AttentionConfig.parse(kw["attention"])
+        if kw.get("shift_add") is not None:
+            from .passes.shift_add import ShiftConfig
+
+            kw["shift_add"] = ShiftConfig.parse(kw["shift_add"])
         if kw.get("token_merge") is not None and kw.get("token_prune") is not None:
             raise ValueError("token_merge and token_prune are alternatives; pass one of them")
         if kw.get("token_merge") is not None or kw.get("token_prune") is not None:
@@ -136,12 +144,13 @@ class Options:
 
         return json.dumps({"target": target_dict(self.target), "kernel_choice": self.kernel_choice.value,
                            "freeze": self.freeze, "disable_passes": sorted(self.disable_passes),
-                           "attention": str(self.attention), "tokens": str(self.tokens)}, sort_keys=True)
+                           "attention": str(self.attention), "tokens": str(self.tokens),
+                           "shift_add": str(self.shift_add)}, sort_keys=True)
 
     @property
     def approximate(self) -> bool:
         """Whether any approximate rewrite is requested."""
-        return str(self.attention) != "exact" or self.tokens is not None
+        return str(self.attention) != "exact" or self.tokens is not None or self.shift_add is not None
 
     @property
     def tokens(self):

@@ -77,6 +77,22 @@ def dequantize(codes: Tensor, scale: Tensor) -> Tensor:
     return v * scale[:, None]
 
 
+def _byte_table() -> Tensor:
+    """[256, 2]: the weights (without scale) of a packed byte's low and high nibble."""
+    v = _value(torch.arange(16, dtype=torch.uint8) >> 3, torch.arange(16, dtype=torch.uint8) & 7)
+    return torch.stack([v.repeat(16), v.repeat_interleave(16)], dim=-1)
+
+
+_BYTES = _byte_table()
+
+
+def dequantize_packed(packed: Tensor, scale: Tensor, k: int) -> Tensor:
+    """`dequantize` straight from packed bytes [terms, N, ceil(K/2)] (one table lookup per byte): the
+    same values, a few times faster (the eager shift linear dequantizes on every call)."""
+    v = torch.nn.functional.embedding(packed.long(), _BYTES).flatten(-2)[..., :k]
+    return (v.sum(dim=0) if v.shape[0] > 1 else v[0]) * scale[:, None]
+
+
 def pack(codes: Tensor) -> Tensor:
     """codes [..., K] (4-bit values in uint8) -> [..., ceil(K / 2)] uint8, two codes per byte (low nibble: even k);
     an odd K is padded with a zero code."""
@@ -95,8 +111,7 @@ def unpack(packed: Tensor, k: int) -> Tensor:
 def shift_linear_ref(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, k: int) -> Tensor:
     """y = x @ W^T + bias with W the power-of-two weight that `packed` [terms, N, ceil(K/2)] and `scale` [N]
     encode (float32 accumulation)."""
-    w = dequantize(unpack(packed, k), scale)
-    y = x.to(torch.float32) @ w.t()
+    y = x.to(torch.float32) @ dequantize_packed(packed, scale, k).t()
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)
@@ -202,4 +217,4 @@ torch.library.register_autograd("effopt::act_quant", lambda ctx, g: (g, None))
 
 
 __all__ = ["quantize", "dequantize", "pack", "unpack", "shift_linear_ref", "matshift_linear_ref", "linear_ref",
-           "act_quantize", "integer_weight", "weight_bytes", "TERMS", "ACT_BITS", "MAX_SHIFT"]
+           "act_quantize", "integer_weight", "dequantize_packed", "weight_bytes", "TERMS", "ACT_BITS", "MAX_SHIFT"]

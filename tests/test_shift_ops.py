@@ -61,3 +61,49 @@ def test_bad_arguments():
         so.quantize(torch.randn(3, 3), terms=4)
     with pytest.raises(ValueError, match="2-D"):
         so.quantize(torch.randn(3, 3, 3))
+
+
+def test_dequantize_from_packed_bytes_equals_dequantize_of_the_codes():
+    g = torch.Generator().manual_seed(3)
+    for terms, k in ((1, 13), (2, 64), (3, 7)):
+        codes, scale = so.quantize(torch.randn(9, k, generator=g), terms)
+        assert torch.equal(so.dequantize_packed(so.pack(codes), scale, k), so.dequantize(codes, scale))
+
+
+def test_integer_path_reference():
+    g = torch.Generator().manual_seed(4)
+    w, x = torch.randn(6, 40, generator=g), torch.randn(2, 3, 40, generator=g)
+    codes, scale = so.quantize(w)
+    # the integer weights are the float weights in units of 2^-6 of the channel scale
+    assert torch.equal(so.integer_weight(codes).double() * 2.0 ** -6 * scale[:, None].double(),
+                       so.dequantize(codes, scale).double())
+    xq, step = so.act_quantize(x, 8)
+    assert xq.abs().max() == 127 and torch.equal(xq, xq.round()) and step.shape == (2, 3, 1)
+    y = so.matshift_linear_ref(x, so.pack(codes), scale, None, 40, 8)
+    flt = so.shift_linear_ref(x, so.pack(codes), scale, None, 40)
+    assert y.shape == flt.shape == (2, 3, 6)
+    assert ((y - flt).norm() / flt.norm()) < 0.02  # 8-bit activations: close to the float path
+    y4 = so.matshift_linear_ref(x, so.pack(codes), scale, None, 40, 4)
+    assert ((y4 - flt).norm() / flt.norm()) > ((y - flt).norm() / flt.norm())  # fewer bits, more error
+
+
+def test_custom_ops_run_their_references_and_pass_gradients_straight_through():
+    g = torch.Generator().manual_seed(5)
+    w, b, x = torch.randn(6, 40, generator=g), torch.randn(6, generator=g), torch.randn(3, 40, generator=g)
+    codes, scale = so.quantize(w, 2)
+    packed = so.pack(codes)
+    for bits in (0, 8):
+        assert torch.equal(torch.ops.effopt.shift_linear(x, packed, scale, b, 40, bits),
+                           so.linear_ref(x, packed, scale, b, 40, bits))
+    with pytest.raises(ValueError, match="activation_bits"):
+        torch.ops.effopt.shift_linear(x, packed, scale, b, 40, 3)
+    wp = w.clone().requires_grad_()
+    xp = x.clone().requires_grad_()
+    y = torch.nn.functional.linear(torch.ops.effopt.act_quant(xp, 8), torch.ops.effopt.shift_weight(wp, 2), b)
+    assert torch.equal(torch.ops.effopt.shift_weight(w, 2), so.dequantize(codes, scale))
+    assert torch.allclose(y, so.matshift_linear_ref(x, packed, scale, b, 40, 8), atol=1e-4)
+    gy = torch.randn(y.shape, generator=g)
+    y.backward(gy)
+    # straight through: the gradients of a plain linear evaluated at the rounded values
+    torch.testing.assert_close(wp.grad, gy.t() @ torch.ops.effopt.act_quant(x, 8))
+    torch.testing.assert_close(xp.grad, gy @ so.dequantize(codes, scale))

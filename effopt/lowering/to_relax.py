@@ -18,6 +18,7 @@ import torch.fx as fx
 from tvm import relax, tirx
 
 from .. import ops as _effopt_ops  # noqa: F401 - registers torch.ops.effopt.*
+from .. import shift_ops as _shift_ops  # noqa: F401
 from .. import token_ops as _token_ops  # noqa: F401
 from ..passes.attention import FLASH_CPU, sdpa_arguments
 
@@ -589,6 +590,16 @@ def _lmul_attention(cv, node, q, k, v, mask, scale, mantissa_bits):
     return lmul.emit(cv.bb, q, k, v, _additive_mask(cv, mask), float(scale), int(mantissa_bits))
 
 
+# ---- shift/add (effopt/shift_ops.py): packed power-of-two weights, no multiplications (kernels/shift.py) -----
+@lowers(torch.ops.effopt.shift_linear.default)
+def _shift_linear(cv, node, x, packed, scale, bias, in_features, activation_bits):
+    from .kernels import shift
+
+    if any(not isinstance(d, int) for d in node.args[0].meta["val"].shape):
+        raise Unsupported("shift_linear kernels need static shapes")
+    return shift.emit(cv.bb, x, packed, scale, bias, int(in_features), int(activation_bits))
+
+
 # ---- token reduction (effopt/token_ops.py): ToMe's matching and merging as Relax (kernels/tokens.py) -------
 @lowers(torch.ops.effopt.tome_merge.default)
 def _tome_merge(cv, node, x, metric, size, kmask, source, r, protected):
@@ -659,4 +670,7 @@ def _sdpa(cv, node, *args, **kwargs):
 for _op in (aten.scaled_dot_product_attention.default, FLASH_CPU):
     LOWERABLE[_op] = _sdpa_lowerable
     ISOLATED.add(_op)
-ISOLATED.update({torch.ops.effopt.hamming_attention.default, torch.ops.effopt.lmul_attention.default})
+# each its own region, so the lowering measures it against its eager op (torch's GEMM on the dequantized
+# weights, for shift_linear) shape by shape
+ISOLATED.update({torch.ops.effopt.hamming_attention.default, torch.ops.effopt.lmul_attention.default,
+                 torch.ops.effopt.shift_linear.default})

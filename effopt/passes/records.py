@@ -29,6 +29,7 @@ class PassRecord:
     notes: list[str] = field(default_factory=list)
     guard: object = None  # the accuracy guard's result, for approximate passes (effopt.guard.GuardResult)
     tokens: list[int] = field(default_factory=list)  # token reduction: tokens entering each block, then at the end
+    layers: list[dict] = field(default_factory=list)  # shift_add: per rewritten layer, what it saves
 
     def add_match(self, node: fx.Node | None = None) -> None:
         self.matches += 1

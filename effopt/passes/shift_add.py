@@ -1,0 +1,316 @@
+"""Shift/add reparameterization (the `shift_add` option): frozen linear layers become `effopt::shift_linear`
+on power-of-two weights (effopt/shift_ops.py), layer by layer under the accuracy guard.
+
+    layers  'mlp': the MLP's linears (a GEMM that feeds or is fed by an activation: GELU, ReLU, SiLU ...),
+            as ShiftAddViT reparameterizes first; 'all': every linear with a frozen weight.
+    terms   powers of two per weight (1: 4 bits, 8x smaller than fp32; 2, 3: more precision).
+    activation_bits  0: the float path (x * 2^-e on exponent bits); 8 or 4: MatShift's integer path.
+
+A graph from `effopt.reparameterize(..., shift_add=...)` already carries `shift_weight` (and `act_quant`)
+ops on its trained weights: those layers are converted with their own terms and bits, whatever `layers`
+says, and without the guard (the user fine-tuned them for it).
+
+The pass record lists each rewritten layer and its savings: multiplications removed per call, weight bytes
+before and after, and an energy estimate from Horowitz's 45 nm per-operation figures (ISSCC 2014,
+"Computing's energy problem"): fp32 multiply 3.7 pJ, fp32 add 0.9 pJ, int32 add 0.1 pJ. Assumptions: a
+multiply-accumulate in fp32 costs a multiply and an add; a shift term of the float path an int32 add (the
+exponent subtract) and an fp32 add (accumulation); of the integer path, a shift (counted as an int32 add)
+and an int32 add. Memory traffic is not counted (it favours the packed weights further).
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .. import shift_ops as so
+from .records import PassRecord, source_location
+
+aten = torch.ops.aten
+
+LAYERS = ("mlp", "all")
+ENERGY_PJ = {"fp32_mul": 3.7, "fp32_add": 0.9, "int32_add": 0.1}
+ENERGY_SOURCE = "Horowitz, ISSCC 2014, 45 nm"
+ACTIVATIONS = {aten.gelu.default, aten.relu.default, aten.silu.default, aten.hardswish.default, aten.mish.default,
+               aten.hardtanh.default, aten.relu6.default}
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+SHIFT_WEIGHT = torch.ops.effopt.shift_weight.default
+ACT_QUANT = torch.ops.effopt.act_quant.default
+
+
+@dataclass(frozen=True)
+class ShiftConfig:
+    layers: str = "mlp"
+    """'mlp' (the MLP linears) or 'all' (every frozen linear)."""
+    terms: int = 1
+    """powers of two per weight: 1, 2 or 3."""
+    activation_bits: int = 0
+    """0: the float path; 8 or 4: the integer (MatShift) path with activations quantized per token."""
+
+    @classmethod
+    def parse(cls, value) -> "ShiftConfig":
+        if isinstance(value, ShiftConfig):
+            return value
+        if value == "moe":
+            raise ValueError("shift_add='moe' is a trained mixture of experts: build it with "
+                             "effopt.reparameterize(model, example_inputs, shift_add='moe'), fine-tune it, then "
+                             "torch.compile it with backend='effopt'")
+        given = value
+        if isinstance(value, str):
+            value = {"layers": value}
+        if not isinstance(value, dict) or value.get("layers", "mlp") not in LAYERS:
+            raise ValueError(f"shift_add={given!r} is invalid; valid: {list(LAYERS)} or a dict {{'layers': "
+                             "'mlp'|'all', 'terms': 1|2|3, 'activation_bits': 0|4|8}")
+        bad = sorted(set(value) - {"layers", "terms", "activation_bits"})
+        if bad:
+            raise ValueError(f"shift_add has no parameter(s) {bad}; valid: ['layers', 'terms', 'activation_bits']")
+        cfg = cls(**value)
+        if cfg.terms not in so.TERMS:
+            raise ValueError(f"shift_add terms={cfg.terms!r}; valid: {list(so.TERMS)}")
+        if cfg.activation_bits not in so.ACT_BITS:
+            raise ValueError(f"shift_add activation_bits={cfg.activation_bits!r}; valid: {list(so.ACT_BITS)} "
+                             "(0: float path)")
+        return cfg
+
+    def __str__(self) -> str:
+        return f"{self.layers}(terms={self.terms}, activation_bits={self.activation_bits})"
+
+
+@dataclass
+class LinearSite:
+    """One linear layer of the graph: `node` = addmm(bias, x, W^T) or mm(x, W^T) with W [N, K]."""
+
+    node: fx.Node
+    x: fx.Node
+    weight: torch.Tensor  # [N, K], the frozen float weight (or the trained one under shift_weight)
+    bias: fx.Node | None
+    name: str
+    terms: int
+    bits: int
+    trained: bool = False  # from effopt.reparameterize: shift_weight / act_quant in the graph
+    new: fx.Node | None = None
+    removed: list = field(default_factory=list)  # nodes made dead by the rewrite (erased by finish)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(M tokens, N outputs, K inputs) per call."""
+        m = self.x.meta["val"].shape[0]
+        return (m.node.hint if isinstance(m, torch.SymInt) else int(m), *self.weight.shape)
+
+
+def module_path(node: fx.Node) -> str | None:
+    """The module that made `node`, as its attribute path in the user's model (e.g. 'encoder.layer.0.fc1')."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    path = re.sub(r"_modules\['([^']*)'\]", r"\1", path)
+    return re.sub(r"\[(\d+)\]", r".\1", path).strip(".") or None
+
+
+def _through_views(node: fx.Node, forward: bool) -> fx.Node | None:
+    """The node past single-use views, toward users (forward) or inputs."""
+    while True:
+        if forward:
+            users = list(node.users)
+            if len(users) != 1 or users[0].target not in _VIEWS:
+                return users[0] if len(users) == 1 else None
+            node = users[0]
+        else:
+            if node.op != "call_function" or node.target not in _VIEWS:
+                return node
+            node = node.args[0]
+
+
+def is_mlp(site_node: fx.Node, x: fx.Node) -> bool:
+    """An MLP linear: its output goes (through views) into an activation, or its input comes from one."""
+    after = _through_views(site_node, True)
+    before = _through_views(x, False)
+    return (after is not None and after.target in ACTIVATIONS) or before.target in ACTIVATIONS
+
+
+def _weight(gm, wt: fx.Node) -> tuple[torch.Tensor, int | None] | None:
+    """(W [N, K], trained terms or None) of a GEMM's right operand: a frozen W^T, or t(shift_weight(W))."""
+    if wt.op == "get_attr":
+        w = getattr(gm, wt.target)
+        return (w.t(), None) if w.dim() == 2 else None
+    if wt.op == "call_function" and wt.target in (aten.t.default, aten.permute.default, aten.transpose.int):
+        sw = wt.args[0]
+        if isinstance(sw, fx.Node) and sw.target is SHIFT_WEIGHT and sw.args[0].op == "get_attr":
+            w = getattr(gm, sw.args[0].target)
+            return (w, int(sw.args[1])) if w.dim() == 2 else None
+    return None
+
+
+def linear_sites(gm: fx.GraphModule, config: ShiftConfig | None) -> list[LinearSite]:
+    """The linear layers `config` selects, and every layer trained for shift weights (config None: only those)."""
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is aten.addmm.default and len(node.args) == 3 and not node.kwargs:
+            bias, x, wt = node.args
+            if not isinstance(bias, fx.Node) or bias.op != "get_attr" or getattr(gm, bias.target).dim() != 1:
+                continue
+        elif node.target is aten.mm.default:
+            (x, wt), bias = node.args, None
+        else:
+            continue
+        if not isinstance(wt, fx.Node):
+            continue
+        found = _weight(gm, wt)
+        xval = x.meta.get("val")
+        if found is None or not isinstance(xval, torch.Tensor) or xval.dtype != torch.float32 or xval.dim() != 2:
+            continue
+        w, trained_terms = found
+        if w.dtype != torch.float32:
+            continue
+        quant = _through_views(x, False)
+        trained_bits = int(quant.args[1]) if quant.op == "call_function" and quant.target is ACT_QUANT else None
+        trained = trained_terms is not None
+        if not trained and (config is None or config.layers == "mlp" and not is_mlp(node, x)):
+            continue
+        name = module_path(node) or source_location(node) or node.name
+        sites.append(LinearSite(node, x, w.detach(), bias, name,
+                                trained_terms if trained else config.terms,
+                                trained_bits if trained_bits is not None else 0 if trained else config.activation_bits,
+                                trained))
+    return sites
+
+
+class ShiftRewriter:
+    """Applies and reverts the shift linear of each site; `finish()` erases what the rewrites left dead."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+
+    def _x(self, site: LinearSite) -> fx.Node:
+        """The GEMM's input without a trained act_quant (the integer path quantizes itself)."""
+        quant = _through_views(site.x, False)
+        if not (quant.op == "call_function" and quant.target is ACT_QUANT):
+            return site.x
+        if quant is site.x:
+            return quant.args[0]
+        with self.gm.graph.inserting_before(site.node):
+            view = self.gm.graph.call_function(aten.reshape.default, (quant.args[0], list(site.x.meta["val"].shape)))
+        view.meta = dict(site.x.meta)
+        return view
+
+    def apply(self, site: LinearSite) -> None:
+        from .constant_fold import add_constant
+
+        graph = self.gm.graph
+        codes, scale = so.quantize(site.weight, site.terms)
+        packed = add_constant(self.gm, so.pack(codes), site.node, "shift_w")
+        scale_node = add_constant(self.gm, scale, site.node, "shift_s")
+        x = self._x(site)
+        with graph.inserting_before(site.node):
+            new = graph.call_function(torch.ops.effopt.shift_linear.default,
+                                      (x, packed, scale_node, site.bias, int(site.weight.shape[1]), site.bits))
+        new.meta = dict(site.node.meta)
+        site.node.replace_all_uses_with(new, propagate_meta=False)
+        site.new = new
+        site.removed = [packed, scale_node] + ([x] if x is not site.x and x.op == "call_function"
+                                               and x.target is aten.reshape.default else [])
+        self.gm.recompile()
+
+    def revert(self, site: LinearSite) -> None:
+        site.new.replace_all_uses_with(site.node)
+        graph = self.gm.graph
+        graph.erase_node(site.new)
+        for n in reversed(site.removed):
+            if not n.users:
+                if n.op == "get_attr":
+                    delattr(self.gm, n.target)
+                graph.erase_node(n)
+        site.new, site.removed = None, []
+        self.gm.recompile()
+
+    def finish(self) -> None:
+        from .dce import DeadCodeElimination
+
+        DeadCodeElimination()(self.gm)  # the replaced GEMMs, their weights' transposes and constants
+
+
+# ---- savings ----------------------------------------------------------------------------------------------
+def layer_savings(site: LinearSite) -> dict:
+    """Per call of the layer: multiplications, weight bytes and estimated energy, before and after."""
+    m, n, k = site.shape
+    e = ENERGY_PJ
+    macs = m * n * k
+    if site.bits:  # shift + int32 accumulate per term; quantize each activation, scale each output twice
+        after_pj = macs * site.terms * 2 * e["int32_add"] + (m * k + 2 * m * n) * e["fp32_mul"]
+        mults_after = m * k + 2 * m * n
+    else:  # exponent subtract + fp32 accumulate per term; one scale per output
+        after_pj = macs * site.terms * (e["int32_add"] + e["fp32_add"]) + m * n * e["fp32_mul"]
+        mults_after = m * n
+    return {"layer": site.name, "tokens": m, "out": n, "in": k, "terms": site.terms,
+            "activation_bits": site.bits, "multiplications_before": macs, "multiplications_after": mults_after,
+            "weight_bytes_before": 4 * n * k, "weight_bytes_after": so.weight_bytes(n, k, site.terms),
+            "energy_uj_before": macs * (e["fp32_mul"] + e["fp32_add"]) * 1e-6, "energy_uj_after": after_pj * 1e-6}
+
+
+def savings_summary(layers: list[dict]) -> str:
+    if not layers:
+        return "no layer rewritten"
+    tot = {k: sum(d[k] for d in layers) for k in layers[0] if k.endswith(("_before", "_after"))}
+    return (f"multiplications {tot['multiplications_before']:,} -> {tot['multiplications_after']:,} per call "
+            f"({1 - tot['multiplications_after'] / tot['multiplications_before']:.1%} removed); weights "
+            f"{tot['weight_bytes_before'] / 2 ** 20:.2f} -> {tot['weight_bytes_after'] / 2 ** 20:.2f} MB "
+            f"({tot['weight_bytes_before'] / tot['weight_bytes_after']:.1f}x smaller); arithmetic energy "
+            f"{tot['energy_uj_before']:.1f} -> {tot['energy_uj_after']:.1f} uJ per call "
+            f"({tot['energy_uj_before'] / tot['energy_uj_after']:.1f}x less; {ENERGY_SOURCE})")
+
+
+def has_trained_layers(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and n.target is SHIFT_WEIGHT for n in gm.graph.nodes)
+
+
+def shift_add(gm: fx.GraphModule, config: ShiftConfig | None, calibration, budget, metric) -> PassRecord:
+    """The `shift_add` option: rewrite gm's linear layers, the untrained ones guarded on the calibration
+    inputs (lists of gm's arguments); config None converts only the layers trained for it."""
+    from ..guard import guarded_apply
+    from .manager import count_nodes
+
+    t0 = time.perf_counter()
+    record = PassRecord("shift_add", nodes_before=count_nodes(gm))
+    sites = linear_sites(gm, config)
+    rewriter = ShiftRewriter(gm)
+    trained = [s for s in sites if s.trained]
+    for s in trained:
+        rewriter.apply(s)
+    rest = [s for s in sites if not s.trained]
+    guard = None
+    if rest:
+        guard = guarded_apply(lambda args: gm(*args), rest, rewriter.apply, rewriter.revert, calibration, budget,
+                              metric, f"shift_add={config}")
+    rewriter.finish()
+    kept = [s for s in sites if s.new is not None]
+    for s in kept:
+        record.add_match(s.node)
+    record.layers = [layer_savings(s) for s in kept]
+    if trained:
+        record.notes.append(f"{len(trained)} layer(s) trained by effopt.reparameterize converted")
+    if guard is not None:
+        record.notes.append(guard.summary())
+        record.guard = guard
+    elif not sites:
+        record.notes.append("no linear layer with a frozen float32 weight matches "
+                            f"layers={config.layers!r}")
+        import warnings
+
+        warnings.warn(f"effopt: shift_add={config}: no linear layer with a frozen float32 weight matches; nothing "
+                      "was rewritten (layers='all' takes every linear; training graphs keep live weights)",
+                      UserWarning, stacklevel=2)
+    record.notes.append(savings_summary(record.layers))
+    record.seconds = time.perf_counter() - t0
+    record.nodes_after = count_nodes(gm)
+    return record
+
+
+__all__ = ["ShiftConfig", "LinearSite", "ShiftRewriter", "linear_sites", "layer_savings", "savings_summary",
+           "shift_add", "has_trained_layers", "module_path", "ENERGY_PJ", "LAYERS"]

@@ -1,0 +1,119 @@
+"""The shift_add option (effopt/passes/shift_add.py): linear layers on power-of-two weights, compared with an
+eager oracle that runs the same layers with the rounded weights; the per-layer guard; the savings record."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import effopt
+from effopt.guard import EffoptAccuracyWarning
+from effopt.options import Options
+from effopt.testing.compare import assert_same_as_eager
+from effopt.testing.models import vit_tiny_test
+from tests.conftest import compile_effopt
+
+MLP = ["blocks.0.mlp.0", "blocks.0.mlp.2", "blocks.1.mlp.0", "blocks.1.mlp.2"]
+ALL = ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.0", "blocks.0.mlp.2", "blocks.1.attn.qkv",
+       "blocks.1.attn.proj", "blocks.1.mlp.0", "blocks.1.mlp.2", "head"]
+
+
+class _Shifted(torch.nn.Module):
+    """The oracle of one rewritten layer: F.linear with the rounded weight (and quantized activations)."""
+
+    def __init__(self, lin, terms, bits):
+        super().__init__()
+        self.lin, self.terms, self.bits = lin, terms, bits
+
+    def forward(self, x):
+        x = torch.ops.effopt.act_quant(x, self.bits) if self.bits else x
+        return F.linear(x, torch.ops.effopt.shift_weight(self.lin.weight, self.terms), self.lin.bias)
+
+
+def shifted(model, names, terms=1, bits=0):
+    m = copy.deepcopy(model)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = m.get_submodule(parent) if parent else m
+        setattr(owner, child, _Shifted(owner.get_submodule(child) if child.isdigit() else getattr(owner, child),
+                                       terms, bits))
+    return m
+
+
+def _model():
+    torch.manual_seed(0)
+    return vit_tiny_test().eval(), torch.randn(2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"shift_add": "attention"}, r"shift_add='attention' is invalid; valid: \['mlp', 'all'\]"),
+    ({"shift_add": {"layers": "mlp", "terms": 4}}, r"terms=4; valid: \[1, 2, 3\]"),
+    ({"shift_add": {"layers": "all", "activation_bits": 6}}, r"activation_bits=6; valid: \[0, 4, 8\]"),
+    ({"shift_add": {"layers": "all", "bits": 8}}, r"no parameter\(s\) \['bits'\]"),
+    ({"shift_add": "moe"}, r"effopt.reparameterize"),
+])
+def test_invalid_shift_options(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Options.from_dict(bad)
+
+
+@pytest.mark.parametrize("layers, names, terms, bits", [("mlp", MLP, 1, 0), ("all", ALL, 2, 0), ("mlp", MLP, 1, 8)])
+def test_shift_add_rewrites_the_chosen_layers_and_matches_the_eager_oracle(layers, names, terms, bits):
+    model, x = _model()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", EffoptAccuracyWarning)
+        got = compile_effopt(model, shift_add={"layers": layers, "terms": terms, "activation_bits": bits},
+                             kernel_choice="tvm")(x)
+        rec = next(r for r in effopt.last_report().passes if r.name == "shift_add")
+        assert rec.matches == len(names)
+        assert [d["layer"] for d in rec.layers] == names
+        ref = shifted(model, names, terms, bits)(x)
+        exact = model(x)
+    assert_same_as_eager(got, ref)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, exact, atol=1e-3)  # the rounding is really applied
+    # the layers run on effopt's shift kernels
+    shift = [k for k in effopt.last_report().lowering.kernels if "shift_linear" in k.ops]
+    assert len(shift) == len(names) and all(k.choice == "tvm" for k in shift)
+
+
+def test_savings_are_counted_per_layer():
+    model, x = _model()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", EffoptAccuracyWarning)
+        compile_effopt(model, shift_add="mlp", lower=False)(x)
+    rec = next(r for r in effopt.last_report().passes if r.name == "shift_add")
+    fc1 = rec.layers[0]  # blocks.0.mlp.0: 64 -> 256 (mlp ratio 4) on 2 images x 17 tokens
+    assert (fc1["tokens"], fc1["out"], fc1["in"]) == (34, 256, 64)
+    assert fc1["multiplications_before"] == 34 * 256 * 64 and fc1["multiplications_after"] == 34 * 256
+    assert fc1["weight_bytes_before"] == 4 * 256 * 64 and fc1["weight_bytes_after"] == 256 * 32 + 4 * 256
+    assert fc1["energy_uj_before"] == pytest.approx(34 * 256 * 64 * 4.6e-6)
+    assert fc1["energy_uj_after"] == pytest.approx(34 * 256 * 64 * 1.0e-6 + 34 * 256 * 3.7e-6)
+    assert any("removed" in n and "smaller" in n for n in rec.notes)
+
+
+def test_guard_keeps_layers_as_multiplications_where_shift_weights_cost_too_much():
+    model, x = _model()
+    with torch.no_grad():
+        # blocks.1.mlp.2's weights become very spread out: 1 power of two per weight loses them (all but the
+        # largest weight of each row fall below 2^-6 of it and round to 0)
+        w = model.blocks[1].mlp[2].weight
+        w.mul_(torch.where(torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) < 0.03, 300.0, 1.0))
+    cal = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with torch.no_grad():
+        compiled = compile_effopt(model, shift_add="mlp", calibration=cal, accuracy_budget=0.003, lower=False)
+        got = compiled(x)
+    rec = next(r for r in effopt.last_report().passes if r.name == "shift_add")
+    rolled = [n for n, _ in rec.guard.rolled_back]
+    assert "blocks.1.mlp.2" in rolled and [d["layer"] for d in rec.layers] == [n for n in MLP if n not in rolled]
+    with torch.no_grad():
+        ref = shifted(model, [d["layer"] for d in rec.layers])(x)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert rec.guard.loss <= 0.003
+
+
+def test_no_matching_layer_warns():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
+    with torch.no_grad(), pytest.warns(UserWarning, match="no linear layer"):
+        compile_effopt(model, shift_add="mlp", lower=False)(torch.randn(2, 8))
