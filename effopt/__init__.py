@@ -4,8 +4,10 @@ __version__ = "0.1.0"
 from .backend import backend, effopt_backend  # noqa: E402
 from .options import KernelChoice, Options  # noqa: E402
 from .report import last_report  # noqa: E402
-from .reparameterize import attention_parameters, reparameterize  # noqa: E402
+from .moe import moe_loss  # noqa: E402
+from .reparameterize import attention_parameters, reparameterize, shift_parameters  # noqa: E402
 from .token_view import draw_token_merges, token_sources  # noqa: E402
 
 __all__ = ["backend", "effopt_backend", "Options", "KernelChoice", "last_report", "reparameterize", "attention_parameters",
+           "shift_parameters", "moe_loss",
            "token_sources", "draw_token_merges", "__version__"]

@@ -7,6 +7,10 @@ Hamming projections): its custom ops pass straight-through gradients, so `loss.b
 optimizer work. `torch.compile(result, backend="effopt")` then lowers those ops to effopt's TVM kernels.
 `attention_parameters(result)` lists the parameters that feed the approximate attentions (q, k, v
 projections, Hamming code projections): fine-tuning only those is the safe default recipe.
+
+With `shift_add`, linear layers' weights go through `effopt::shift_weight` (power-of-two rounding, with a
+straight-through gradient, as DeepShift and ShiftAddViT fine-tune), and `shift_parameters(result)` lists
+them; with shift_add='moe', MLPs become ShiftAddViT's mixture of experts (effopt/moe.py).
 """
 from __future__ import annotations
 
@@ -42,25 +46,52 @@ def _export(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
     return fx.GraphModule(gm, gm.graph)
 
 
-def reparameterize(model: torch.nn.Module, example_inputs, attention="hamming", *, calibration=None,
+def reparameterize(model: torch.nn.Module, example_inputs, attention=None, *, shift_add=None, calibration=None,
                    accuracy_budget: float | None = None, metric="cosine") -> torch.nn.Module:
-    """A trainable copy of `model` whose attention layers are approximate.
+    """A trainable copy of `model` whose attention layers and/or linear layers are approximate.
 
     attention: 'hamming', 'linear', 'lmul' or a dict {'kind': ..., parameters} (as the backend option).
+    shift_add: 'mlp', 'all' or a dict {'layers', 'terms', 'activation_bits'} (as the backend option): the
+    linear layers' weights go through power-of-two rounding with straight-through gradients (and their
+    inputs through per-token quantization for activation_bits > 0); or 'moe' (or a dict {'kind': 'moe',
+    ...}, see effopt.moe): each MLP becomes ShiftAddViT's mixture of a multiplication expert and a shift
+    expert with a trained router. With neither given, attention='hamming'.
     example_inputs: a tuple of positional inputs, a dict of keyword inputs, or one tensor; the result is
     specialized to their shapes. calibration/accuracy_budget/metric: the accuracy guard, as in the backend
-    options: layers whose rewrite costs more than the budget keep exact attention.
-    Returns an nn.Module with the model's call signature; `.effopt_record` is the pass record."""
+    options: layers whose rewrite costs more than the budget stay exact.
+    Returns an nn.Module with the model's call signature; `.effopt_records` are the pass records
+    ({'attention': ..., 'shift_add': ...}), `.effopt_record` the first of them."""
     from .options import Options
 
-    opts = Options.from_dict({"attention": attention, "calibration": calibration,
-                              "accuracy_budget": accuracy_budget, "metric": metric})
-    config = opts.attention
-    if config.kind == "exact":
+    if attention is None and shift_add is None:
+        attention = "hamming"
+    moe = shift_add == "moe" or (isinstance(shift_add, dict) and shift_add.get("kind") == "moe")
+    opts = Options.from_dict({"attention": attention or "exact", "shift_add": None if moe else shift_add,
+                              "calibration": calibration, "accuracy_budget": accuracy_budget, "metric": metric})
+    if attention is not None and opts.attention.kind == "exact":
         raise ValueError("reparameterize needs an approximate attention: one of 'hamming', 'linear', 'lmul'")
     # a copy: the exported module would otherwise share the model's parameters, and fine-tuning it would
     # change the original model too
     gm = _export(copy.deepcopy(model).eval(), example_inputs)
+    args, kwargs = _split(example_inputs)
+    cal = None if opts.calibration is None else [_split(c) for c in opts.calibration]
+    run = lambda ak: gm(*ak[0], **ak[1])  # noqa: E731
+    records = {}
+    if attention is not None:
+        records["attention"] = _attention(gm, opts, torch.utils._pytree.tree_leaves((args, kwargs)), cal, run)
+    if moe:
+        from .moe import mixture_of_experts
+
+        records["shift_add"] = mixture_of_experts(gm, shift_add, (args, kwargs))
+    elif shift_add is not None:
+        records["shift_add"] = _shift(gm, opts, cal, run)
+    gm.effopt_records = records
+    gm.effopt_record = next(iter(records.values()))
+    return gm
+
+
+def _attention(gm, opts, example_leaves, cal, run) -> PassRecord:
+    config = opts.attention
     FuseAttention()(gm)
     record = PassRecord(f"reparameterize_{config.kind}")
     sites, skipped = attention_sites(gm)
@@ -68,24 +99,65 @@ def reparameterize(model: torch.nn.Module, example_inputs, attention="hamming", 
         raise ValueError(f"reparameterize: no attention layer of this model can take attention={config}"
                          + (f" ({'; '.join(skipped)})" if skipped else " (no softmax attention found)"))
     rewriter = ApproximateAttention(gm, config)
-    args, kwargs = _split(example_inputs)
     fits = []
     if config.kind == "hamming":
-        fits = rewriter.prepare_hamming(sites, torch.utils._pytree.tree_leaves((args, kwargs)), trainable=True)
-    cal = None if opts.calibration is None else [_split(c) for c in opts.calibration]
-    guard = guarded_apply(lambda ak: gm(*ak[0], **ak[1]), sites, rewriter.apply, rewriter.revert, cal,
-                          opts.accuracy_budget, opts.metric, f"reparameterize({config})")
+        fits = rewriter.prepare_hamming(sites, example_leaves, trainable=True)
+    guard = guarded_apply(run, sites, rewriter.apply, rewriter.revert, cal, opts.accuracy_budget, opts.metric,
+                          f"reparameterize({config})")
     rewriter.finish(sites)  # also drops the projections of rolled-back layers
     for s in sites:
         if s.new is not None:
             record.add_match(s.node)
     record.notes = [guard.summary()] + [f"skipped {w}" for w in skipped] + fits
     record.guard = guard
-    gm.effopt_record = record
     if not record.matches:
         warnings.warn("effopt.reparameterize: every attention layer was rolled back by the accuracy guard; the "
-                      "module computes exact attention", UserWarning, stacklevel=2)
-    return gm
+                      "module computes exact attention", UserWarning, stacklevel=3)
+    return record
+
+
+def _shift(gm, opts, cal, run) -> PassRecord:
+    from .passes.shift_add import TrainableShift, layer_savings, linear_sites, savings_summary
+
+    config = opts.shift_add
+    record = PassRecord(f"reparameterize_shift_add")
+    sites = linear_sites(gm, config)
+    if not sites:
+        raise ValueError(f"reparameterize: no linear layer of this model matches shift_add={config}")
+    rewriter = TrainableShift(gm)
+    guard = guarded_apply(run, sites, rewriter.apply, rewriter.revert, cal, opts.accuracy_budget, opts.metric,
+                          f"reparameterize(shift_add={config})")
+    kept = [s for s in sites if s.new is not None]
+    for s in kept:
+        record.add_match(s.node)
+    record.layers = [layer_savings(s) for s in kept]
+    record.notes = [guard.summary(), savings_summary(record.layers)]
+    record.guard = guard
+    gm.graph.lint()
+    gm.recompile()
+    return record
+
+
+def shift_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weights of a `reparameterize`d module that go through power-of-two rounding (shift_weight),
+    with their layers' biases: the parameters to fine-tune for shift_add."""
+    from .passes.shift_add import SHIFT_WEIGHT
+
+    graph = getattr(module, "graph", None)
+    if not isinstance(graph, fx.Graph):
+        raise TypeError("shift_parameters takes the module effopt.reparameterize returned")
+    params = dict(module.named_parameters())
+    found = set()
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is SHIFT_WEIGHT and n.args[0].op == "get_attr":
+            found.add(n.args[0].target)
+            for gemm in (u for t in n.users for u in t.users):
+                bias = gemm.args[0] if gemm.target is _aten.addmm.default else None
+                if isinstance(bias, fx.Node) and bias.op == "get_attr":
+                    found.add(bias.target)
+    if not found:
+        raise ValueError("shift_parameters: this module has no shift layer (was every layer rolled back?)")
+    return [p for name, p in params.items() if name in found]
 
 
 _aten = torch.ops.aten

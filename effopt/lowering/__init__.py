@@ -145,7 +145,7 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
         store.save("gemm", {k: v.to_json() for k, v in decisions.items()})
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target in LIBRARY_OPS:
-            name = str(n.target).replace("aten.", "").split(".")[0]
+            name = n.target._opname if isinstance(n.target, torch._ops.OpOverload) else str(n.target)
             record.library_calls[name] = record.library_calls.get(name, 0) + 1
     _warn_fallbacks(gm, record)
     regions = partition(gm)

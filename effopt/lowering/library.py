@@ -10,6 +10,7 @@ import operator
 import torch
 
 from .. import ops as _effopt_ops  # noqa: F401 - registers torch.ops.effopt.*
+from .. import moe as _moe  # noqa: F401 - registers torch.ops.effopt.shift_moe
 from .. import token_ops as _token_ops  # noqa: F401
 
 aten = torch.ops.aten
@@ -27,6 +28,9 @@ LIBRARY_OPS = frozenset({
     # token reduction's state set-up checks the mask at run time (torch); the reductions, masks and
     # unmerging are lowered (lowering/kernels/tokens.py)
     torch.ops.effopt.token_init.default,
+    # ShiftAddViT's routed mixture of experts: data-dependent token counts per expert (gather, dense
+    # experts on torch's GEMMs, scatter)
+    torch.ops.effopt.shift_moe.default,
 })
 
 # Zero-cost in torch (they make views); in TVM they cost nothing only when fused into a compute kernel,

@@ -85,6 +85,7 @@ class LinearSite:
 
     node: fx.Node
     x: fx.Node
+    wt: fx.Node  # the GEMM's weight operand
     weight: torch.Tensor  # [N, K], the frozen float weight (or the trained one under shift_weight)
     bias: fx.Node | None
     name: str
@@ -133,16 +134,26 @@ def is_mlp(site_node: fx.Node, x: fx.Node) -> bool:
     return (after is not None and after.target in ACTIVATIONS) or before.target in ACTIVATIONS
 
 
+def attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    """The tensor a get_attr node names (a dotted path in exported modules)."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _weight(gm, wt: fx.Node) -> tuple[torch.Tensor, int | None] | None:
-    """(W [N, K], trained terms or None) of a GEMM's right operand: a frozen W^T, or t(shift_weight(W))."""
+    """(W [N, K], trained terms or None) of a GEMM's right operand: a frozen W^T, t(W) (an exported
+    module's parameter), or t(shift_weight(W)) (trained by effopt.reparameterize)."""
     if wt.op == "get_attr":
-        w = getattr(gm, wt.target)
+        w = attr(gm, wt.target)
         return (w.t(), None) if w.dim() == 2 else None
     if wt.op == "call_function" and wt.target in (aten.t.default, aten.permute.default, aten.transpose.int):
-        sw = wt.args[0]
-        if isinstance(sw, fx.Node) and sw.target is SHIFT_WEIGHT and sw.args[0].op == "get_attr":
-            w = getattr(gm, sw.args[0].target)
-            return (w, int(sw.args[1])) if w.dim() == 2 else None
+        w = wt.args[0]
+        if isinstance(w, fx.Node) and w.op == "get_attr" and attr(gm, w.target).dim() == 2:
+            return attr(gm, w.target), None
+        if isinstance(w, fx.Node) and w.target is SHIFT_WEIGHT and w.args[0].op == "get_attr":
+            return (attr(gm, w.args[0].target), int(w.args[1])) if attr(gm, w.args[0].target).dim() == 2 else None
     return None
 
 
@@ -154,7 +165,7 @@ def linear_sites(gm: fx.GraphModule, config: ShiftConfig | None) -> list[LinearS
             continue
         if node.target is aten.addmm.default and len(node.args) == 3 and not node.kwargs:
             bias, x, wt = node.args
-            if not isinstance(bias, fx.Node) or bias.op != "get_attr" or getattr(gm, bias.target).dim() != 1:
+            if not isinstance(bias, fx.Node) or bias.op != "get_attr" or attr(gm, bias.target).dim() != 1:
                 continue
         elif node.target is aten.mm.default:
             (x, wt), bias = node.args, None
@@ -175,7 +186,7 @@ def linear_sites(gm: fx.GraphModule, config: ShiftConfig | None) -> list[LinearS
         if not trained and (config is None or config.layers == "mlp" and not is_mlp(node, x)):
             continue
         name = module_path(node) or source_location(node) or node.name
-        sites.append(LinearSite(node, x, w.detach(), bias, name,
+        sites.append(LinearSite(node, x, wt, w.detach(), bias, name,
                                 trained_terms if trained else config.terms,
                                 trained_bits if trained_bits is not None else 0 if trained else config.activation_bits,
                                 trained))
@@ -234,6 +245,38 @@ class ShiftRewriter:
         from .dce import DeadCodeElimination
 
         DeadCodeElimination()(self.gm)  # the replaced GEMMs, their weights' transposes and constants
+
+
+class TrainableShift:
+    """For `effopt.reparameterize`: each site's weight goes through `shift_weight` (and its input through
+    `act_quant` for the integer path), straight-through, so the float weights fine-tune under the rounding;
+    the backend converts those layers to shift_linear when it compiles the result."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+
+    def apply(self, site: LinearSite) -> None:
+        graph, w = self.gm.graph, site.wt.args[0]
+        with graph.inserting_before(site.wt):
+            sw = graph.call_function(SHIFT_WEIGHT, (w, site.terms))
+        sw.meta = dict(w.meta)
+        site.wt.replace_input_with(w, sw)
+        site.removed = [sw]
+        if site.bits:
+            with graph.inserting_before(site.node):
+                aq = graph.call_function(ACT_QUANT, (site.x, site.bits))
+            aq.meta = dict(site.x.meta)
+            site.node.replace_input_with(site.x, aq)
+            site.removed.append(aq)
+        site.new = sw
+        self.gm.recompile()
+
+    def revert(self, site: LinearSite) -> None:
+        for n in site.removed:
+            n.replace_all_uses_with(n.args[0])
+            self.gm.graph.erase_node(n)
+        site.new, site.removed = None, []
+        self.gm.recompile()
 
 
 # ---- savings ----------------------------------------------------------------------------------------------
@@ -312,5 +355,5 @@ def shift_add(gm: fx.GraphModule, config: ShiftConfig | None, calibration, budge
     return record
 
 
-__all__ = ["ShiftConfig", "LinearSite", "ShiftRewriter", "linear_sites", "layer_savings", "savings_summary",
+__all__ = ["ShiftConfig", "LinearSite", "ShiftRewriter", "TrainableShift", "attr", "linear_sites", "layer_savings", "savings_summary",
            "shift_add", "has_trained_layers", "module_path", "ENERGY_PJ", "LAYERS"]

@@ -117,3 +117,99 @@ def test_no_matching_layer_warns():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
     with torch.no_grad(), pytest.warns(UserWarning, match="no linear layer"):
         compile_effopt(model, shift_add="mlp", lower=False)(torch.randn(2, 8))
+
+
+# ---- the fine-tune path: effopt.reparameterize(shift_add=...) -------------------------------------------------
+@pytest.mark.parametrize("bits", [0, 8])
+def test_reparameterized_shift_layers_fine_tune_and_compile_to_the_shift_kernels(bits):
+    teacher, x = _model()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    original = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = effopt.reparameterize(teacher, (x,), shift_add={"layers": "mlp", "terms": 1, "activation_bits": bits})
+    rec = student.effopt_records["shift_add"]
+    assert [d["layer"] for d in rec.layers] == MLP
+    names = {id(p): n for n, p in student.named_parameters()}
+    tuned = sorted(names[id(p)] for p in effopt.shift_parameters(student))
+    assert tuned == sorted(f"{n}.{w}" for n in MLP for w in ("weight", "bias"))
+    with torch.no_grad():
+        target = teacher(x)
+        # the student computes the rounded layers: the eager oracle with the same rounding
+        torch.testing.assert_close(student(x), shifted(teacher, MLP, 1, bits)(x), rtol=1e-4, atol=1e-4)
+        before = F.mse_loss(student(x), target).item()
+    opt = torch.optim.Adam(effopt.shift_parameters(student), lr=3e-3)
+    for _ in range(30):
+        opt.zero_grad()
+        F.mse_loss(student(x), target).backward()
+        opt.step()
+    with torch.no_grad():
+        after = F.mse_loss(student(x), target).item()
+    assert after < 0.7 * before, (before, after)  # straight-through gradients reach the rounded weights
+    assert all(torch.equal(v, original[k]) for k, v in teacher.state_dict().items()), "the original model changed"
+    student.eval()
+    with torch.no_grad():
+        ref = student(x)
+        got = compile_effopt(student, kernel_choice="tvm")(x)  # no shift_add option: the trained layers convert
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    rec = next(r for r in effopt.last_report().passes if r.name == "shift_add")
+    assert rec.matches == 4 and rec.guard is None and all(d["activation_bits"] == bits for d in rec.layers)
+    assert len([k for k in effopt.last_report().lowering.kernels if "shift_linear" in k.ops]) == 4
+
+
+def test_reparameterize_shift_guard_keeps_costly_layers_exact():
+    teacher, _ = _model()
+    cal = [(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    with torch.no_grad():
+        w = teacher.blocks[0].mlp[0].weight
+        w.mul_(torch.where(torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) < 0.03, 300.0, 1.0))
+    student = effopt.reparameterize(teacher, cal[0], shift_add="all", calibration=cal, accuracy_budget=0.003)
+    rec = student.effopt_records["shift_add"]
+    assert "blocks.0.mlp.0" in [n for n, _ in rec.guard.rolled_back]
+    kept = [d["layer"] for d in rec.layers]
+    with torch.no_grad():
+        torch.testing.assert_close(student(*cal[1]), shifted(teacher, kept)(*cal[1]), rtol=1e-4, atol=1e-4)
+
+
+# ---- ShiftAddViT's mixture of experts -------------------------------------------------------------------------
+def test_moe_routes_tokens_trains_with_the_latency_aware_loss_and_compiles():
+    from effopt.moe import ShiftMoE
+
+    teacher, _ = _model()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    # the shift expert measured 3x faster here: the balancing loss should move tokens to it
+    student = effopt.reparameterize(teacher, (x,), shift_add={"kind": "moe", "latency": (300.0, 100.0)})
+    moes = [m for m in student.modules() if isinstance(m, ShiftMoE)]
+    assert len(moes) == 2 and student.effopt_record.matches == 2
+    assert not any("mlp" in n for n, _ in student.named_parameters() if not n.startswith("effopt_moe"))
+    with torch.no_grad():
+        target = teacher(x)
+        student.train()
+        dense = student(x)  # training mode: both experts on every token, combined by the routing
+        student.eval()
+        routed = student(x)  # eval: gather / expert / scatter (effopt::shift_moe)
+    torch.testing.assert_close(routed, dense, rtol=1e-4, atol=1e-4)
+    student.train()
+    opt = torch.optim.Adam(student.parameters(), lr=2e-3)
+    share0 = moes[0].last_load[1] / sum(moes[0].last_load)
+    for _ in range(40):
+        opt.zero_grad()
+        loss = F.mse_loss(student(x), target) + 0.05 * effopt.moe_loss(student)
+        loss.backward()
+        opt.step()
+    share = moes[0].last_load[1] / sum(moes[0].last_load)
+    assert moes[0].router.weight.grad is not None and moes[0].shift_fc1.weight.grad is not None
+    assert share > max(share0, 0.6), (share0, share)  # faster expert: more tokens (3:1 is the optimum)
+    student.eval()
+    with torch.no_grad():
+        ref = student(x)
+        got = compile_effopt(student)(x)
+    assert_same_as_eager(got, ref)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert effopt.last_report().lowering.library_calls.get("shift_moe") == 2
+
+
+def test_moe_options_are_checked():
+    teacher, x = _model()
+    with pytest.raises(ValueError, match=r"no parameter\(s\) \['experts'\]"):
+        effopt.reparameterize(teacher, (x,), shift_add={"kind": "moe", "experts": 4})
+    with pytest.raises(ValueError, match="latency"):
+        effopt.reparameterize(teacher, (x,), shift_add={"kind": "moe", "latency": (1.0,)})

