@@ -120,7 +120,7 @@ def _shift(gm, opts, cal, run) -> PassRecord:
     from .passes.shift_add import TrainableShift, layer_savings, linear_sites, savings_summary
 
     config = opts.shift_add
-    record = PassRecord(f"reparameterize_shift_add")
+    record = PassRecord("reparameterize_shift_add")
     sites = linear_sites(gm, config)
     if not sites:
         raise ValueError(f"reparameterize: no linear layer of this model matches shift_add={config}")
