@@ -151,10 +151,13 @@ def shift_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     for n in graph.nodes:
         if n.op == "call_function" and n.target is SHIFT_WEIGHT and n.args[0].op == "get_attr":
             found.add(n.args[0].target)
-            for gemm in (u for t in n.users for u in t.users):
-                bias = gemm.args[0] if gemm.target is _aten.addmm.default else None
-                if isinstance(bias, fx.Node) and bias.op == "get_attr":
-                    found.add(bias.target)
+            for u in n.users:  # a convolution's bias, or through the transpose, a linear's (addmm)
+                layers = [u] if u.target is _aten.convolution.default else list(u.users)
+                for layer in layers:
+                    bias = layer.args[2] if layer.target is _aten.convolution.default else \
+                        layer.args[0] if layer.target is _aten.addmm.default else None
+                    if isinstance(bias, fx.Node) and bias.op == "get_attr":
+                        found.add(bias.target)
     if not found:
         raise ValueError("shift_parameters: this module has no shift layer (was every layer rolled back?)")
     return [p for name, p in params.items() if name in found]

@@ -184,11 +184,26 @@ def _(x, packed, scale, bias, in_features, activation_bits):
     return x.new_empty((*x.shape[:-1], packed.shape[1]))
 
 
+@torch.library.custom_op("effopt::shift_conv2d", mutates_args=())
+def shift_conv2d(x: Tensor, packed: Tensor, scale: Tensor, bias: Optional[Tensor], kernel: list[int]) -> Tensor:
+    """A patch-embedding convolution (stride = kernel, no padding) of x [B, C, H, W] on packed power-of-two
+    weights [terms, N, ceil(C kh kw / 2)]: the shift linear of each patch."""
+    c, (kh, kw) = x.shape[1], kernel
+    w = dequantize_packed(packed, scale, c * kh * kw).reshape(-1, c, kh, kw)
+    return torch.nn.functional.conv2d(x.to(torch.float32), w, bias, stride=(kh, kw)).to(x.dtype)
+
+
+@shift_conv2d.register_fake
+def _(x, packed, scale, bias, kernel):
+    return x.new_empty((x.shape[0], packed.shape[1], x.shape[2] // kernel[0], x.shape[3] // kernel[1]))
+
+
 @torch.library.custom_op("effopt::shift_weight", mutates_args=())
 def shift_weight(weight: Tensor, terms: int) -> Tensor:
-    """The weight [N, K] rounded to `terms` powers of two per element (exact dequantized values)."""
-    codes, scale = quantize(weight, terms)
-    return dequantize(codes, scale).to(weight.dtype)
+    """The weight [N, ...] (a linear's [N, K] or a conv's [N, C, kh, kw]) rounded per output channel to
+    `terms` powers of two per element (exact dequantized values)."""
+    codes, scale = quantize(weight.reshape(weight.shape[0], -1), terms)
+    return dequantize(codes, scale).to(weight.dtype).reshape(weight.shape)
 
 
 @shift_weight.register_fake

@@ -600,6 +600,15 @@ def _shift_linear(cv, node, x, packed, scale, bias, in_features, activation_bits
     return shift.emit(cv.bb, x, packed, scale, bias, int(in_features), int(activation_bits))
 
 
+@lowers(torch.ops.effopt.shift_conv2d.default)
+def _shift_conv2d(cv, node, x, packed, scale, bias, kernel):
+    from .kernels import shift
+
+    if any(not isinstance(d, int) for d in node.args[0].meta["val"].shape):
+        raise Unsupported("shift_conv2d kernels need static shapes")
+    return shift.emit_patch_conv(cv.bb, x, packed, scale, bias, kernel)
+
+
 # ---- token reduction (effopt/token_ops.py): ToMe's matching and merging as Relax (kernels/tokens.py) -------
 @lowers(torch.ops.effopt.tome_merge.default)
 def _tome_merge(cv, node, x, metric, size, kmask, source, r, protected):
@@ -673,4 +682,4 @@ for _op in (aten.scaled_dot_product_attention.default, FLASH_CPU):
 # each its own region, so the lowering measures it against its eager op (torch's GEMM on the dequantized
 # weights, for shift_linear) shape by shape
 ISOLATED.update({torch.ops.effopt.hamming_attention.default, torch.ops.effopt.lmul_attention.default,
-                 torch.ops.effopt.shift_linear.default})
+                 torch.ops.effopt.shift_linear.default, torch.ops.effopt.shift_conv2d.default})

@@ -2,7 +2,9 @@
 on power-of-two weights (effopt/shift_ops.py), layer by layer under the accuracy guard.
 
     layers  'mlp': the MLP's linears (a GEMM that feeds or is fed by an activation: GELU, ReLU, SiLU ...),
-            as ShiftAddViT reparameterizes first; 'all': every linear with a frozen weight.
+            as ShiftAddViT reparameterizes first; 'all': every linear with a frozen weight, and patch-embedding
+            convolutions (stride = kernel, no padding, one group: a linear on each patch; the float path).
+            Other convolutions stay as they are, with the reason in the pass record.
     terms   powers of two per weight (1: 4 bits, 8x smaller than fp32; 2, 3: more precision).
     activation_bits  0: the float path (x * 2^-e on exponent bits); 8 or 4: MatShift's integer path.
 
@@ -92,14 +94,16 @@ class LinearSite:
     terms: int
     bits: int
     trained: bool = False  # from effopt.reparameterize: shift_weight / act_quant in the graph
+    kernel: tuple[int, int] | None = None  # a patch-embedding convolution's kernel (= stride)
     new: fx.Node | None = None
     removed: list = field(default_factory=list)  # nodes made dead by the rewrite (erased by finish)
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        """(M tokens, N outputs, K inputs) per call."""
-        m = self.x.meta["val"].shape[0]
-        return (m.node.hint if isinstance(m, torch.SymInt) else int(m), *self.weight.shape)
+        """(M tokens, N outputs, K inputs) per call (a convolution's tokens are its patches)."""
+        shape = [d.node.hint if isinstance(d, torch.SymInt) else int(d) for d in self.x.meta["val"].shape]
+        m = shape[0] if self.kernel is None else shape[0] * (shape[2] // self.kernel[0]) * (shape[3] // self.kernel[1])
+        return (m, *self.weight.shape)
 
 
 def module_path(node: fx.Node) -> str | None:
@@ -157,11 +161,43 @@ def _weight(gm, wt: fx.Node) -> tuple[torch.Tensor, int | None] | None:
     return None
 
 
-def linear_sites(gm: fx.GraphModule, config: ShiftConfig | None) -> list[LinearSite]:
-    """The linear layers `config` selects, and every layer trained for shift weights (config None: only those)."""
+def _conv_site(gm, node: fx.Node, config: ShiftConfig | None, skipped: list) -> LinearSite | None:
+    """A patch-embedding convolution (stride = kernel, no padding, dilation 1, one group) with a frozen weight,
+    or one whose weight was trained under shift_weight."""
+    x, w, b, stride, padding, dilation, transposed, _, groups = node.args
+    name = module_path(node) or source_location(node) or node.name
+    trained = isinstance(w, fx.Node) and w.target is SHIFT_WEIGHT
+    wnode = w.args[0] if trained else w
+    if config is None and not trained or config is not None and config.layers != "all" and not trained:
+        return None
+    if not isinstance(wnode, fx.Node) or wnode.op != "get_attr" or (b is not None and b.op != "get_attr"):
+        return None
+    weight, xval = attr(gm, wnode.target), x.meta.get("val")
+    if weight.dim() != 4 or not isinstance(xval, torch.Tensor) or xval.dim() != 4 or xval.dtype != torch.float32:
+        return None
+    kernel = tuple(int(k) for k in weight.shape[2:])
+    if transposed or groups != 1 or any(d != 1 for d in dilation) or any(p != 0 for p in padding) \
+            or tuple(stride) != kernel or any(not isinstance(d, int) for d in xval.shape) \
+            or xval.shape[2] % kernel[0] or xval.shape[3] % kernel[1]:
+        skipped.append(f"{name}: a convolution other than a patch embedding (stride = kernel, no padding, one "
+                       "group, static shape) stays in float")
+        return None
+    return LinearSite(node, x, w, weight.detach().reshape(weight.shape[0], -1), b, name,
+                      int(w.args[1]) if trained else config.terms, 0, trained, kernel=kernel)
+
+
+def linear_sites(gm: fx.GraphModule, config: ShiftConfig | None, skipped: list | None = None) -> list[LinearSite]:
+    """The linear layers `config` selects, and every layer trained for shift weights (config None: only those).
+    Why a layer that could have been chosen was not goes to `skipped`."""
     sites = []
+    skipped = [] if skipped is None else skipped
     for node in gm.graph.nodes:
         if node.op != "call_function":
+            continue
+        if node.target is aten.convolution.default and len(node.args) == 9:
+            site = _conv_site(gm, node, config, skipped)
+            if site is not None:
+                sites.append(site)
             continue
         if node.target is aten.addmm.default and len(node.args) == 3 and not node.kwargs:
             bias, x, wt = node.args
@@ -220,8 +256,12 @@ class ShiftRewriter:
         scale_node = add_constant(self.gm, scale, site.node, "shift_s")
         x = self._x(site)
         with graph.inserting_before(site.node):
-            new = graph.call_function(torch.ops.effopt.shift_linear.default,
-                                      (x, packed, scale_node, site.bias, int(site.weight.shape[1]), site.bits))
+            if site.kernel is not None:
+                new = graph.call_function(torch.ops.effopt.shift_conv2d.default,
+                                          (x, packed, scale_node, site.bias, list(site.kernel)))
+            else:
+                new = graph.call_function(torch.ops.effopt.shift_linear.default,
+                                          (x, packed, scale_node, site.bias, int(site.weight.shape[1]), site.bits))
         new.meta = dict(site.node.meta)
         site.node.replace_all_uses_with(new, propagate_meta=False)
         site.new = new
@@ -256,11 +296,12 @@ class TrainableShift:
         self.gm = gm
 
     def apply(self, site: LinearSite) -> None:
-        graph, w = self.gm.graph, site.wt.args[0]
-        with graph.inserting_before(site.wt):
+        graph = self.gm.graph
+        user, w = (site.node, site.wt) if site.kernel is not None else (site.wt, site.wt.args[0])
+        with graph.inserting_before(user):
             sw = graph.call_function(SHIFT_WEIGHT, (w, site.terms))
         sw.meta = dict(w.meta)
-        site.wt.replace_input_with(w, sw)
+        user.replace_input_with(w, sw)
         site.removed = [sw]
         if site.bits:
             with graph.inserting_before(site.node):
@@ -321,7 +362,8 @@ def shift_add(gm: fx.GraphModule, config: ShiftConfig | None, calibration, budge
 
     t0 = time.perf_counter()
     record = PassRecord("shift_add", nodes_before=count_nodes(gm))
-    sites = linear_sites(gm, config)
+    skipped: list[str] = []
+    sites = linear_sites(gm, config, skipped)
     rewriter = ShiftRewriter(gm)
     trained = [s for s in sites if s.trained]
     for s in trained:
@@ -350,6 +392,7 @@ def shift_add(gm: fx.GraphModule, config: ShiftConfig | None, calibration, budge
                       "was rewritten (layers='all' takes every linear; training graphs keep live weights)",
                       UserWarning, stacklevel=2)
     record.notes.append(savings_summary(record.layers))
+    record.notes += [f"skipped {w}" for w in skipped]
     record.seconds = time.perf_counter() - t0
     record.nodes_after = count_nodes(gm)
     return record

@@ -15,7 +15,7 @@ from effopt.testing.models import vit_tiny_test
 from tests.conftest import compile_effopt
 
 MLP = ["blocks.0.mlp.0", "blocks.0.mlp.2", "blocks.1.mlp.0", "blocks.1.mlp.2"]
-ALL = ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.0", "blocks.0.mlp.2", "blocks.1.attn.qkv",
+ALL = ["patch_embed", "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.0", "blocks.0.mlp.2", "blocks.1.attn.qkv",
        "blocks.1.attn.proj", "blocks.1.mlp.0", "blocks.1.mlp.2", "head"]
 
 
@@ -27,8 +27,11 @@ class _Shifted(torch.nn.Module):
         self.lin, self.terms, self.bits = lin, terms, bits
 
     def forward(self, x):
+        w = torch.ops.effopt.shift_weight(self.lin.weight, self.terms)
+        if isinstance(self.lin, torch.nn.Conv2d):
+            return F.conv2d(x, w, self.lin.bias, stride=self.lin.stride)
         x = torch.ops.effopt.act_quant(x, self.bits) if self.bits else x
-        return F.linear(x, torch.ops.effopt.shift_weight(self.lin.weight, self.terms), self.lin.bias)
+        return F.linear(x, w, self.lin.bias)
 
 
 def shifted(model, names, terms=1, bits=0):
@@ -74,7 +77,7 @@ def test_shift_add_rewrites_the_chosen_layers_and_matches_the_eager_oracle(layer
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(got, exact, atol=1e-3)  # the rounding is really applied
     # the layers run on effopt's shift kernels
-    shift = [k for k in effopt.last_report().lowering.kernels if "shift_linear" in k.ops]
+    shift = [k for k in effopt.last_report().lowering.kernels if {"shift_linear", "shift_conv2d"} & set(k.ops)]
     assert len(shift) == len(names) and all(k.choice == "tvm" for k in shift)
 
 
@@ -111,6 +114,21 @@ def test_guard_keeps_layers_as_multiplications_where_shift_weights_cost_too_much
         ref = shifted(model, [d["layer"] for d in rec.layers])(x)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert rec.guard.loss <= 0.003
+
+
+def test_convolutions_other_than_patch_embeddings_stay_float_with_the_reason():
+    from effopt.testing.models import SmallCNN
+
+    torch.manual_seed(0)
+    model, x = SmallCNN().eval(), torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", EffoptAccuracyWarning)
+        got = compile_effopt(model, shift_add="all")(x)
+        ref = shifted(model, ["head"])(x)
+    rec = next(r for r in effopt.last_report().passes if r.name == "shift_add")
+    assert [d["layer"] for d in rec.layers] == ["head"]
+    assert sum("convolution other than a patch embedding" in n for n in rec.notes) == 3
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_no_matching_layer_warns():

@@ -165,6 +165,18 @@ def emit(bb: relax.BlockBuilder, x: relax.Expr, packed: relax.Expr, scale: relax
     return bb.emit(relax.op.reshape(y, [*xs[:-1], n]))
 
 
+def emit_patch_conv(bb: relax.BlockBuilder, x: relax.Expr, packed: relax.Expr, scale: relax.Expr, bias,
+                    kernel) -> relax.Expr:
+    """A patch-embedding convolution (stride = kernel, no padding) of x [B, C, H, W] as the shift linear of its
+    patches: [B, C, H/kh, kh, W/kw, kw] -> [B, H/kh, W/kw, C kh kw] @ W^T -> [B, N, H/kh, W/kw]."""
+    b, c, h, w = (static(d, _OP, "every dim of x") for d in dims(x, _OP, "x", 4))
+    kh, kw = (int(k) for k in kernel)
+    x6 = bb.emit(relax.op.reshape(x, [b, c, h // kh, kh, w // kw, kw]))
+    patches = bb.emit(relax.op.reshape(relax.op.permute_dims(x6, [0, 2, 4, 1, 3, 5]), [b, h // kh, w // kw, c * kh * kw]))
+    y = emit(bb, patches, packed, scale, bias, c * kh * kw, 0)
+    return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+
+
 def build(m: int, n: int, k: int, terms: int, bits: int = 0, bias: bool = False, target="host"):
     """The shift linear compiled alone: a function (x [m, k], packed, scale[, bias]) -> y [m, n]."""
     from ..eager import build_function
@@ -176,4 +188,4 @@ def build(m: int, n: int, k: int, terms: int, bits: int = 0, bias: bool = False,
     return build_function(body, *types, *([((n,), "float32")] if bias else []), target=target)
 
 
-__all__ = ["matmul_func", "quant_func", "emit", "build", "token_block", "LANES"]
+__all__ = ["matmul_func", "quant_func", "emit", "emit_patch_conv", "build", "token_block", "LANES"]
