@@ -125,7 +125,8 @@ def act_quantize(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     [-qmax, qmax] (float32 holding integers), and the step max|x| / qmax per token [..., 1]."""
     qmax = float(2 ** (bits - 1) - 1)
     amax = x.to(torch.float32).abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    xq = torch.round(x.to(torch.float32) * (qmax / amax)).clamp(-qmax, qmax)  # round: half to even (nearbyint)
+    inv = torch.full_like(amax, qmax) / amax  # a true division (a scalar / tensor is reciprocal * scalar)
+    xq = torch.round(x.to(torch.float32) * inv).clamp(-qmax, qmax)  # round: half to even (nearbyint)
     return xq, amax / qmax
 
 

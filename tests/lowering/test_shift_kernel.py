@@ -38,8 +38,10 @@ def test_shift_float_kernel_matches_the_reference(m, n, k, terms):
 
 
 @pytest.mark.parametrize("m,n,k,terms,bits", [(1, 10, 37, 1, 8), (3, 24, 64, 2, 8), (6, 7, 100, 3, 8),
-                                              (5, 17, 96, 1, 4)])
+                                              (5, 17, 96, 1, 4), (512, 8, 1536, 1, 8)])
 def test_matshift_integer_kernel_is_bit_exact(m, n, k, terms, bits):
+    # (512 x 1536: enough activations that a quantization step computed differently would show; one did, when
+    # the reference's qmax / amax was torch's scalar / tensor, a reciprocal times the scalar, not a division)
     x, packed, scale, bias = _case(m, n, k, terms, 7 * m + n + k)
     x[1 % m] *= 1e4  # tokens of very different ranges: each has its own step
     f = shift.build(m, n, k, terms, bits=bits, bias=True)

@@ -7,7 +7,7 @@ multiplication (the one multiply per output is the channel scale). An x whose ex
 e (zero, or below 2^(e-126)) contributes 0: the reference gives a subnormal there, within float tolerance
 of 0. The result differs from `shift_linear_ref` only in summation order.
 
-Integer path (ShiftAddViT's MatShift): activations quantized per token (`shift_quant`), then
+Integer path (ShiftAddViT's MatShift): activations quantized per token (`shift_scale`, `shift_quant`), then
 acc[m, n] = sum  ±(xq[m, k] << (6 - e)) in int32 and y = float32(acc) * s[n] * (step[m] * 2^-6): bit for
 bit `matshift_linear_ref`. One PrimFunc (`shift_matmul`) serves both
 paths; its x dtype picks the term arithmetic.
@@ -111,16 +111,16 @@ def matmul_func(M: int, N: int, K: int, terms: int, xdtype: str = "float32") -> 
     return shift_matmul
 
 
-def quant_func(M: int, K: int, bits: int) -> tirx.PrimFunc:
-    """x [M, K] float32 -> (xq [M, K] int8, step [M, 1] float32): per token, xq = nearbyint(x * (qmax / amax)),
-    step = amax / qmax, amax = max(max|x|, smallest normal float)."""
+def scale_func(M: int, K: int, bits: int) -> tirx.PrimFunc:
+    """x [M, K] float32 -> (inv [M, 1], step [M, 1]) float32: per token, amax = max(max|x|, smallest normal
+    float), inv = qmax / amax (a true division, once per token), step = amax / qmax."""
     qmax = float(2 ** (bits - 1) - 1)
 
     @T.prim_func(private=True, s_tir=True)
-    def shift_quant(x_h: T.handle, q_h: T.handle, st_h: T.handle):
+    def shift_scale(x_h: T.handle, i_h: T.handle, st_h: T.handle):
         T.func_attr(_ATTRS)
         X = T.match_buffer(x_h, (M, K), "float32")
-        Q = T.match_buffer(q_h, (M, K), "int8")
+        INV = T.match_buffer(i_h, (M, 1), "float32")
         ST = T.match_buffer(st_h, (M, 1), "float32")
         with T.sblock("root"):
             for m in T.parallel(M):
@@ -128,11 +128,27 @@ def quant_func(M: int, K: int, bits: int) -> tirx.PrimFunc:
                 amax[0] = T.float32(1.1754943508222875e-38)
                 for k in range(K):
                     amax[0] = T.max(amax[0], T.fabs(X[m, k]))
-                inv = T.meta_var(T.float32(qmax) / amax[0])
-                for k in T.vectorized(K):
-                    Q[m, k] = T.Cast("int8", T.max(T.min(T.nearbyint(X[m, k] * inv), T.float32(qmax)),
-                                                   T.float32(-qmax)))
+                INV[m, 0] = T.float32(qmax) / amax[0]
                 ST[m, 0] = amax[0] / T.float32(qmax)
+
+    return shift_scale
+
+
+def quant_func(M: int, K: int, bits: int) -> tirx.PrimFunc:
+    """(x [M, K] float32, inv [M, 1]) -> xq [M, K] int8 = clamp(nearbyint(x * inv), -qmax, qmax)."""
+    qmax = float(2 ** (bits - 1) - 1)
+
+    @T.prim_func(private=True, s_tir=True)
+    def shift_quant(x_h: T.handle, i_h: T.handle, q_h: T.handle):
+        T.func_attr(_ATTRS)
+        X = T.match_buffer(x_h, (M, K), "float32")
+        INV = T.match_buffer(i_h, (M, 1), "float32")
+        Q = T.match_buffer(q_h, (M, K), "int8")
+        with T.sblock("root"):
+            for m in T.parallel(M):
+                for k in T.vectorized(K):
+                    Q[m, k] = T.Cast("int8", T.max(T.min(T.nearbyint(X[m, k] * INV[m, 0]), T.float32(qmax)),
+                                                   T.float32(-qmax)))
 
     return shift_quant
 
@@ -152,10 +168,11 @@ def emit(bb: relax.BlockBuilder, x: relax.Expr, packed: relax.Expr, scale: relax
     x2 = bb.emit(relax.op.reshape(x, [m, k]))
     out = relax.TensorType([m, n], "float32")
     if bits:
-        q = bb.emit(relax.call_tir(bb.add_func(quant_func(m, k, bits), "shift_quant"), [x2],
-                                   [relax.TensorType([m, k], "int8"), relax.TensorType([m, 1], "float32")]))
-        x2 = bb.emit(relax.TupleGetItem(q, 0))
-        post = bb.emit(relax.op.multiply(relax.TupleGetItem(q, 1), relax.const(2.0 ** -6, "float32")))  # exact
+        col = relax.TensorType([m, 1], "float32")
+        sc = bb.emit(relax.call_tir(bb.add_func(scale_func(m, k, bits), "shift_scale"), [x2], [col, col]))
+        x2 = bb.emit(relax.call_tir(bb.add_func(quant_func(m, k, bits), "shift_quant"),
+                                    [x2, bb.emit(relax.TupleGetItem(sc, 0))], relax.TensorType([m, k], "int8")))
+        post = bb.emit(relax.op.multiply(relax.TupleGetItem(sc, 1), relax.const(2.0 ** -6, "float32")))  # exact
     else:
         post = relax.op.ones(relax.ShapeExpr([m, 1]), "float32")
     y = bb.emit(relax.call_tir(bb.add_func(matmul_func(m, n, k, terms, "int8" if bits else "float32"),
@@ -188,4 +205,4 @@ def build(m: int, n: int, k: int, terms: int, bits: int = 0, bias: bool = False,
     return build_function(body, *types, *([((n,), "float32")] if bias else []), target=target)
 
 
-__all__ = ["matmul_func", "quant_func", "emit", "emit_patch_conv", "build", "token_block", "LANES"]
+__all__ = ["matmul_func", "scale_func", "quant_func", "emit", "emit_patch_conv", "build", "token_block", "LANES"]
