@@ -67,26 +67,30 @@ def run_task(key, steps, lr, rounds, moe_steps):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", effopt.guard.EffoptAccuracyWarning)
         for name, opt in OPTIONS.items():
-            variants[name] = lambda opt=opt: (compiled(task.model, shift_add=opt), None)
+            variants[name] = lambda opt=opt: (compiled(task.model, shift_add=opt), None, {})
     cal = [task.inputs(b) for b in task.train[:2]]
     for name, opt in GUARDED.items():
         variants[name] = lambda opt=opt: (compiled(task.model, shift_add=opt, calibration=cal, accuracy_budget=0.01),
-                                          None)
+                                          None, {})
 
     def finetuned():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             student = effopt.reparameterize(task.model, task.example(), shift_add="mlp")
         secs = distill(task, student, steps, lr, params=effopt.shift_parameters(student))
-        return compiled(student), secs
+        return compiled(student), secs, {}
 
     def moe():
         student = effopt.reparameterize(task.model, task.example(), shift_add="moe")
         secs = distill(task, student, moe_steps, lr, params=list(student.parameters()),
                        extra_loss=lambda m: 0.01 * effopt.moe_loss(m))
-        load = [m.last_load for m in student.modules() if isinstance(m, effopt.moe.ShiftMoE)]
-        print(f"    moe: tokens per expert (mult, shift) in the last training step: {load}", flush=True)
-        return compiled(student), secs
+        moes = [m for m in student.modules() if isinstance(m, effopt.moe.ShiftMoE)]
+        load = [m.last_load for m in moes]
+        share = sum(l[1] for l in load) / sum(sum(l) for l in load)
+        print(f"    moe: tokens per expert (mult, shift) in the last training step: {load}; expert latency "
+              f"(mult, shift) us: {[tuple(round(v) for v in m.latency.tolist()) for m in moes[:1]]}", flush=True)
+        return compiled(student), secs, {"moe_layers": len(moes), "shift_token_share": share,
+                                         "expert_latency_us": moes[0].latency.tolist()}
 
     variants[f"mlp, 1 term, fine-tuned {steps} steps"] = finetuned
     variants[f"moe (mlp), fine-tuned {moe_steps} steps"] = moe
@@ -94,7 +98,7 @@ def run_task(key, steps, lr, rounds, moe_steps):
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", effopt.guard.EffoptAccuracyWarning)
-            fn, secs = make()
+            fn, secs, extra = make()
             warm(task, fn, batch)
         compile_s = time.perf_counter() - t0 - (secs or 0)
         report = effopt.last_report()
@@ -112,11 +116,13 @@ def run_task(key, steps, lr, rounds, moe_steps):
                "ms": {k: v * 1e3 for k, v in t.items()}, "speedup_vs_eager": t["eager"] / t["option"],
                "speedup_vs_effopt": t["effopt"] / t["option"], "inductor_vs_eager": t["eager"] / t["inductor"],
                "shift_kernels_on_tvm": f"{sum(k.choice == 'tvm' for k in kernels)}/{len(kernels)}",
-               "compile_s": compile_s, "fine_tune_s": secs}
+               "compile_s": compile_s, "fine_tune_s": secs, **extra}
         rows.append(row)
         sav = (f"{row['layers']} layers, mults -{row.get('multiplications_removed', 0):.0%}, weights "
                f"{row['weight_mb'][0]:.1f} -> {row['weight_mb'][1]:.1f} MB, energy {row['energy_uj'][0]:.0f} -> "
-               f"{row['energy_uj'][1]:.0f} uJ" if row["layers"] else "no layer rewritten")
+               f"{row['energy_uj'][1]:.0f} uJ" if row["layers"] else
+               f"{extra['moe_layers']} MoE layers, {extra['shift_token_share']:.0%} of tokens to the shift expert"
+               if extra else "no layer rewritten")
         print(f"  {variant:34s} {task.metric_name} {metric:.4f}  {sav}; "
               f"{row['speedup_vs_eager']:.2f}x eager (inductor {row['inductor_vs_eager']:.2f}x, effopt "
               f"{t['eager'] / t['effopt']:.2f}x); shift kernels on TVM {row['shift_kernels_on_tvm']}"

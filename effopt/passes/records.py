@@ -40,4 +40,14 @@ class PassRecord:
     def __str__(self) -> str:
         where = f" at {', '.join(self.locations[:3])}" + (" ..." if len(self.locations) > 3 else "") if self.locations else ""
         return (f"{self.name}: {self.matches} match(es){where}; nodes {self.nodes_before} -> {self.nodes_after}"
-                f" ({self.seconds * 1e3:.1f} ms)" + "".join(f"\n    {n}" for n in self.notes))
+                f" ({self.seconds * 1e3:.1f} ms)" + "".join(f"\n    {n}" for n in self.notes)
+                + "".join(f"\n    {_layer_line(d)}" for d in self.layers))
+
+
+def _layer_line(d: dict) -> str:
+    """One rewritten layer's savings (shift_add)."""
+    path = f"int{d['activation_bits']}" if d["activation_bits"] else "float"
+    return (f"{d['layer']}: {d['tokens']}x{d['out']}x{d['in']}, {d['terms']} term(s), {path}: multiplications "
+            f"{d['multiplications_before']:,} -> {d['multiplications_after']:,}, weights "
+            f"{d['weight_bytes_before'] / 1024:.0f} -> {d['weight_bytes_after'] / 1024:.0f} KB, energy "
+            f"{d['energy_uj_before']:.1f} -> {d['energy_uj_after']:.1f} uJ")
