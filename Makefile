@@ -33,6 +33,7 @@ bench: setup
 	$(PY) benchmarks/approximate.py
 	$(PY) benchmarks/token_reduction.py
 	$(PY) benchmarks/shift.py
+	$(PY) benchmarks/shift_add.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache bench-results

@@ -142,8 +142,11 @@ def matshift_linear_ref(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor |
     """The integer path: exactly the kernel's integers (xq << (6 - e), signed, summed in int32) and its
     float32 epilogue float32(acc) * s[n] * 2^-6 * step (+ bias)."""
     xq, step = act_quantize(x, bits)
-    w = integer_weight(unpack(packed, k)).to(torch.float64)
-    acc = (xq.to(torch.float64) @ w.t()).to(torch.float32)  # exact integers (< 2^31), rounded to float32
+    w = integer_weight(unpack(packed, k))
+    # integers summed exactly: in float32 (torch's GEMM) while no partial sum can reach 2^24, else float64
+    bound = float(2 ** (bits - 1) - 1) * float(w.abs().sum(dim=1).max()) if w.numel() else 0.0
+    dt = torch.float32 if bound < 2 ** 24 else torch.float64
+    acc = (xq.to(dt) @ w.to(dt).t()).to(torch.float32)  # exact integers (< 2^31), rounded to float32
     y = acc * scale * (2.0 ** -MAX_SHIFT) * step
     if bias is not None:
         y = y + bias.to(torch.float32)

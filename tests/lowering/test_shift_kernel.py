@@ -37,6 +37,19 @@ def test_shift_float_kernel_matches_the_reference(m, n, k, terms):
     assert not torch.allclose(torch.from_dlpack(f(x, _flip_a_sign(packed), scale, bias)), ref)
 
 
+@pytest.mark.parametrize("m,n,k,terms", [(1, 12, 70, 1), (5, 9, 101, 2), (4, 16, 64, 3)])
+def test_shift_float_kernel_is_exact_where_summation_order_cannot_matter(m, n, k, terms):
+    # small integer activations and power-of-two weights: every partial sum is a multiple of 2^-6 far below
+    # 2^24 units, so any summation order gives the same float32 and the kernel must equal the reference bit
+    # for bit: each term x * 2^-e (exponent subtract, sign xor) is exact
+    g = torch.Generator().manual_seed(m + n + k)
+    x = torch.randint(-8, 9, (m, k), generator=g).float()
+    codes, _ = so.quantize(torch.randn(n, k, generator=g), terms)
+    packed, scale = so.pack(codes), torch.ones(n)
+    y = torch.from_dlpack(shift.build(m, n, k, terms)(x, packed, scale))
+    assert torch.equal(y, so.shift_linear_ref(x, packed, scale, None, k))
+
+
 @pytest.mark.parametrize("m,n,k,terms,bits", [(1, 10, 37, 1, 8), (3, 24, 64, 2, 8), (6, 7, 100, 3, 8),
                                               (5, 17, 96, 1, 4), (512, 8, 1536, 1, 8)])
 def test_matshift_integer_kernel_is_bit_exact(m, n, k, terms, bits):
