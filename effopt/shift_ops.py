@@ -189,17 +189,23 @@ def _(x, packed, scale, bias, in_features, activation_bits):
 
 
 @torch.library.custom_op("effopt::shift_conv2d", mutates_args=())
-def shift_conv2d(x: Tensor, packed: Tensor, scale: Tensor, bias: Optional[Tensor], kernel: list[int]) -> Tensor:
-    """A patch-embedding convolution (stride = kernel, no padding) of x [B, C, H, W] on packed power-of-two
-    weights [terms, N, ceil(C kh kw / 2)]: the shift linear of each patch."""
+def shift_conv2d(x: Tensor, packed: Tensor, scale: Tensor, bias: Optional[Tensor], kernel: list[int],
+                 stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    """A convolution (one group) of x [B, C, H, W] on packed power-of-two weights [terms, N, ceil(C kh kw / 2)]:
+    the shift linear of each patch."""
     c, (kh, kw) = x.shape[1], kernel
     w = dequantize_packed(packed, scale, c * kh * kw).reshape(-1, c, kh, kw)
-    return torch.nn.functional.conv2d(x.to(torch.float32), w, bias, stride=(kh, kw)).to(x.dtype)
+    return torch.nn.functional.conv2d(x.to(torch.float32), w, bias, stride, padding, dilation).to(x.dtype)
+
+
+def conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
 @shift_conv2d.register_fake
-def _(x, packed, scale, bias, kernel):
-    return x.new_empty((x.shape[0], packed.shape[1], x.shape[2] // kernel[0], x.shape[3] // kernel[1]))
+def _(x, packed, scale, bias, kernel, stride, padding, dilation):
+    h, w = (conv_out(x.shape[2 + i], kernel[i], stride[i], padding[i], dilation[i]) for i in range(2))
+    return x.new_empty((x.shape[0], packed.shape[1], h, w))
 
 
 @torch.library.custom_op("effopt::shift_weight", mutates_args=())

@@ -601,12 +601,12 @@ def _shift_linear(cv, node, x, packed, scale, bias, in_features, activation_bits
 
 
 @lowers(torch.ops.effopt.shift_conv2d.default)
-def _shift_conv2d(cv, node, x, packed, scale, bias, kernel):
+def _shift_conv2d(cv, node, x, packed, scale, bias, kernel, stride, padding, dilation):
     from .kernels import shift
 
     if any(not isinstance(d, int) for d in node.args[0].meta["val"].shape):
         raise Unsupported("shift_conv2d kernels need static shapes")
-    return shift.emit_patch_conv(cv.bb, x, packed, scale, bias, kernel)
+    return shift.emit_conv(cv.bb, x, packed, scale, bias, kernel, stride, padding, dilation)
 
 
 # ---- token reduction (effopt/token_ops.py): ToMe's matching and merging as Relax (kernels/tokens.py) -------

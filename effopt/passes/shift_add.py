@@ -2,9 +2,9 @@
 on power-of-two weights (effopt/shift_ops.py), layer by layer under the accuracy guard.
 
     layers  'mlp': the MLP's linears (a GEMM that feeds or is fed by an activation: GELU, ReLU, SiLU ...),
-            as ShiftAddViT reparameterizes first; 'all': every linear with a frozen weight, and patch-embedding
-            convolutions (stride = kernel, no padding, one group: a linear on each patch; the float path).
-            Other convolutions stay as they are, with the reason in the pass record.
+            as ShiftAddViT reparameterizes first; 'all': every linear with a frozen weight, and every 2-D
+            convolution of one group (a linear on each patch; the float path). Grouped and transposed
+            convolutions stay as they are, with the reason in the pass record.
     terms   powers of two per weight (1: 4 bits, 8x smaller than fp32; 2, 3: more precision).
     activation_bits  0: the float path (x * 2^-e on exponent bits); 8 or 4: MatShift's integer path.
 
@@ -94,16 +94,18 @@ class LinearSite:
     terms: int
     bits: int
     trained: bool = False  # from effopt.reparameterize: shift_weight / act_quant in the graph
-    kernel: tuple[int, int] | None = None  # a patch-embedding convolution's kernel (= stride)
+    conv: tuple | None = None  # a convolution's (kernel, stride, padding, dilation), each (h, w)
     new: fx.Node | None = None
     removed: list = field(default_factory=list)  # nodes made dead by the rewrite (erased by finish)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """(M tokens, N outputs, K inputs) per call (a convolution's tokens are its patches)."""
-        shape = [d.node.hint if isinstance(d, torch.SymInt) else int(d) for d in self.x.meta["val"].shape]
-        m = shape[0] if self.kernel is None else shape[0] * (shape[2] // self.kernel[0]) * (shape[3] // self.kernel[1])
-        return (m, *self.weight.shape)
+        if self.conv is None:
+            m = self.x.meta["val"].shape[0]
+            return (m.node.hint if isinstance(m, torch.SymInt) else int(m), *self.weight.shape)
+        out = self.node.meta["val"].shape
+        return (int(out[0]) * int(out[2]) * int(out[3]), *self.weight.shape)
 
 
 def module_path(node: fx.Node) -> str | None:
@@ -162,28 +164,25 @@ def _weight(gm, wt: fx.Node) -> tuple[torch.Tensor, int | None] | None:
 
 
 def _conv_site(gm, node: fx.Node, config: ShiftConfig | None, skipped: list) -> LinearSite | None:
-    """A patch-embedding convolution (stride = kernel, no padding, dilation 1, one group) with a frozen weight,
-    or one whose weight was trained under shift_weight."""
+    """A 2-D convolution of one group with a frozen weight (or one trained under shift_weight)."""
     x, w, b, stride, padding, dilation, transposed, _, groups = node.args
     name = module_path(node) or source_location(node) or node.name
     trained = isinstance(w, fx.Node) and w.target is SHIFT_WEIGHT
     wnode = w.args[0] if trained else w
-    if config is None and not trained or config is not None and config.layers != "all" and not trained:
+    if not trained and (config is None or config.layers != "all"):
         return None
     if not isinstance(wnode, fx.Node) or wnode.op != "get_attr" or (b is not None and b.op != "get_attr"):
         return None
     weight, xval = attr(gm, wnode.target), x.meta.get("val")
     if weight.dim() != 4 or not isinstance(xval, torch.Tensor) or xval.dim() != 4 or xval.dtype != torch.float32:
         return None
-    kernel = tuple(int(k) for k in weight.shape[2:])
-    if transposed or groups != 1 or any(d != 1 for d in dilation) or any(p != 0 for p in padding) \
-            or tuple(stride) != kernel or any(not isinstance(d, int) for d in xval.shape) \
-            or xval.shape[2] % kernel[0] or xval.shape[3] % kernel[1]:
-        skipped.append(f"{name}: a convolution other than a patch embedding (stride = kernel, no padding, one "
-                       "group, static shape) stays in float")
+    if transposed or groups != 1 or any(not isinstance(d, int) for d in xval.shape):
+        skipped.append(f"{name}: a {'transposed' if transposed else 'grouped' if groups != 1 else 'dynamic-shape'}"
+                       " convolution stays in float (shift convolutions take one group, static shapes)")
         return None
+    conv = (tuple(int(k) for k in weight.shape[2:]), tuple(stride), tuple(padding), tuple(dilation))
     return LinearSite(node, x, w, weight.detach().reshape(weight.shape[0], -1), b, name,
-                      int(w.args[1]) if trained else config.terms, 0, trained, kernel=kernel)
+                      int(w.args[1]) if trained else config.terms, 0, trained, conv=conv)
 
 
 def linear_sites(gm: fx.GraphModule, config: ShiftConfig | None, skipped: list | None = None) -> list[LinearSite]:
@@ -256,9 +255,9 @@ class ShiftRewriter:
         scale_node = add_constant(self.gm, scale, site.node, "shift_s")
         x = self._x(site)
         with graph.inserting_before(site.node):
-            if site.kernel is not None:
+            if site.conv is not None:
                 new = graph.call_function(torch.ops.effopt.shift_conv2d.default,
-                                          (x, packed, scale_node, site.bias, list(site.kernel)))
+                                          (x, packed, scale_node, site.bias, *(list(v) for v in site.conv)))
             else:
                 new = graph.call_function(torch.ops.effopt.shift_linear.default,
                                           (x, packed, scale_node, site.bias, int(site.weight.shape[1]), site.bits))
@@ -297,7 +296,7 @@ class TrainableShift:
 
     def apply(self, site: LinearSite) -> None:
         graph = self.gm.graph
-        user, w = (site.node, site.wt) if site.kernel is not None else (site.wt, site.wt.args[0])
+        user, w = (site.node, site.wt) if site.conv is not None else (site.wt, site.wt.args[0])
         with graph.inserting_before(user):
             sw = graph.call_function(SHIFT_WEIGHT, (w, site.terms))
         sw.meta = dict(w.meta)

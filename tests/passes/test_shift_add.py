@@ -29,7 +29,7 @@ class _Shifted(torch.nn.Module):
     def forward(self, x):
         w = torch.ops.effopt.shift_weight(self.lin.weight, self.terms)
         if isinstance(self.lin, torch.nn.Conv2d):
-            return F.conv2d(x, w, self.lin.bias, stride=self.lin.stride)
+            return F.conv2d(x, w, self.lin.bias, self.lin.stride, self.lin.padding, self.lin.dilation)
         x = torch.ops.effopt.act_quant(x, self.bits) if self.bits else x
         return F.linear(x, w, self.lin.bias)
 
@@ -116,19 +116,35 @@ def test_guard_keeps_layers_as_multiplications_where_shift_weights_cost_too_much
     assert rec.guard.loss <= 0.003
 
 
-def test_convolutions_other_than_patch_embeddings_stay_float_with_the_reason():
-    from effopt.testing.models import SmallCNN
+class _Convs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2, bias=False)
+        self.c = torch.nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.d = torch.nn.Conv2d(8, 6, 1)
+        self.head = torch.nn.Linear(6, 5)
 
+    def forward(self, x):
+        x = self.d(self.c(F.relu(self.b(F.relu(self.a(x))))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_convolutions_become_shift_convolutions_except_grouped_ones():
     torch.manual_seed(0)
-    model, x = SmallCNN().eval(), torch.randn(2, 3, 16, 16)
+    model, x = _Convs().eval(), torch.randn(2, 3, 15, 17)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", EffoptAccuracyWarning)
-        got = compile_effopt(model, shift_add="all")(x)
-        ref = shifted(model, ["head"])(x)
+        got = compile_effopt(model, shift_add="all", kernel_choice="tvm")(x)
+        ref = shifted(model, ["a", "b", "d", "head"])(x)
     rec = next(r for r in effopt.last_report().passes if r.name == "shift_add")
-    assert [d["layer"] for d in rec.layers] == ["head"]
-    assert sum("convolution other than a patch embedding" in n for n in rec.notes) == 3
+    assert [d["layer"] for d in rec.layers] == ["a", "b", "d", "head"]
+    assert rec.layers[0]["tokens"] == 2 * 8 * 9 and rec.layers[0]["in"] == 27  # patches of the stride-2 conv
+    assert sum("grouped convolution stays in float" in n for n in rec.notes) == 1
+    assert_same_as_eager(got, ref)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    convs = [k for k in effopt.last_report().lowering.kernels if "shift_conv2d" in k.ops]
+    assert len(convs) == 3 and all(k.choice == "tvm" for k in convs)
 
 
 def test_no_matching_layer_warns():
@@ -205,6 +221,15 @@ def test_moe_routes_tokens_trains_with_the_latency_aware_loss_and_compiles():
         student.eval()
         routed = student(x)  # eval: gather / expert / scatter (effopt::shift_moe)
     torch.testing.assert_close(routed, dense, rtol=1e-4, atol=1e-4)
+    # the chosen expert's output is not scaled by its gate: routing everything to the multiplication expert
+    # gives the original model, routing everything to the shift expert the model with shift MLPs
+    for bias, ref in (((30.0, -30.0), target), ((-30.0, 30.0), shifted(teacher, MLP)(x).detach())):
+        with torch.no_grad():
+            for m in moes:
+                m.router.bias.copy_(torch.tensor(bias))
+            torch.testing.assert_close(student(x), ref, rtol=1e-4, atol=1e-4)
+            for m in moes:
+                m.router.bias.zero_()
     student.train()
     opt = torch.optim.Adam(student.parameters(), lr=2e-3)
     share0 = moes[0].last_load[1] / sum(moes[0].last_load)

@@ -182,14 +182,26 @@ def emit(bb: relax.BlockBuilder, x: relax.Expr, packed: relax.Expr, scale: relax
     return bb.emit(relax.op.reshape(y, [*xs[:-1], n]))
 
 
-def emit_patch_conv(bb: relax.BlockBuilder, x: relax.Expr, packed: relax.Expr, scale: relax.Expr, bias,
-                    kernel) -> relax.Expr:
-    """A patch-embedding convolution (stride = kernel, no padding) of x [B, C, H, W] as the shift linear of its
-    patches: [B, C, H/kh, kh, W/kw, kw] -> [B, H/kh, W/kw, C kh kw] @ W^T -> [B, N, H/kh, W/kw]."""
+def emit_conv(bb: relax.BlockBuilder, x: relax.Expr, packed: relax.Expr, scale: relax.Expr, bias, kernel, stride,
+              padding, dilation) -> relax.Expr:
+    """A convolution of one group, x [B, C, H, W] -> [B, N, Ho, Wo], as the shift linear of its patches
+    [B, Ho, Wo, C kh kw] (im2col: one strided slice of the padded input per kernel tap; a patch embedding,
+    stride = kernel without padding, is a reshape)."""
     b, c, h, w = (static(d, _OP, "every dim of x") for d in dims(x, _OP, "x", 4))
-    kh, kw = (int(k) for k in kernel)
-    x6 = bb.emit(relax.op.reshape(x, [b, c, h // kh, kh, w // kw, kw]))
-    patches = bb.emit(relax.op.reshape(relax.op.permute_dims(x6, [0, 2, 4, 1, 3, 5]), [b, h // kh, w // kw, c * kh * kw]))
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = ([int(v) for v in a] for a in (kernel, stride, padding, dilation))
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if (kh, kw) == (sh, sw) and not (ph or pw) and (dh, dw) == (1, 1) and h % kh == 0 and w % kw == 0:
+        x6 = bb.emit(relax.op.reshape(x, [b, c, ho, kh, wo, kw]))
+        patches = relax.op.permute_dims(x6, [0, 2, 4, 1, 3, 5])
+    else:
+        if ph or pw:
+            x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, ph, ph, pw, pw]))
+        taps = [bb.emit(relax.op.strided_slice(x, [2, 3], [i * dh, j * dw],
+                                               [i * dh + sh * (ho - 1) + 1, j * dw + sw * (wo - 1) + 1], [sh, sw]))
+                for i in range(kh) for j in range(kw)]
+        cols = bb.emit(relax.op.stack(taps, axis=2))  # [B, C, kh kw, Ho, Wo]: channel-major, as the weight
+        patches = relax.op.permute_dims(relax.op.reshape(cols, [b, c * kh * kw, ho, wo]), [0, 2, 3, 1])
+    patches = bb.emit(relax.op.reshape(patches, [b, ho, wo, c * kh * kw]))
     y = emit(bb, patches, packed, scale, bias, c * kh * kw, 0)
     return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
 
@@ -205,4 +217,4 @@ def build(m: int, n: int, k: int, terms: int, bits: int = 0, bias: bool = False,
     return build_function(body, *types, *([((n,), "float32")] if bias else []), target=target)
 
 
-__all__ = ["matmul_func", "scale_func", "quant_func", "emit", "emit_patch_conv", "build", "token_block", "LANES"]
+__all__ = ["matmul_func", "scale_func", "quant_func", "emit", "emit_conv", "build", "token_block", "LANES"]
