@@ -63,6 +63,11 @@ class CompiledGraph:
             if self.options.shift_add is not None or _has_trained_shift(gm):
                 records.append(shift_add(gm, self.options.shift_add, cal, self.options.accuracy_budget,
                                          self.options.metric))
+            if self.options.quantize is not None:
+                from .passes.quantize import quantize
+
+                records.append(quantize(gm, self.options.quantize, cal, self.options.accuracy_budget,
+                                        self.options.metric))
         lowering = None
         if self.options.lower:
             from .lowering import lower

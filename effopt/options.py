@@ -53,6 +53,10 @@ class Options:
     """Power-of-two weights on linear layers: 'mlp' (the MLP linears), 'all', or a dict {'layers': 'mlp'|'all',
     'terms': 1|2|3, 'activation_bits': 0 (float path)|8|4 (MatShift's integer path)} (ShiftConfig). Layers of
     an effopt.reparameterize'd model are converted without this option."""
+    quantize: Any = None
+    """Int8 post-training quantization of linear layers: 'int8' (activation scales calibrated on
+    `calibration`, per tensor), 'int8-dynamic' (per token at run time), or a dict {'mode': 'static'|'dynamic',
+    'layers': 'all'|'mlp'} (QuantConfig). Weights per output channel, symmetric; the GEMM runs in int8."""
     accuracy_budget: float | None = None
     """Largest allowed loss of `metric` against the original model on `calibration`; approximate rewrites
     that exceed it are rolled back layer by layer. Default with calibration data: 0.01."""
@@ -105,6 +109,13 @@ class Options:
             from .passes.shift_add import ShiftConfig
 
             kw["shift_add"] = ShiftConfig.parse(kw["shift_add"])
+        if kw.get("quantize") is not None:
+            from .passes.quantize import QuantConfig
+
+            kw["quantize"] = QuantConfig.parse(kw["quantize"])
+            if kw["quantize"].mode == "static" and kw.get("calibration") is None:
+                raise ValueError("quantize='int8' (static activation scales) needs calibration data: pass "
+                                 "options={'calibration': [inputs, ...]}, or use quantize='int8-dynamic'")
         if kw.get("token_merge") is not None and kw.get("token_prune") is not None:
             raise ValueError("token_merge and token_prune are alternatives; pass one of them")
         if kw.get("token_merge") is not None or kw.get("token_prune") is not None:
@@ -145,12 +156,13 @@ class Options:
         return json.dumps({"target": target_dict(self.target), "kernel_choice": self.kernel_choice.value,
                            "freeze": self.freeze, "disable_passes": sorted(self.disable_passes),
                            "attention": str(self.attention), "tokens": str(self.tokens),
-                           "shift_add": str(self.shift_add)}, sort_keys=True)
+                           "shift_add": str(self.shift_add), "quantize": str(self.quantize)}, sort_keys=True)
 
     @property
     def approximate(self) -> bool:
         """Whether any approximate rewrite is requested."""
-        return str(self.attention) != "exact" or self.tokens is not None or self.shift_add is not None
+        return str(self.attention) != "exact" or self.tokens is not None or self.shift_add is not None \
+            or self.quantize is not None
 
     @property
     def tokens(self):

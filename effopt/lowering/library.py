@@ -16,6 +16,7 @@ from .. import token_ops as _token_ops  # noqa: F401
 aten = torch.ops.aten
 
 LIBRARY_OPS = frozenset({
+    aten._int_mm.default,  # int8 GEMM, int32 accumulation (oneDNN VNNI): the quantize pass's linears
     aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
     aten.convolution.default,
     aten._scaled_dot_product_flash_attention_for_cpu.default,

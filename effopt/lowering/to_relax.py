@@ -18,6 +18,7 @@ import torch.fx as fx
 from tvm import relax, tirx
 
 from .. import ops as _effopt_ops  # noqa: F401 - registers torch.ops.effopt.*
+from .. import int8_ops as _int8_ops  # noqa: F401
 from .. import shift_ops as _shift_ops  # noqa: F401
 from .. import token_ops as _token_ops  # noqa: F401
 from ..passes.attention import FLASH_CPU, sdpa_arguments
@@ -607,6 +608,18 @@ def _shift_conv2d(cv, node, x, packed, scale, bias, kernel, stride, padding, dil
     if any(not isinstance(d, int) for d in node.args[0].meta["val"].shape):
         raise Unsupported("shift_conv2d kernels need static shapes")
     return shift.emit_conv(cv.bb, x, packed, scale, bias, kernel, stride, padding, dilation)
+
+
+# ---- int8 (effopt/int8_ops.py): the activation quantizer; the int8 GEMM is a library op (torch._int_mm) ----
+@lowers(torch.ops.effopt.quantize_rows.default)
+def _quantize_rows(cv, node, x, scale):
+    from .kernels import shift
+
+    if any(not isinstance(d, int) for d in node.args[0].meta["val"].shape):
+        raise Unsupported("quantize_rows needs static shapes")
+    if cv.dtype_of(x) != "float32":
+        raise Unsupported("quantize_rows takes float32")
+    return shift.emit_quantize(cv.bb, x, None if scale is None else float(scale))
 
 
 # ---- token reduction (effopt/token_ops.py): ToMe's matching and merging as Relax (kernels/tokens.py) -------

@@ -153,6 +153,32 @@ def quant_func(M: int, K: int, bits: int) -> tirx.PrimFunc:
     return shift_quant
 
 
+def _quantize(bb, x2, m: int, k: int, bits: int, scale: float | None):
+    """(xq [m, k] int8, step [m, 1]) of x2 [m, k]: per token, or with a calibrated per-tensor scale."""
+    col = relax.TensorType([m, 1], "float32")
+    if scale is None:
+        sc = bb.emit(relax.call_tir(bb.add_func(scale_func(m, k, bits), "shift_scale"), [x2], [col, col]))
+        inv, step = bb.emit(relax.TupleGetItem(sc, 0)), bb.emit(relax.TupleGetItem(sc, 1))
+    else:
+        import numpy as np
+
+        inv = bb.emit(relax.op.full([m, 1], relax.const(np.float32(1.0 / scale), "float32"), "float32"))
+        step = bb.emit(relax.op.full([m, 1], relax.const(np.float32(scale), "float32"), "float32"))
+    xq = bb.emit(relax.call_tir(bb.add_func(quant_func(m, k, bits), "shift_quant"), [x2, inv],
+                                relax.TensorType([m, k], "int8")))
+    return xq, step
+
+
+def emit_quantize(bb: relax.BlockBuilder, x: relax.Expr, scale: float | None) -> relax.Expr:
+    """`effopt::quantize_rows` (effopt/int8_ops.py): (xq int8, step [..., 1]) of x [..., K] float32."""
+    xs = [static(d, "int8 quantize", "every dim of x") for d in dims(x, "int8 quantize", "x")]
+    m = 1
+    for d in xs[:-1]:
+        m *= d
+    xq, step = _quantize(bb, bb.emit(relax.op.reshape(x, [m, xs[-1]])), m, xs[-1], 8, scale)
+    return relax.Tuple([bb.emit(relax.op.reshape(xq, xs)), bb.emit(relax.op.reshape(step, [*xs[:-1], 1]))])
+
+
 def emit(bb: relax.BlockBuilder, x: relax.Expr, packed: relax.Expr, scale: relax.Expr, bias, k: int,
          bits: int) -> relax.Expr:
     """y [..., N] = shift_linear(x [..., K]) (+ bias [N]) as Relax calls of the kernels above."""
@@ -168,11 +194,8 @@ def emit(bb: relax.BlockBuilder, x: relax.Expr, packed: relax.Expr, scale: relax
     x2 = bb.emit(relax.op.reshape(x, [m, k]))
     out = relax.TensorType([m, n], "float32")
     if bits:
-        col = relax.TensorType([m, 1], "float32")
-        sc = bb.emit(relax.call_tir(bb.add_func(scale_func(m, k, bits), "shift_scale"), [x2], [col, col]))
-        x2 = bb.emit(relax.call_tir(bb.add_func(quant_func(m, k, bits), "shift_quant"),
-                                    [x2, bb.emit(relax.TupleGetItem(sc, 0))], relax.TensorType([m, k], "int8")))
-        post = bb.emit(relax.op.multiply(relax.TupleGetItem(sc, 1), relax.const(2.0 ** -6, "float32")))  # exact
+        x2, step = _quantize(bb, x2, m, k, bits, None)
+        post = bb.emit(relax.op.multiply(step, relax.const(2.0 ** -6, "float32")))  # exact
     else:
         post = relax.op.ones(relax.ShapeExpr([m, 1]), "float32")
     y = bb.emit(relax.call_tir(bb.add_func(matmul_func(m, n, k, terms, "int8" if bits else "float32"),
@@ -217,4 +240,4 @@ def build(m: int, n: int, k: int, terms: int, bits: int = 0, bias: bool = False,
     return build_function(body, *types, *([((n,), "float32")] if bias else []), target=target)
 
 
-__all__ = ["matmul_func", "scale_func", "quant_func", "emit", "emit_conv", "build", "token_block", "LANES"]
+__all__ = ["matmul_func", "scale_func", "quant_func", "emit", "emit_quantize", "emit_conv", "build", "token_block", "LANES"]

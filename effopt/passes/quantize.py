@@ -1,0 +1,161 @@
+"""Int8 post-training quantization (the `quantize` option): frozen linear layers become
+
+    (xq, step) = effopt::quantize_rows(x, scale)        per-token (dynamic) or calibrated (static) scale
+    acc        = aten._int_mm(xq, wq^T)                  int8 GEMM, int32 accumulation (torch: oneDNN VNNI)
+    y          = float(acc) * (step * w_step) + bias     per-output-channel symmetric weights
+
+layer by layer under the accuracy guard. The quantizer lowers to effopt's TVM kernel and the dequantize,
+bias and what follows (GELU, residual add) fuse into the next TVM region; the GEMM is a library call.
+
+    mode    'dynamic' ("int8-dynamic"): activation scales per token at run time;
+            'static' ("int8"): one scale per layer input, max|x| / 127 over the calibration inputs.
+    layers  'all' (every linear with a frozen float32 weight) or 'mlp' (as shift_add).
+"""
+from __future__ import annotations
+
+import operator
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .. import int8_ops
+from .records import PassRecord
+
+aten = torch.ops.aten
+MODES = ("static", "dynamic")
+_ALIASES = {"int8": "static", "int8-dynamic": "dynamic"}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    mode: str = "dynamic"
+    """'dynamic' (per-token activation scales) or 'static' (calibrated per-tensor scales)."""
+    layers: str = "all"
+    """'all' or 'mlp'."""
+
+    @classmethod
+    def parse(cls, value) -> "QuantConfig":
+        if isinstance(value, QuantConfig):
+            return value
+        given = value
+        if isinstance(value, str):
+            value = {"mode": _ALIASES.get(value, value)} if value in _ALIASES else None
+        if not isinstance(value, dict):
+            raise ValueError(f"quantize={given!r} is invalid; valid: {list(_ALIASES)} or a dict {{'mode': "
+                             "'static'|'dynamic', 'layers': 'all'|'mlp'}")
+        bad = sorted(set(value) - {"mode", "layers"})
+        if bad:
+            raise ValueError(f"quantize has no parameter(s) {bad}; valid: ['mode', 'layers']")
+        cfg = cls(**value)
+        if cfg.mode not in MODES:
+            raise ValueError(f"quantize mode={cfg.mode!r}; valid: {list(MODES)}")
+        if cfg.layers not in ("all", "mlp"):
+            raise ValueError(f"quantize layers={cfg.layers!r}; valid: ['all', 'mlp']")
+        return cfg
+
+    def __str__(self) -> str:
+        return f"int8({self.mode}, {self.layers})"
+
+
+class Int8Rewriter:
+    """Applies and reverts the int8 form of each linear site (effopt.passes.shift_add.LinearSite)."""
+
+    def __init__(self, gm: fx.GraphModule, scales: dict | None):
+        self.gm, self.scales = gm, scales or {}
+
+    def _node(self, target, args, before):
+        from .approximate import _fake
+
+        with self.gm.graph.inserting_before(before):
+            n = self.gm.graph.call_function(target, args)
+        n.meta["val"] = args[0].meta["val"][args[1]] if target is operator.getitem else _fake(target, args)
+        return n
+
+    def apply(self, site) -> None:
+        from .constant_fold import add_constant
+
+        wq, w_step = int8_ops.quantize_weight(site.weight)
+        at = site.node
+        wq_t = add_constant(self.gm, wq.t().contiguous(), at, "int8_w")
+        ws = add_constant(self.gm, w_step, at, "int8_ws")
+        new = [wq_t, ws]
+        q = self._node(torch.ops.effopt.quantize_rows.default, (site.x, self.scales.get(site.name)), at)
+        xq, step = self._node(operator.getitem, (q, 0), at), self._node(operator.getitem, (q, 1), at)
+        acc = self._node(aten._int_mm.default, (xq, wq_t), at)
+        accf = self._node(aten._to_copy.default, (acc,), at)
+        accf.kwargs = {"dtype": torch.float32}
+        accf.meta["val"] = acc.meta["val"].to(torch.float32)
+        scale = self._node(aten.mul.Tensor, (step, ws), at)
+        y = self._node(aten.mul.Tensor, (accf, scale), at)
+        new += [q, xq, step, acc, accf, scale, y]
+        if site.bias is not None:
+            y = self._node(aten.add.Tensor, (y, site.bias), at)
+            new.append(y)
+        y.meta.update({k: v for k, v in site.node.meta.items() if k != "val"})
+        site.node.replace_all_uses_with(y, propagate_meta=False)
+        site.new, site.removed = y, new
+        self.gm.recompile()
+
+    def revert(self, site) -> None:
+        site.new.replace_all_uses_with(site.node)
+        for n in reversed(site.removed):
+            if n.op == "get_attr":
+                delattr(self.gm, n.target)
+            self.gm.graph.erase_node(n)
+        site.new, site.removed = None, []
+        self.gm.recompile()
+
+
+def calibrate_scales(gm: fx.GraphModule, sites, calibration) -> dict[str, float]:
+    """Static scales: max|x| / 127 of each site's input over the calibration inputs."""
+    wanted = {s.x: s.name for s in sites}
+    amax: dict[str, float] = {}
+
+    class Rec(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in wanted:
+                amax[wanted[n]] = max(amax.get(wanted[n], 0.0), float(out.abs().max()))
+            return out
+
+    with torch.no_grad():
+        for args in calibration:
+            Rec(gm).run(*args)
+    return {name: max(a, 1e-12) / int8_ops.QMAX for name, a in amax.items()}
+
+
+def quantize(gm: fx.GraphModule, config: QuantConfig, calibration, budget, metric) -> PassRecord:
+    """The `quantize` option: gm's linear layers as int8, guarded on the calibration inputs."""
+    from ..guard import guarded_apply
+    from .dce import DeadCodeElimination
+    from .manager import count_nodes
+    from .shift_add import ShiftConfig, linear_sites
+
+    t0 = time.perf_counter()
+    record = PassRecord("quantize_int8", nodes_before=count_nodes(gm))
+    sites = [s for s in linear_sites(gm, ShiftConfig(config.layers)) if s.conv is None and not s.trained]
+    if config.mode == "static" and not calibration:
+        raise ValueError("quantize='int8' (static activation scales) needs calibration data: pass "
+                         "options={'calibration': [inputs, ...]}, or use quantize='int8-dynamic'")
+    scales = calibrate_scales(gm, sites, calibration) if config.mode == "static" else None
+    rewriter = Int8Rewriter(gm, scales)
+    guard = guarded_apply(lambda args: gm(*args), sites, rewriter.apply, rewriter.revert, calibration, budget,
+                          metric, f"quantize={config}")
+    DeadCodeElimination()(gm)
+    kept = [s for s in sites if s.new is not None]
+    for s in kept:
+        record.add_match(s.node)
+    before = sum(4 * s.weight.numel() for s in kept)
+    after = sum(s.weight.numel() + 4 * s.weight.shape[0] for s in kept)
+    record.notes.append(guard.summary())
+    if kept:
+        record.notes.append(f"{len(kept)} int8 layer(s); weights {before / 2 ** 20:.2f} -> {after / 2 ** 20:.2f} MB")
+    record.guard = guard
+    record.seconds = time.perf_counter() - t0
+    record.nodes_after = count_nodes(gm)
+    return record
+
+
+__all__ = ["QuantConfig", "Int8Rewriter", "quantize", "calibrate_scales", "MODES"]
