@@ -113,8 +113,10 @@ def matmul_func(M: int, N: int, K: int, terms: int, xdtype: str = "float32") -> 
 
 def scale_func(M: int, K: int, bits: int) -> tirx.PrimFunc:
     """x [M, K] float32 -> (inv [M, 1], step [M, 1]) float32: per token, amax = max(max|x|, smallest normal
-    float), inv = qmax / amax (a true division, once per token), step = amax / qmax."""
+    float), inv = qmax / amax (a true division, once per token), step = amax / qmax. The max runs over
+    16 lanes, then across them (max is exact in any order)."""
     qmax = float(2 ** (bits - 1) - 1)
+    KV = K // LANES * LANES
 
     @T.prim_func(private=True, s_tir=True)
     def shift_scale(x_h: T.handle, i_h: T.handle, st_h: T.handle):
@@ -124,9 +126,17 @@ def scale_func(M: int, K: int, bits: int) -> tirx.PrimFunc:
         ST = T.match_buffer(st_h, (M, 1), "float32")
         with T.sblock("root"):
             for m in T.parallel(M):
+                lanes = T.alloc_buffer((LANES,), "float32", scope="local")
                 amax = T.alloc_buffer((1,), "float32", scope="local")
+                for l in T.vectorized(LANES):
+                    lanes[l] = T.float32(1.1754943508222875e-38)
+                for kb in range(KV // LANES):
+                    for l in T.vectorized(LANES):
+                        lanes[l] = T.max(lanes[l], T.fabs(X[m, kb * LANES + l]))
                 amax[0] = T.float32(1.1754943508222875e-38)
-                for k in range(K):
+                for l in range(LANES):
+                    amax[0] = T.max(amax[0], lanes[l])
+                for k in range(KV, K):
                     amax[0] = T.max(amax[0], T.fabs(X[m, k]))
                 INV[m, 0] = T.float32(qmax) / amax[0]
                 ST[m, 0] = amax[0] / T.float32(qmax)
