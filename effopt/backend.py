@@ -45,6 +45,10 @@ class CompiledGraph:
         values = {i: args[i] for i in self.frozen}
         capture.freeze(gm, values)
         gm, records = default_pass_manager(self.options.disable_passes).run(gm)
+        from .passes.quantize import has_pt2e_ops, pt2e_int8
+
+        if has_pt2e_ops(gm):  # a model quantized with PT2E: its int8 linears run as int8
+            records.append(pt2e_int8(gm))
         if self.options.approximate or _has_trained_shift(gm):
             from .passes.approximate import approximate_attention
             from .passes.shift_add import shift_add

@@ -44,6 +44,23 @@ def _(x, scale):
     return torch.empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1))
 
 
+def quantize_affine_ref(x: Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int) -> Tensor:
+    """PT2E's quantize_per_tensor (clamp(round(x * (1 / scale)) + zero_point)), as int8: uint8 ranges shifted
+    by -128 so that torch's int8 GEMM takes them (the GEMM's result is compensated by 128 - zero_point)."""
+    q = torch.clamp(torch.round(x.to(torch.float32) * (1.0 / scale)) + zero_point, quant_min, quant_max)
+    return (q - (128 if quant_max > 127 else 0)).to(torch.int8)
+
+
+@torch.library.custom_op("effopt::quantize_affine", mutates_args=())
+def quantize_affine(x: Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int) -> Tensor:
+    return quantize_affine_ref(x, scale, zero_point, quant_min, quant_max)
+
+
+@quantize_affine.register_fake
+def _(x, scale, zero_point, quant_min, quant_max):
+    return torch.empty(x.shape, dtype=torch.int8)
+
+
 def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
     """(wq int8 [N, K], step [N] float32): per output channel, symmetric."""
     w = w.detach().to(torch.float32)
@@ -60,4 +77,4 @@ def int8_linear_ref(x: Tensor, wq: Tensor, w_step: Tensor, bias: Tensor | None, 
     return y + bias if bias is not None else y
 
 
-__all__ = ["quantize_rows", "quantize_rows_ref", "quantize_weight", "int8_linear_ref", "QMAX"]
+__all__ = ["quantize_rows", "quantize_rows_ref", "quantize_affine", "quantize_affine_ref", "quantize_weight", "int8_linear_ref", "QMAX"]

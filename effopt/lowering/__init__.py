@@ -76,7 +76,8 @@ def _tolerances(graph: fx.Graph):
 
     if any(n.target is torch.ops.effopt.lmul_attention.default for n in graph.nodes):
         return {"relative_l2": 1e-3}
-    if any(n.target is torch.ops.effopt.quantize_rows.default for n in graph.nodes):
+    if any(n.target in (torch.ops.effopt.quantize_rows.default, torch.ops.effopt.quantize_affine.default)
+           for n in graph.nodes):
         return {**TOLERANCES, "int8_off_by_one": 0.01}
     return None
 

@@ -622,6 +622,15 @@ def _quantize_rows(cv, node, x, scale):
     return shift.emit_quantize(cv.bb, x, None if scale is None else float(scale))
 
 
+@lowers(torch.ops.effopt.quantize_affine.default)
+def _quantize_affine(cv, node, x, scale, zero_point, quant_min, quant_max):
+    from .kernels import shift
+
+    if any(not isinstance(d, int) for d in node.args[0].meta["val"].shape) or cv.dtype_of(x) != "float32":
+        raise Unsupported("quantize_affine needs static float32 shapes")
+    return shift.emit_quantize_affine(cv.bb, x, float(scale), int(zero_point), int(quant_min), int(quant_max))
+
+
 # ---- token reduction (effopt/token_ops.py): ToMe's matching and merging as Relax (kernels/tokens.py) -------
 @lowers(torch.ops.effopt.tome_merge.default)
 def _tome_merge(cv, node, x, metric, size, kmask, source, r, protected):

@@ -46,8 +46,9 @@ class ConstantFolding(GraphPass):
             if node.op != "call_function" or node.target is operator.getitem:
                 continue
             if isinstance(node.target, torch._ops.OpOverload) and (
-                    node.target._schema.is_mutable or node.target.namespace == "effopt"):
-                continue  # effopt's ops on constants (a trained shift_weight) are rewritten by effopt's passes
+                    node.target._schema.is_mutable or node.target.namespace in ("effopt", "quantized_decomposed")):
+                continue  # effopt's ops on constants (a trained shift_weight) and PT2E's dequantized int8 weights
+                # are rewritten by effopt's passes
             flat = fx.node.map_arg((node.args, node.kwargs), lambda n: n)
             leaves = [a for a in torch.utils._pytree.tree_leaves(flat) if isinstance(a, fx.Node)]
             if not leaves or not all(_is_const(a) for a in leaves):

@@ -158,4 +158,91 @@ def quantize(gm: fx.GraphModule, config: QuantConfig, calibration, budget, metri
     return record
 
 
-__all__ = ["QuantConfig", "Int8Rewriter", "quantize", "calibrate_scales", "MODES"]
+
+
+
+# ---- graphs already quantized with PT2E (torchao prepare_pt2e / convert_pt2e) ------------------------------
+def _call(gm: fx.GraphModule, target, args, before: fx.Node, kwargs=None) -> fx.Node:
+    from .approximate import _fake
+
+    with gm.graph.inserting_before(before):
+        n = gm.graph.call_function(target, tuple(args), kwargs or {})
+    n.meta["val"] = _fake(target, args) if not kwargs else None
+    return n
+
+
+def pt2e_int8(gm: fx.GraphModule) -> PassRecord:
+    """Linears of a PT2E-quantized graph, dequantize_per_tensor(quantize_per_tensor(x)) @
+    dequantize_per_channel(wq)^T (+ bias), run as real int8: effopt::quantize_affine (PT2E's own rounding,
+    uint8 shifted into int8) -> torch._int_mm with wq -> + (128 - zero_point) * sum_k wq (the shift's
+    compensation, exact in int32) -> float * (scale * w_scale) + bias. PT2E's eager graph computes the same
+    integers in float after dequantizing, so the results agree within float rounding."""
+    from .constant_fold import add_constant
+    from .dce import DeadCodeElimination
+    from .manager import count_nodes
+    from .shift_add import _VIEWS, attr
+
+    qd = torch.ops.quantized_decomposed
+    t0 = time.perf_counter()
+    record = PassRecord("pt2e_int8", nodes_before=count_nodes(gm))
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten.addmm.default and len(node.args) == 3 and not node.kwargs:
+            bias, x, wt = node.args
+        elif node.target is aten.mm.default:
+            (x, wt), bias = node.args, None
+        else:
+            continue
+        views, dq = [], x
+        while isinstance(dq, fx.Node) and dq.op == "call_function" and dq.target in _VIEWS and len(dq.users) == 1:
+            views.append(dq)
+            dq = dq.args[0]
+        if not (isinstance(dq, fx.Node) and dq.target is qd.dequantize_per_tensor.default):
+            continue
+        q = dq.args[0]
+        if not (isinstance(q, fx.Node) and q.target is qd.quantize_per_tensor.default) \
+                or tuple(q.args[1:6]) != tuple(dq.args[1:6]) or q.args[5] not in (torch.uint8, torch.int8):
+            continue
+        scale, zp, qmin, qmax = float(q.args[1]), int(q.args[2]), int(q.args[3]), int(q.args[4])
+        if not (isinstance(wt, fx.Node) and wt.target in (aten.t.default, aten.permute.default)):
+            continue
+        dqw = wt.args[0]
+        if not (isinstance(dqw, fx.Node) and dqw.target is qd.dequantize_per_channel.default):
+            continue
+        wq_n, ws_n, wzp_n, axis = dqw.args[:4]
+        if axis != 0 or not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in (wq_n, ws_n, wzp_n)):
+            continue
+        wq, ws, wzp = (attr(gm, a.target) for a in (wq_n, ws_n, wzp_n))
+        if wq.dtype != torch.int8 or wq.dim() != 2 or bool(wzp.ne(0).any()):
+            continue
+        xi = _call(gm, torch.ops.effopt.quantize_affine.default, (q.args[0], scale, zp, qmin, qmax), node)
+        for v in reversed(views):
+            xi = _call(gm, v.target, (xi, *v.args[1:]), node)
+        shift = 128 if qmax > 127 else 0
+        acc = _call(gm, aten._int_mm.default, (xi, add_constant(gm, wq.t().contiguous(), node, "pt2e_w")), node)
+        comp = ((shift - zp) * wq.to(torch.int32).sum(dim=1)).to(torch.int32)
+        if bool(comp.ne(0).any()):
+            acc = _call(gm, aten.add.Tensor, (acc, add_constant(gm, comp, node, "pt2e_comp")), node)
+        accf = _call(gm, aten._to_copy.default, (acc,), node, {"dtype": torch.float32})
+        accf.meta["val"] = acc.meta["val"].to(torch.float32)
+        step = add_constant(gm, (scale * ws.to(torch.float64)).to(torch.float32), node, "pt2e_s")
+        y = _call(gm, aten.mul.Tensor, (accf, step), node)
+        if bias is not None:
+            y = _call(gm, aten.add.Tensor, (y, bias), node)
+        node.replace_all_uses_with(y, propagate_meta=False)
+        record.add_match(node)
+    if record.matches:
+        DeadCodeElimination()(gm)
+        record.notes.append(f"{record.matches} PT2E-quantized linear(s) run as int8 GEMMs")
+    gm.graph.lint()
+    gm.recompile()
+    record.seconds = time.perf_counter() - t0
+    record.nodes_after = count_nodes(gm)
+    return record
+
+
+def has_pt2e_ops(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and getattr(n.target, "namespace", None) == "quantized_decomposed"
+               for n in gm.graph.nodes)
+__all__ = ["QuantConfig", "Int8Rewriter", "quantize", "calibrate_scales", "pt2e_int8", "has_pt2e_ops", "MODES"]

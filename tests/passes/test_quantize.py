@@ -149,3 +149,29 @@ def test_self_check_lets_quantized_outputs_differ_by_one_step_in_a_few_elements(
     assert mismatch(ref, many, tol) is not None  # 5% of the elements: wrong
     assert mismatch(ref, one, None) is not None  # other regions: integers exactly
     assert mismatch(torch.randn(10), torch.randn(10), tol) is not None  # floats keep their tolerance
+
+
+def test_pt2e_quantized_models_run_as_int8_gemms():
+    xiq = pytest.importorskip("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer")
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval()
+    x = torch.randn(2, 8, 32)
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())  # uint8 activations, zero points
+    prepared = prepare_pt2e(torch.export.export(model, (x,)).module(), quantizer)
+    for _ in range(4):
+        prepared(torch.randn(2, 8, 32))
+    pt2e = convert_pt2e(prepared)
+    with torch.no_grad():
+        ref = pt2e(x)  # PT2E eager: quantize, dequantize, float GEMMs
+        got = compile_effopt(pt2e, kernel_choice="tvm")(x)
+    report = effopt.last_report()
+    rec = next(r for r in report.passes if r.name == "pt2e_int8")
+    assert rec.matches == 2 and report.lowering.library_calls.get("_int_mm") == 2
+    assert not report.lowering.fallbacks, report.lowering.fallbacks  # no quantized_decomposed op left to eager
+    assert_same_as_eager(got, ref)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)  # the same integers; float rounding only
+    with torch.no_grad():
+        assert not torch.allclose(got, model(x), atol=1e-4)  # and it is the quantized model, not the float one

@@ -144,9 +144,11 @@ def scale_func(M: int, K: int, bits: int) -> tirx.PrimFunc:
     return shift_scale
 
 
-def quant_func(M: int, K: int, bits: int) -> tirx.PrimFunc:
-    """(x [M, K] float32, inv [M, 1]) -> xq [M, K] int8 = clamp(nearbyint(x * inv), -qmax, qmax)."""
-    qmax = float(2 ** (bits - 1) - 1)
+def quant_func(M: int, K: int, bits: int, offset: int = 0, lo: int | None = None, hi: int | None = None):
+    """(x [M, K] float32, inv [M, 1]) -> xq [M, K] int8 = clamp(nearbyint(x * inv) + offset, lo, hi); by
+    default symmetric, [-qmax, qmax]. (PT2E's uint8 activations use offset zero_point - 128, [-128, 127].)"""
+    qmax = 2 ** (bits - 1) - 1
+    lo, hi = (-qmax if lo is None else lo), (qmax if hi is None else hi)
 
     @T.prim_func(private=True, s_tir=True)
     def shift_quant(x_h: T.handle, i_h: T.handle, q_h: T.handle):
@@ -157,8 +159,8 @@ def quant_func(M: int, K: int, bits: int) -> tirx.PrimFunc:
         with T.sblock("root"):
             for m in T.parallel(M):
                 for k in T.vectorized(K):
-                    Q[m, k] = T.Cast("int8", T.max(T.min(T.nearbyint(X[m, k] * INV[m, 0]), T.float32(qmax)),
-                                                   T.float32(-qmax)))
+                    Q[m, k] = T.Cast("int8", T.max(T.min(T.nearbyint(X[m, k] * INV[m, 0]) + T.float32(offset),
+                                                         T.float32(hi)), T.float32(lo)))
 
     return shift_quant
 
@@ -177,6 +179,23 @@ def _quantize(bb, x2, m: int, k: int, bits: int, scale: float | None):
     xq = bb.emit(relax.call_tir(bb.add_func(quant_func(m, k, bits), "shift_quant"), [x2, inv],
                                 relax.TensorType([m, k], "int8")))
     return xq, step
+
+
+def emit_quantize_affine(bb: relax.BlockBuilder, x: relax.Expr, scale: float, zero_point: int, quant_min: int,
+                         quant_max: int) -> relax.Expr:
+    """`effopt::quantize_affine` (effopt/int8_ops.py): PT2E's quantize_per_tensor, shifted into int8."""
+    import numpy as np
+
+    xs = [static(d, "int8 quantize", "every dim of x") for d in dims(x, "int8 quantize", "x")]
+    m = 1
+    for d in xs[:-1]:
+        m *= d
+    shift = 128 if quant_max > 127 else 0
+    inv = bb.emit(relax.op.full([m, 1], relax.const(np.float32(1.0 / scale), "float32"), "float32"))
+    xq = bb.emit(relax.call_tir(
+        bb.add_func(quant_func(m, xs[-1], 8, zero_point - shift, quant_min - shift, quant_max - shift), "pt2e_quant"),
+        [bb.emit(relax.op.reshape(x, [m, xs[-1]])), inv], relax.TensorType([m, xs[-1]], "int8")))
+    return bb.emit(relax.op.reshape(xq, xs))
 
 
 def emit_quantize(bb: relax.BlockBuilder, x: relax.Expr, scale: float | None) -> relax.Expr:
@@ -250,4 +269,4 @@ def build(m: int, n: int, k: int, terms: int, bits: int = 0, bias: bool = False,
     return build_function(body, *types, *([((n,), "float32")] if bias else []), target=target)
 
 
-__all__ = ["matmul_func", "scale_func", "quant_func", "emit", "emit_quantize", "emit_conv", "build", "token_block", "LANES"]
+__all__ = ["matmul_func", "scale_func", "quant_func", "emit", "emit_quantize", "emit_quantize_affine", "emit_conv", "build", "token_block", "LANES"]
