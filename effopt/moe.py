@@ -32,10 +32,11 @@ import torch.nn.functional as F
 
 from . import shift_ops as so
 from .passes.records import PassRecord
+from .options import check_parameters
 
 Tensor = torch.Tensor
 ACTS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu}
-_PARAMS = ("kind", "terms", "latency", "balance")
+_PARAMS = ("kind", "terms", "latency")
 
 
 def _act(name: str, x: Tensor) -> Tensor:
@@ -182,14 +183,12 @@ def _linear(gm, site) -> torch.nn.Linear:
     return lin
 
 
-def mixture_of_experts(gm: fx.GraphModule, spec, example) -> PassRecord:
+def mixture_of_experts(gm: fx.GraphModule, spec) -> PassRecord:
     """Replace each MLP of the exported graph `gm` by a ShiftMoE submodule (see `effopt.reparameterize`)."""
     from .passes.shift_add import ShiftConfig, _through_views, linear_sites
 
     spec = {"kind": "moe"} if spec == "moe" else dict(spec)
-    bad = sorted(set(spec) - set(_PARAMS))
-    if bad:
-        raise ValueError(f"shift_add moe has no parameter(s) {bad}; valid: {list(_PARAMS)}")
+    check_parameters("shift_add moe", spec, _PARAMS)
     terms = spec.get("terms", 1)
     if terms not in so.TERMS:
         raise ValueError(f"shift_add moe terms={terms!r}; valid: {list(so.TERMS)}")

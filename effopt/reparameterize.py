@@ -82,7 +82,7 @@ def reparameterize(model: torch.nn.Module, example_inputs, attention=None, *, sh
     if moe:
         from .moe import mixture_of_experts
 
-        records["shift_add"] = mixture_of_experts(gm, shift_add, (args, kwargs))
+        records["shift_add"] = mixture_of_experts(gm, shift_add)
     elif shift_add is not None:
         records["shift_add"] = _shift(gm, opts, cal, run)
     gm.effopt_records = records

@@ -20,6 +20,7 @@ import torch.fx as fx
 from .. import ops as effops
 from .attention import FLASH_CPU, _erase_dead_chain, sdpa_arguments
 from .records import PassRecord, source_location
+from ..options import check_parameters
 
 aten = torch.ops.aten
 
@@ -52,9 +53,7 @@ class AttentionConfig:
             raise ValueError(f"attention={given!r} is invalid; valid: {list(KINDS)} or a dict "
                              "{'kind': ..., parameters}, e.g. {'kind': 'hamming', 'bits': 128}")
         kind = value["kind"]
-        bad = sorted(set(value) - {"kind", *_PARAMS[kind]})
-        if bad:
-            raise ValueError(f"attention {kind!r} has no parameter(s) {bad}; valid: {list(_PARAMS[kind])}")
+        check_parameters(f"attention {kind!r}", value, _PARAMS[kind], implicit=("kind",))
         cfg = cls(**value)
         if kind == "hamming" and (not isinstance(cfg.bits, int) or cfg.bits <= 0 or cfg.bits % 64):
             raise ValueError(f"hamming bits must be a positive multiple of 64, got {cfg.bits!r}")

@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from .. import int8_ops
 from .records import PassRecord
+from ..options import check_parameters
 
 aten = torch.ops.aten
 MODES = ("static", "dynamic")
@@ -45,9 +46,7 @@ class QuantConfig:
         if not isinstance(value, dict):
             raise ValueError(f"quantize={given!r} is invalid; valid: {list(_ALIASES)} or a dict {{'mode': "
                              "'static'|'dynamic', 'layers': 'all'|'mlp'}")
-        bad = sorted(set(value) - {"mode", "layers"})
-        if bad:
-            raise ValueError(f"quantize has no parameter(s) {bad}; valid: ['mode', 'layers']")
+        check_parameters("quantize", value, ("mode", "layers"))
         cfg = cls(**value)
         if cfg.mode not in MODES:
             raise ValueError(f"quantize mode={cfg.mode!r}; valid: {list(MODES)}")
@@ -59,19 +58,35 @@ class QuantConfig:
         return f"int8({self.mode}, {self.layers})"
 
 
+def _call(gm: fx.GraphModule, target, args, before: fx.Node, kwargs=None) -> fx.Node:
+    """A new node target(*args, **kwargs) before `before`, with its fake value."""
+    from .approximate import _fake
+
+    with gm.graph.inserting_before(before):
+        n = gm.graph.call_function(target, tuple(args), kwargs or {})
+    if target is operator.getitem:
+        n.meta["val"] = args[0].meta["val"][args[1]]
+    elif target is aten._to_copy.default:
+        n.meta["val"] = args[0].meta["val"].to(kwargs["dtype"])
+    else:
+        n.meta["val"] = _fake(target, args)
+    return n
+
+
+def _dequantize(gm: fx.GraphModule, acc: fx.Node, scale: fx.Node, bias, before: fx.Node) -> list[fx.Node]:
+    """float(acc) * scale (+ bias): the nodes added, the result last."""
+    accf = _call(gm, aten._to_copy.default, (acc,), before, {"dtype": torch.float32})
+    out = [accf, _call(gm, aten.mul.Tensor, (accf, scale), before)]
+    if bias is not None:
+        out.append(_call(gm, aten.add.Tensor, (out[-1], bias), before))
+    return out
+
+
 class Int8Rewriter:
     """Applies and reverts the int8 form of each linear site (effopt.passes.shift_add.LinearSite)."""
 
     def __init__(self, gm: fx.GraphModule, scales: dict | None):
         self.gm, self.scales = gm, scales or {}
-
-    def _node(self, target, args, before):
-        from .approximate import _fake
-
-        with self.gm.graph.inserting_before(before):
-            n = self.gm.graph.call_function(target, args)
-        n.meta["val"] = args[0].meta["val"][args[1]] if target is operator.getitem else _fake(target, args)
-        return n
 
     def apply(self, site) -> None:
         from .constant_fold import add_constant
@@ -80,32 +95,21 @@ class Int8Rewriter:
         at = site.node
         wq_t = add_constant(self.gm, wq.t().contiguous(), at, "int8_w")
         ws = add_constant(self.gm, w_step, at, "int8_ws")
-        new = [wq_t, ws]
-        q = self._node(torch.ops.effopt.quantize_rows.default, (site.x, self.scales.get(site.name)), at)
-        xq, step = self._node(operator.getitem, (q, 0), at), self._node(operator.getitem, (q, 1), at)
-        acc = self._node(aten._int_mm.default, (xq, wq_t), at)
-        accf = self._node(aten._to_copy.default, (acc,), at)
-        accf.kwargs = {"dtype": torch.float32}
-        accf.meta["val"] = acc.meta["val"].to(torch.float32)
-        scale = self._node(aten.mul.Tensor, (step, ws), at)
-        y = self._node(aten.mul.Tensor, (accf, scale), at)
-        new += [q, xq, step, acc, accf, scale, y]
-        if site.bias is not None:
-            y = self._node(aten.add.Tensor, (y, site.bias), at)
-            new.append(y)
+        q = _call(self.gm, torch.ops.effopt.quantize_rows.default, (site.x, self.scales.get(site.name)), at)
+        xq, step = _call(self.gm, operator.getitem, (q, 0), at), _call(self.gm, operator.getitem, (q, 1), at)
+        acc = _call(self.gm, aten._int_mm.default, (xq, wq_t), at)
+        scale = _call(self.gm, aten.mul.Tensor, (step, ws), at)
+        added = [wq_t, ws, q, xq, step, acc, scale, *_dequantize(self.gm, acc, scale, site.bias, at)]
+        y = added[-1]
         y.meta.update({k: v for k, v in site.node.meta.items() if k != "val"})
         site.node.replace_all_uses_with(y, propagate_meta=False)
-        site.new, site.removed = y, new
+        site.new, site.added = y, added
         self.gm.recompile()
 
     def revert(self, site) -> None:
-        site.new.replace_all_uses_with(site.node)
-        for n in reversed(site.removed):
-            if n.op == "get_attr":
-                delattr(self.gm, n.target)
-            self.gm.graph.erase_node(n)
-        site.new, site.removed = None, []
-        self.gm.recompile()
+        from .shift_add import undo_rewrite
+
+        undo_rewrite(self.gm, site)
 
 
 def calibrate_scales(gm: fx.GraphModule, sites, calibration) -> dict[str, float]:
@@ -162,15 +166,6 @@ def quantize(gm: fx.GraphModule, config: QuantConfig, calibration, budget, metri
 
 
 # ---- graphs already quantized with PT2E (torchao prepare_pt2e / convert_pt2e) ------------------------------
-def _call(gm: fx.GraphModule, target, args, before: fx.Node, kwargs=None) -> fx.Node:
-    from .approximate import _fake
-
-    with gm.graph.inserting_before(before):
-        n = gm.graph.call_function(target, tuple(args), kwargs or {})
-    n.meta["val"] = _fake(target, args) if not kwargs else None
-    return n
-
-
 def pt2e_int8(gm: fx.GraphModule) -> PassRecord:
     """Linears of a PT2E-quantized graph, dequantize_per_tensor(quantize_per_tensor(x)) @
     dequantize_per_channel(wq)^T (+ bias), run as real int8: effopt::quantize_affine (PT2E's own rounding,
@@ -224,12 +219,8 @@ def pt2e_int8(gm: fx.GraphModule) -> PassRecord:
         comp = ((shift - zp) * wq.to(torch.int32).sum(dim=1)).to(torch.int32)
         if bool(comp.ne(0).any()):
             acc = _call(gm, aten.add.Tensor, (acc, add_constant(gm, comp, node, "pt2e_comp")), node)
-        accf = _call(gm, aten._to_copy.default, (acc,), node, {"dtype": torch.float32})
-        accf.meta["val"] = acc.meta["val"].to(torch.float32)
         step = add_constant(gm, (scale * ws.to(torch.float64)).to(torch.float32), node, "pt2e_s")
-        y = _call(gm, aten.mul.Tensor, (accf, step), node)
-        if bias is not None:
-            y = _call(gm, aten.add.Tensor, (y, bias), node)
+        y = _dequantize(gm, acc, step, bias, node)[-1]
         node.replace_all_uses_with(y, propagate_meta=False)
         record.add_match(node)
     if record.matches:

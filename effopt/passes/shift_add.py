@@ -30,6 +30,7 @@ import torch.fx as fx
 
 from .. import shift_ops as so
 from .records import PassRecord, source_location
+from ..options import check_parameters
 
 aten = torch.ops.aten
 
@@ -66,9 +67,7 @@ class ShiftConfig:
         if not isinstance(value, dict) or value.get("layers", "mlp") not in LAYERS:
             raise ValueError(f"shift_add={given!r} is invalid; valid: {list(LAYERS)} or a dict {{'layers': "
                              "'mlp'|'all', 'terms': 1|2|3, 'activation_bits': 0|4|8}")
-        bad = sorted(set(value) - {"layers", "terms", "activation_bits"})
-        if bad:
-            raise ValueError(f"shift_add has no parameter(s) {bad}; valid: ['layers', 'terms', 'activation_bits']")
+        check_parameters("shift_add", value, ("layers", "terms", "activation_bits"))
         cfg = cls(**value)
         if cfg.terms not in so.TERMS:
             raise ValueError(f"shift_add terms={cfg.terms!r}; valid: {list(so.TERMS)}")
@@ -96,7 +95,7 @@ class LinearSite:
     trained: bool = False  # from effopt.reparameterize: shift_weight / act_quant in the graph
     conv: tuple | None = None  # a convolution's (kernel, stride, padding, dilation), each (h, w)
     new: fx.Node | None = None
-    removed: list = field(default_factory=list)  # nodes made dead by the rewrite (erased by finish)
+    added: list = field(default_factory=list)  # the nodes the rewrite added, in creation order (erased by a revert)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -254,6 +253,7 @@ class ShiftRewriter:
         packed = add_constant(self.gm, so.pack(codes), site.node, "shift_w")
         scale_node = add_constant(self.gm, scale, site.node, "shift_s")
         x = self._x(site)
+        reshaped = [x] if x is not site.x and x.op == "call_function" and x.target is aten.reshape.default else []
         with graph.inserting_before(site.node):
             if site.conv is not None:
                 new = graph.call_function(torch.ops.effopt.shift_conv2d.default,
@@ -263,27 +263,28 @@ class ShiftRewriter:
                                           (x, packed, scale_node, site.bias, int(site.weight.shape[1]), site.bits))
         new.meta = dict(site.node.meta)
         site.node.replace_all_uses_with(new, propagate_meta=False)
-        site.new = new
-        site.removed = [packed, scale_node] + ([x] if x is not site.x and x.op == "call_function"
-                                               and x.target is aten.reshape.default else [])
+        site.new, site.added = new, [packed, scale_node, *reshaped, new]
         self.gm.recompile()
 
     def revert(self, site: LinearSite) -> None:
-        site.new.replace_all_uses_with(site.node)
-        graph = self.gm.graph
-        graph.erase_node(site.new)
-        for n in reversed(site.removed):
-            if not n.users:
-                if n.op == "get_attr":
-                    delattr(self.gm, n.target)
-                graph.erase_node(n)
-        site.new, site.removed = None, []
-        self.gm.recompile()
+        undo_rewrite(self.gm, site)
 
     def finish(self) -> None:
         from .dce import DeadCodeElimination
 
         DeadCodeElimination()(self.gm)  # the replaced GEMMs, their weights' transposes and constants
+
+
+def undo_rewrite(gm: fx.GraphModule, site: LinearSite) -> None:
+    """Revert a site's rewrite: its users go back to the original node, and the nodes the rewrite added
+    (`site.added`, in creation order, the result among them) are erased, constants with them."""
+    site.new.replace_all_uses_with(site.node)
+    for n in reversed(site.added):
+        if n.op == "get_attr":
+            delattr(gm, n.target)
+        gm.graph.erase_node(n)
+    site.new, site.added = None, []
+    gm.recompile()
 
 
 class TrainableShift:
@@ -301,21 +302,21 @@ class TrainableShift:
             sw = graph.call_function(SHIFT_WEIGHT, (w, site.terms))
         sw.meta = dict(w.meta)
         user.replace_input_with(w, sw)
-        site.removed = [sw]
+        site.added = [sw]
         if site.bits:
             with graph.inserting_before(site.node):
                 aq = graph.call_function(ACT_QUANT, (site.x, site.bits))
             aq.meta = dict(site.x.meta)
             site.node.replace_input_with(site.x, aq)
-            site.removed.append(aq)
+            site.added.append(aq)
         site.new = sw
         self.gm.recompile()
 
     def revert(self, site: LinearSite) -> None:
-        for n in site.removed:
+        for n in site.added:
             n.replace_all_uses_with(n.args[0])
             self.gm.graph.erase_node(n)
-        site.new, site.removed = None, []
+        site.new, site.added = None, []
         self.gm.recompile()
 
 
@@ -397,5 +398,5 @@ def shift_add(gm: fx.GraphModule, config: ShiftConfig | None, calibration, budge
     return record
 
 
-__all__ = ["ShiftConfig", "LinearSite", "ShiftRewriter", "TrainableShift", "attr", "linear_sites", "layer_savings", "savings_summary",
+__all__ = ["ShiftConfig", "LinearSite", "ShiftRewriter", "TrainableShift", "undo_rewrite", "attr", "linear_sites", "layer_savings", "savings_summary",
            "shift_add", "has_trained_layers", "module_path", "ENERGY_PJ", "LAYERS"]

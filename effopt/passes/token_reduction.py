@@ -31,6 +31,7 @@ import torch.fx as fx
 from .. import token_ops  # noqa: F401 - registers effopt::tome_merge and friends
 from .attention import FLASH_CPU, sdpa_arguments
 from .records import PassRecord, source_location
+from ..options import check_parameters
 
 aten = torch.ops.aten
 effopt_ops = torch.ops.effopt
@@ -127,9 +128,7 @@ def _as_dict(option: str, value, short_types: tuple, keys: tuple, short: str) ->
         value = {keys[0]: value}
     if not isinstance(value, dict) or keys[0] not in value:
         raise ValueError(f"{option}={given!r} is invalid; valid: {short}, or a dict with keys {list(keys)}")
-    bad = sorted(set(value) - set(keys))
-    if bad:
-        raise ValueError(f"{option} has no parameter(s) {bad}; valid: {list(keys)}")
+    check_parameters(option, value, keys)
     return value
 
 

@@ -165,8 +165,18 @@ def quant_func(M: int, K: int, bits: int, offset: int = 0, lo: int | None = None
     return shift_quant
 
 
-def _quantize(bb, x2, m: int, k: int, bits: int, scale: float | None):
-    """(xq [m, k] int8, step [m, 1]) of x2 [m, k]: per token, or with a calibrated per-tensor scale."""
+def _rows(bb: relax.BlockBuilder, x: relax.Expr, op: str) -> tuple[list, int, relax.Expr]:
+    """(x's static dims, M = the product of all but the last, x as [M, K])."""
+    xs = [static(d, op, "every dim of x") for d in dims(x, op, "x")]
+    m = 1
+    for d in xs[:-1]:
+        m *= d
+    return xs, m, bb.emit(relax.op.reshape(x, [m, xs[-1]]))
+
+
+def _quantize(bb, x2, m: int, k: int, bits: int, scale: float | None, offset: int = 0, lo=None, hi=None):
+    """(xq [m, k] int8, step [m, 1]) of x2 [m, k]: per token, or with a given per-tensor scale (and an
+    offset and range, for PT2E's affine quantization)."""
     col = relax.TensorType([m, 1], "float32")
     if scale is None:
         sc = bb.emit(relax.call_tir(bb.add_func(scale_func(m, k, bits), "shift_scale"), [x2], [col, col]))
@@ -176,7 +186,7 @@ def _quantize(bb, x2, m: int, k: int, bits: int, scale: float | None):
 
         inv = bb.emit(relax.op.full([m, 1], relax.const(np.float32(1.0 / scale), "float32"), "float32"))
         step = bb.emit(relax.op.full([m, 1], relax.const(np.float32(scale), "float32"), "float32"))
-    xq = bb.emit(relax.call_tir(bb.add_func(quant_func(m, k, bits), "shift_quant"), [x2, inv],
+    xq = bb.emit(relax.call_tir(bb.add_func(quant_func(m, k, bits, offset, lo, hi), "shift_quant"), [x2, inv],
                                 relax.TensorType([m, k], "int8")))
     return xq, step
 
@@ -184,43 +194,28 @@ def _quantize(bb, x2, m: int, k: int, bits: int, scale: float | None):
 def emit_quantize_affine(bb: relax.BlockBuilder, x: relax.Expr, scale: float, zero_point: int, quant_min: int,
                          quant_max: int) -> relax.Expr:
     """`effopt::quantize_affine` (effopt/int8_ops.py): PT2E's quantize_per_tensor, shifted into int8."""
-    import numpy as np
-
-    xs = [static(d, "int8 quantize", "every dim of x") for d in dims(x, "int8 quantize", "x")]
-    m = 1
-    for d in xs[:-1]:
-        m *= d
+    xs, m, x2 = _rows(bb, x, "int8 quantize")
     shift = 128 if quant_max > 127 else 0
-    inv = bb.emit(relax.op.full([m, 1], relax.const(np.float32(1.0 / scale), "float32"), "float32"))
-    xq = bb.emit(relax.call_tir(
-        bb.add_func(quant_func(m, xs[-1], 8, zero_point - shift, quant_min - shift, quant_max - shift), "pt2e_quant"),
-        [bb.emit(relax.op.reshape(x, [m, xs[-1]])), inv], relax.TensorType([m, xs[-1]], "int8")))
+    xq, _ = _quantize(bb, x2, m, xs[-1], 8, scale, zero_point - shift, quant_min - shift, quant_max - shift)
     return bb.emit(relax.op.reshape(xq, xs))
 
 
 def emit_quantize(bb: relax.BlockBuilder, x: relax.Expr, scale: float | None) -> relax.Expr:
     """`effopt::quantize_rows` (effopt/int8_ops.py): (xq int8, step [..., 1]) of x [..., K] float32."""
-    xs = [static(d, "int8 quantize", "every dim of x") for d in dims(x, "int8 quantize", "x")]
-    m = 1
-    for d in xs[:-1]:
-        m *= d
-    xq, step = _quantize(bb, bb.emit(relax.op.reshape(x, [m, xs[-1]])), m, xs[-1], 8, scale)
+    xs, m, x2 = _rows(bb, x, "int8 quantize")
+    xq, step = _quantize(bb, x2, m, xs[-1], 8, scale)
     return relax.Tuple([bb.emit(relax.op.reshape(xq, xs)), bb.emit(relax.op.reshape(step, [*xs[:-1], 1]))])
 
 
 def emit(bb: relax.BlockBuilder, x: relax.Expr, packed: relax.Expr, scale: relax.Expr, bias, k: int,
          bits: int) -> relax.Expr:
     """y [..., N] = shift_linear(x [..., K]) (+ bias [N]) as Relax calls of the kernels above."""
-    xs = [static(d, _OP, "every dim of x") for d in dims(x, _OP, "x")]
+    xs, m, x2 = _rows(bb, x, _OP)
     terms, n, kh = (static(d, _OP, "the packed weight") for d in dims(packed, _OP, "packed weight", 3))
     if xs[-1] != k or kh != (k + 1) // 2:
         raise ValueError(f"{_OP}: x has {xs[-1]} features, the weight {k} ({kh} bytes per row)")
     if str(x.ty.dtype) != "float32":
         raise NotImplementedError(f"{_OP} kernels take float32 activations, got {x.ty.dtype}")
-    m = 1
-    for d in xs[:-1]:
-        m *= d
-    x2 = bb.emit(relax.op.reshape(x, [m, k]))
     out = relax.TensorType([m, n], "float32")
     if bits:
         x2, step = _quantize(bb, x2, m, k, bits, None)
