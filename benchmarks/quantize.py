@@ -84,11 +84,15 @@ def run_task(key, rounds):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", effopt.guard.EffoptAccuracyWarning)
         fns["effopt int8-dynamic"] = compiled(task.model, quantize="int8-dynamic")
+        fns["effopt int8-dynamic, unfused"] = compiled(task.model, quantize={"mode": "dynamic", "fuse": False})
     for budget in (0.01, 0.001):
         fns[f"effopt int8-dynamic, guard {budget:g}"] = compiled(task.model, quantize="int8-dynamic",
                                                                 calibration=cal, accuracy_budget=budget)
     fns["effopt int8 static, guard 0.01"] = compiled(task.model, quantize="int8", calibration=cal,
                                                      accuracy_budget=0.01)
+    for mode, budget in (("dynamic", 0.001), ("static", 0.01)):
+        fns[f"effopt int8 {mode} + SmoothQuant 0.5, guard {budget:g}"] = compiled(
+            task.model, quantize={"mode": mode, "smooth": 0.5}, calibration=cal, accuracy_budget=budget)
     ao = torchao_int8(task.model)
     if ao is not None:
         fns["torchao int8-dynamic + inductor"] = ao
@@ -106,6 +110,9 @@ def run_task(key, rounds):
             rec = next(r for r in effopt.last_report().passes if r.name == "quantize_int8")
             kept[name] = f"{rec.matches}/{rec.matches + len(rec.guard.rolled_back)}" if rec.guard.loss is not None \
                 else f"{rec.matches}/{rec.matches}"
+            smooth = [n for n in rec.notes if n.startswith("SmoothQuant")]
+            if smooth:
+                kept[name] += f" ({smooth[0].split(' on ')[1].split(' layer')[0]} smoothed)"
     with torch.no_grad():
         t = interleaved_medians({k: (lambda f=f: task.call(f, batch)) for k, f in fns.items()}, [], rounds=rounds,
                                 reps=1, budget_s=1e9)

@@ -187,10 +187,13 @@ class Calibrated:
 
 
 def guarded_apply(run: Callable[[list], Any], layers: list, apply: Callable, revert: Callable,
-                  calibration: list[list] | None, budget: float | None, metric, what: str) -> GuardResult:
+                  calibration: list[list] | None, budget: float | None, metric, what: str,
+                  retry: Callable[[Any], bool] | None = None) -> GuardResult:
     """Apply each layer's rewrite, keeping those that hold the metric within budget on the calibration data.
 
-    `run(args)` evaluates the graph as it currently is; `apply(layer)`/`revert(layer)` change it."""
+    `run(args)` evaluates the graph as it currently is; `apply(layer)`/`revert(layer)` change it. A layer
+    over budget is offered to `retry(layer)`, which may replace its rewrite by the next, more careful form
+    and return True (then it is measured again), or return False (then it is rolled back)."""
     t0 = time.perf_counter()
     mname = metric_name(metric)
     names = [getattr(l, "name", str(l)) for l in layers]
@@ -217,6 +220,8 @@ def guarded_apply(run: Callable[[list], Any], layers: list, apply: Callable, rev
         for i, (l, name) in enumerate(zip(layers, names)):
             apply(l)
             trial = cal.loss(run)
+            while trial > budget and retry is not None and retry(l):
+                trial = cal.loss(run)
             if trial <= budget:
                 result.kept.append(name)
                 loss = trial

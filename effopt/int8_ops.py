@@ -69,6 +69,88 @@ def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(w / step).clamp(-QMAX, QMAX).to(torch.int8), step[:, 0]
 
 
+# ---- the fused int8 linear: quantize, int8 GEMM, dequantize, bias, activation, residual add as one op ------
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")
+SYMMETRIC = (128, 1, 255)  # (offset, lo, hi) of symmetric int8 activations stored as uint8: q + 128
+
+
+def pack_weight(wq: Tensor, offset: int = 128) -> tuple[Tensor, Tensor]:
+    """wq [N, K] int8 (N a multiple of 16) -> (packed [N/16, ceil(K/4), 16, 4] int8: four consecutive k of
+    16 output channels per 64 bytes, the operand of AVX-512 VNNI's vpdpbusd; K zero padded, and
+    wsum [N] int32 = offset * sum_k wq[n, k], what the activations' uint8 offset adds to the GEMM)."""
+    n, k = wq.shape
+    if n % 16:
+        raise ValueError(f"int8 linear packing needs a multiple of 16 output channels, got {n}")
+    k4 = (k + 3) // 4
+    w = torch.zeros(n, 4 * k4, dtype=torch.int8)
+    w[:, :k] = wq
+    packed = w.reshape(n // 16, 16, k4, 4).permute(0, 2, 1, 3).contiguous()
+    return packed, (offset * wq.to(torch.int32).sum(dim=1)).to(torch.int32)
+
+
+def unpack_weight(packed: Tensor, k: int) -> Tensor:
+    """pack_weight's inverse: wq [N, K] int8."""
+    ng, k4 = packed.shape[:2]
+    return packed.permute(0, 2, 1, 3).reshape(ng * 16, 4 * k4)[:, :k]
+
+
+def quantize_u8(x: Tensor, scale: float | None, offset: int, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """(q [..., K] int32 in [lo, hi] = clamp(round(x * inv) + offset), step [..., 1] float32): per token
+    (scale None: inv = 127 / max|x|, symmetric) or with a per-tensor scale (inv = float32(1 / scale))."""
+    if scale is None:
+        xq, step = act_quantize(x, 8)
+        return xq.to(torch.int32) + offset, step
+    inv = torch.tensor(1.0 / scale, dtype=torch.float32)
+    q = torch.clamp(torch.round(x.to(torch.float32) * inv) + offset, lo, hi)
+    return q.to(torch.int32), torch.full((*x.shape[:-1], 1), scale, dtype=torch.float32)
+
+
+def _epilogue(y: Tensor, activation: str, residual: Tensor | None) -> Tensor:
+    if activation == "relu":
+        y = torch.relu(y)
+    elif activation in ("gelu", "gelu_tanh"):
+        y = torch.nn.functional.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+    return y + residual if residual is not None else y
+
+
+@torch.library.custom_op("effopt::int8_linear", mutates_args=())
+def int8_linear(x: Tensor, packed: Tensor, wsum: Tensor, w_step: Tensor, bias: Optional[Tensor],
+                scale: Optional[float], offset: int, lo: int, hi: int, in_features: int, activation: str,
+                residual: Optional[Tensor], smooth: Optional[Tensor]) -> Tensor:
+    """act(float(sum_k (q[m, k] - offset) * wq[n, k]) * (step[m] * w_step[n]) + bias[n]) (+ residual), with
+    q = quantize_u8(x * smooth) (smooth: SmoothQuant's 1 / s per input channel, folded as s into wq): one
+    kernel on AVX-512 VNNI (effopt/lowering/kernels/int8.py). This eager form runs the GEMM on
+    torch._int_mm (q - 128 as int8, corrected by 128 * sum wq - wsum)."""
+    if smooth is not None:
+        x = x * smooth
+    q, step = quantize_u8(x, scale, offset, lo, hi)
+    q8 = (q - 128).to(torch.int8).reshape(-1, in_features)
+    wq = unpack_weight(packed, in_features)
+    acc = torch._int_mm(q8, wq.t()) + (128 * wq.to(torch.int32).sum(dim=1) - wsum)
+    y = acc.to(torch.float32).reshape(*x.shape[:-1], -1) * (step * w_step)
+    return _epilogue(y + bias if bias is not None else y, activation, residual)
+
+
+@int8_linear.register_fake
+def _(x, packed, wsum, w_step, bias, scale, offset, lo, hi, in_features, activation, residual, smooth):
+    return x.new_empty((*x.shape[:-1], packed.shape[0] * 16))
+
+
+def int8_linear_fused_ref(x: Tensor, packed: Tensor, wsum: Tensor, w_step: Tensor, bias: Tensor | None,
+                          scale: float | None, offset: int, lo: int, hi: int, in_features: int, activation: str,
+                          residual: Tensor | None, smooth: Tensor | None = None) -> Tensor:
+    """The fused kernel's arithmetic in plain torch, for exact tests: int64 accumulation of q * wq minus
+    wsum, then acc * scale + bias with one rounding (the kernel's fused multiply-add: the product of two
+    float32 is exact in float64, so only the sum is rounded before float32)."""
+    q, step = quantize_u8(x * smooth if smooth is not None else x, scale, offset, lo, hi)
+    wq = unpack_weight(packed, in_features).to(torch.int64)
+    acc = (q.to(torch.int64).reshape(-1, in_features) @ wq.t() - wsum.to(torch.int64)).to(torch.int32)
+    s = (step * w_step).reshape(-1, wq.shape[0])
+    b = bias.double() if bias is not None else 0.0
+    y = (acc.double() * s.double() + b).to(torch.float32).reshape(*x.shape[:-1], -1)
+    return _epilogue(y, activation, residual)
+
+
 def int8_linear_ref(x: Tensor, wq: Tensor, w_step: Tensor, bias: Tensor | None, scale: float | None) -> Tensor:
     """The int8 linear the quantize pass builds, in plain torch (tests)."""
     xq, step = quantize_rows_ref(x, scale)
@@ -77,4 +159,5 @@ def int8_linear_ref(x: Tensor, wq: Tensor, w_step: Tensor, bias: Tensor | None, 
     return y + bias if bias is not None else y
 
 
-__all__ = ["quantize_rows", "quantize_rows_ref", "quantize_affine", "quantize_affine_ref", "quantize_weight", "int8_linear_ref", "QMAX"]
+__all__ = ["int8_linear", "int8_linear_fused_ref", "pack_weight", "unpack_weight", "quantize_u8", "ACTIVATIONS",
+           "SYMMETRIC", "quantize_rows", "quantize_rows_ref", "quantize_affine", "quantize_affine_ref", "quantize_weight", "int8_linear_ref", "QMAX"]

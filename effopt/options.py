@@ -124,6 +124,9 @@ class Options:
             if kw["quantize"].mode == "static" and kw.get("calibration") is None:
                 raise ValueError("quantize='int8' (static activation scales) needs calibration data: pass "
                                  "options={'calibration': [inputs, ...]}, or use quantize='int8-dynamic'")
+            if kw["quantize"].smooth is not None and kw.get("calibration") is None:
+                raise ValueError("quantize smooth (SmoothQuant) needs calibration data for the activation ranges: "
+                                 "pass options={'calibration': [inputs, ...]}")
         if kw.get("token_merge") is not None and kw.get("token_prune") is not None:
             raise ValueError("token_merge and token_prune are alternatives; pass one of them")
         if kw.get("token_merge") is not None or kw.get("token_prune") is not None:

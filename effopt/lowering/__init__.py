@@ -166,7 +166,7 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     for i, region in enumerate(regions):
         graph = region.graph()
         try:
-            conv = Converter(kernels).convert(graph)
+            conv = Converter(kernels, target).convert(graph)
         except Exception as e:  # noqa: BLE001 - Unsupported, or TVM's own error types
             warnings.warn(f"effopt: region {i} ({', '.join(_region_ops(graph))}) stays in eager PyTorch: {e}",
                           EffoptFallbackWarning, stacklevel=2)

@@ -86,8 +86,9 @@ class _NamedBuilder:
 
 
 class Converter:
-    def __init__(self, kernels: dict | None = None):
+    def __init__(self, kernels: dict | None = None, target=None):
         self.kernels = {} if kernels is None else kernels  # custom PrimFuncs by name: (GlobalVar, PrimFunc)
+        self.target = target  # the tvm Target, for rules whose kernels need a CPU feature
         self.syms: dict[str, tirx.Var] = {}
 
     # ---- symbolic sizes -------------------------------------------------------------------------
@@ -622,6 +623,20 @@ def _quantize_rows(cv, node, x, scale):
     return shift.emit_quantize(cv.bb, x, None if scale is None else float(scale))
 
 
+@lowers(torch.ops.effopt.int8_linear.default)
+def _int8_linear(cv, node, x, packed, wsum, w_step, bias, scale, offset, lo, hi, in_features, activation,
+                 residual, smooth):
+    from .kernels import int8
+
+    why = int8.supported(cv.target)
+    if why:
+        raise Unsupported(why)
+    if any(not isinstance(d, int) for d in node.args[0].meta["val"].shape) or cv.dtype_of(x) != "float32":
+        raise Unsupported("int8_linear needs static float32 shapes")
+    return int8.emit(cv.bb, x, packed, wsum, w_step, bias, residual, int(in_features),
+                     None if scale is None else float(scale), int(offset), int(lo), int(hi), str(activation), smooth)
+
+
 @lowers(torch.ops.effopt.quantize_affine.default)
 def _quantize_affine(cv, node, x, scale, zero_point, quant_min, quant_max):
     from .kernels import shift
@@ -704,4 +719,5 @@ for _op in (aten.scaled_dot_product_attention.default, FLASH_CPU):
 # each its own region, so the lowering measures it against its eager op (torch's GEMM on the dequantized
 # weights, for shift_linear) shape by shape
 ISOLATED.update({torch.ops.effopt.hamming_attention.default, torch.ops.effopt.lmul_attention.default,
-                 torch.ops.effopt.shift_linear.default, torch.ops.effopt.shift_conv2d.default})
+                 torch.ops.effopt.shift_linear.default, torch.ops.effopt.shift_conv2d.default,
+                 torch.ops.effopt.int8_linear.default})

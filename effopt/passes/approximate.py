@@ -133,7 +133,8 @@ def _fake(target, args):
         return None
     from torch._subclasses.fake_tensor import FakeTensor
 
-    vals = [mode.from_tensor(v) if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor) else v for v in vals]
+    vals = [mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor)
+            else v for v in vals]  # constants keep their sizes
     with mode:
         return target(*vals)
 

@@ -1,15 +1,18 @@
-"""Int8 post-training quantization (the `quantize` option): frozen linear layers become
+"""Int8 post-training quantization (the `quantize` option): frozen linear layers become one op,
 
-    (xq, step) = effopt::quantize_rows(x, scale)        per-token (dynamic) or calibrated (static) scale
-    acc        = aten._int_mm(xq, wq^T)                  int8 GEMM, int32 accumulation (torch: oneDNN VNNI)
-    y          = float(acc) * (step * w_step) + bias     per-output-channel symmetric weights
+    y = effopt::int8_linear(x)   quantize (per token, or a calibrated per-tensor scale), int8 GEMM with
+                                 int32 accumulation, float(acc) * (step * w_step) + bias, then the
+                                 activation (ReLU, GELU) and residual add that follow it, fused in
 
-layer by layer under the accuracy guard. The quantizer lowers to effopt's TVM kernel and the dequantize,
-bias and what follows (GELU, residual add) fuse into the next TVM region; the GEMM is a library call.
+layer by layer under the accuracy guard, weights int8 per output channel (symmetric). It lowers to one TVM
+kernel on AVX-512 VNNI (lowering/kernels/int8.py), measured per shape against its torch form (torch's int8
+GEMM, oneDNN). Layers with a number of outputs that is not a multiple of 16, and every layer with
+fuse=False, stay as effopt::quantize_rows (TVM) -> aten._int_mm (library) -> dequantize (TVM).
 
     mode    'dynamic' ("int8-dynamic"): activation scales per token at run time;
             'static' ("int8"): one scale per layer input, max|x| / 127 over the calibration inputs.
     layers  'all' (every linear with a frozen float32 weight) or 'mlp' (as shift_add).
+    fuse    True (default) or False.
 """
 from __future__ import annotations
 
@@ -35,6 +38,11 @@ class QuantConfig:
     """'dynamic' (per-token activation scales) or 'static' (calibrated per-tensor scales)."""
     layers: str = "all"
     """'all' or 'mlp'."""
+    fuse: bool = True
+    """Quantize, GEMM, dequantize, bias and the following activation / residual add as one kernel."""
+    smooth: float | None = None
+    """SmoothQuant's migration strength alpha in (0, 1), for the layers whose plain int8 exceeds the
+    accuracy budget (None: off). Needs calibration data."""
 
     @classmethod
     def parse(cls, value) -> "QuantConfig":
@@ -46,16 +54,24 @@ class QuantConfig:
         if not isinstance(value, dict):
             raise ValueError(f"quantize={given!r} is invalid; valid: {list(_ALIASES)} or a dict {{'mode': "
                              "'static'|'dynamic', 'layers': 'all'|'mlp'}")
-        check_parameters("quantize", value, ("mode", "layers"))
+        check_parameters("quantize", value, ("mode", "layers", "fuse", "smooth"))
         cfg = cls(**value)
         if cfg.mode not in MODES:
             raise ValueError(f"quantize mode={cfg.mode!r}; valid: {list(MODES)}")
         if cfg.layers not in ("all", "mlp"):
             raise ValueError(f"quantize layers={cfg.layers!r}; valid: ['all', 'mlp']")
+        if not isinstance(cfg.fuse, bool):
+            raise ValueError(f"quantize fuse={cfg.fuse!r}; valid: [True, False]")
+        if cfg.smooth is not None and not (isinstance(cfg.smooth, (int, float)) and 0 < cfg.smooth < 1):
+            raise ValueError(f"quantize smooth={cfg.smooth!r}; valid: None or a migration strength alpha in (0, 1), "
+                             "such as 0.5")
+        if cfg.smooth is not None and not cfg.fuse:
+            raise ValueError("quantize smooth needs fuse=True (the fused kernel applies the smoothing)")
         return cfg
 
     def __str__(self) -> str:
-        return f"int8({self.mode}, {self.layers})"
+        return (f"int8({self.mode}, {self.layers}{'' if self.fuse else ', unfused'}"
+                f"{'' if self.smooth is None else f', smooth {self.smooth:g}'})")
 
 
 def _call(gm: fx.GraphModule, target, args, before: fx.Node, kwargs=None) -> fx.Node:
@@ -82,24 +98,137 @@ def _dequantize(gm: fx.GraphModule, acc: fx.Node, scale: fx.Node, bias, before: 
     return out
 
 
-class Int8Rewriter:
-    """Applies and reverts the int8 form of each linear site (effopt.passes.shift_add.LinearSite)."""
+def int8_linear(gm: fx.GraphModule, x: fx.Node, wq: torch.Tensor, w_step: torch.Tensor, bias, scale,
+                quant: tuple[int, int, int], before: fx.Node, smooth: torch.Tensor | None = None) \
+        -> list[fx.Node] | None:
+    """effopt::int8_linear(x) with wq [N, K] packed for VNNI: the nodes added (the result last), or None
+    where N is not a multiple of 16. `quant` is the activations' (offset, lo, hi) as uint8; `smooth` the
+    per-input-channel factor x is multiplied by before quantization (SmoothQuant's 1 / s)."""
+    from .constant_fold import add_constant
 
-    def __init__(self, gm: fx.GraphModule, scales: dict | None):
-        self.gm, self.scales = gm, scales or {}
+    if wq.shape[0] % 16:
+        return None
+    offset, lo, hi = quant
+    packed, wsum = int8_ops.pack_weight(wq, offset)
+    consts = [add_constant(gm, packed, before, "int8_w"), add_constant(gm, wsum, before, "int8_wsum"),
+              add_constant(gm, w_step.to(torch.float32), before, "int8_ws")]
+    if smooth is not None:
+        consts.append(add_constant(gm, smooth.to(torch.float32), before, "int8_smooth"))
+    y = _call(gm, torch.ops.effopt.int8_linear.default,
+              (x, *consts[:3], bias, scale, offset, lo, hi, wq.shape[1], "none", None,
+               consts[3] if smooth is not None else None), before)
+    return [*consts, y]
+
+
+_EPILOGUES = {aten.relu.default: "relu", aten.gelu.default: "gelu"}
+_RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def _epilogue(cur: fx.Node):
+    """(reshapes, op) that follow cur, each the only user of the one before, or None."""
+    views, u = [], cur
+    while len(u.users) == 1:
+        (nxt,) = u.users
+        if nxt.target not in _RESHAPES:
+            return views, nxt
+        views.append(nxt)
+        u = nxt
+    return None
+
+
+def fuse_epilogues(gm: fx.GraphModule) -> dict[str, int]:
+    """Each int8_linear takes in the elementwise ops that follow it alone (through reshapes, which they
+    commute with): an activation (ReLU, GELU), then a residual add of a tensor of the same shape. Returns
+    the counts fused."""
+    counts = {"activation": 0, "residual": 0}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.effopt.int8_linear.default:
+            continue
+        cur = node
+        for kind in ("activation", "residual"):
+            found = _epilogue(cur)
+            if found is None:
+                break
+            views, u = found
+            last = views[-1] if views else cur
+            args = list(cur.args)
+            if kind == "activation":
+                approx = u.kwargs.get("approximate", "none")
+                if u.target not in _EPILOGUES or len(u.args) != 1 or set(u.kwargs) - {"approximate"} \
+                        or approx not in ("none", "tanh"):
+                    continue
+                args[10] = "gelu_tanh" if approx == "tanh" else _EPILOGUES[u.target]
+            else:
+                if u.target is not aten.add.Tensor or u.kwargs or len(u.args) != 2:
+                    break
+                other = u.args[1] if u.args[0] is last else u.args[0]
+                val = getattr(other, "meta", {}).get("val")
+                if other is last or not isinstance(val, torch.Tensor) or val.shape != last.meta["val"].shape \
+                        or val.dtype != torch.float32:
+                    break
+                args[11] = _call(gm, aten.reshape.default, (other, list(cur.meta["val"].shape)), u) \
+                    if views else other
+            new = _call(gm, torch.ops.effopt.int8_linear.default, tuple(args), u)
+            new.meta.update({k: v for k, v in cur.meta.items() if k != "val"})
+            out = new
+            for v in views:  # the same reshapes, after the fused op
+                out = _call(gm, v.target, (out, *v.args[1:]), u)
+            u.replace_all_uses_with(out, propagate_meta=False)
+            for dead in [u, *reversed(views), cur]:
+                gm.graph.erase_node(dead)
+            cur = new
+            counts[kind] += 1
+    gm.graph.lint()
+    gm.recompile()
+    return counts
+
+
+class Int8Rewriter:
+    """Applies and reverts the int8 form of each linear site (effopt.passes.shift_add.LinearSite); with
+    SmoothQuant configured, `retry` turns a site over budget into its smoothed form."""
+
+    def __init__(self, gm: fx.GraphModule, stats: dict | None, fuse: bool = True, smooth: float | None = None,
+                 static: bool = False):
+        self.gm, self.stats, self.fuse, self.alpha, self.static = gm, stats or {}, fuse, smooth, static
+        self.smoothed: set[str] = set()
+
+    def _weights(self, site):
+        """(wq, w_step, smooth, scale) of the site, in its plain or smoothed form."""
+        w, amax = site.weight.detach().to(torch.float32), self.stats.get(site.name)
+        smooth = None
+        if site.name in self.smoothed:  # SmoothQuant: s_j = max|x_j|^a / max|w_j|^(1-a); x / s, w * s
+            s = (amax.clamp_min(1e-5) ** self.alpha / w.abs().amax(dim=0).clamp_min(1e-5) ** (1 - self.alpha))
+            w, smooth = w * s, (1.0 / s).to(torch.float32)
+            amax = amax * smooth  # max|x_j / s_j|: the maximum commutes with a positive factor
+        wq, w_step = int8_ops.quantize_weight(w)
+        scale = max(float(amax.max()), 1e-12) / int8_ops.QMAX if self.static else None
+        return wq, w_step, smooth, scale
+
+    def retry(self, site) -> bool:
+        if self.alpha is None or site.name in self.smoothed or site.weight.shape[0] % 16 or not self.fuse:
+            return False
+        self.revert(site)
+        self.smoothed.add(site.name)
+        self.apply(site)
+        return True
 
     def apply(self, site) -> None:
         from .constant_fold import add_constant
 
-        wq, w_step = int8_ops.quantize_weight(site.weight)
+        wq, w_step, smooth, scale = self._weights(site)
         at = site.node
-        wq_t = add_constant(self.gm, wq.t().contiguous(), at, "int8_w")
-        ws = add_constant(self.gm, w_step, at, "int8_ws")
-        q = _call(self.gm, torch.ops.effopt.quantize_rows.default, (site.x, self.scales.get(site.name)), at)
-        xq, step = _call(self.gm, operator.getitem, (q, 0), at), _call(self.gm, operator.getitem, (q, 1), at)
-        acc = _call(self.gm, aten._int_mm.default, (xq, wq_t), at)
-        scale = _call(self.gm, aten.mul.Tensor, (step, ws), at)
-        added = [wq_t, ws, q, xq, step, acc, scale, *_dequantize(self.gm, acc, scale, site.bias, at)]
+        fused = int8_linear(self.gm, site.x, wq, w_step, site.bias, scale, int8_ops.SYMMETRIC, at, smooth) \
+            if self.fuse else None
+        if fused is not None:
+            added = fused
+        else:  # output channels not a multiple of 16: quantizer, torch's int8 GEMM, dequantization
+            wq_t = add_constant(self.gm, wq.t().contiguous(), at, "int8_w")
+            ws = add_constant(self.gm, w_step, at, "int8_ws")
+            q = _call(self.gm, torch.ops.effopt.quantize_rows.default, (site.x, scale), at)
+            xq, step = _call(self.gm, operator.getitem, (q, 0), at), _call(self.gm, operator.getitem, (q, 1), at)
+            acc = _call(self.gm, aten._int_mm.default, (xq, wq_t), at)
+            sc = _call(self.gm, aten.mul.Tensor, (step, ws), at)
+            added = [wq_t, ws, q, xq, step, acc, sc, *_dequantize(self.gm, acc, sc, site.bias, at)]
         y = added[-1]
         y.meta.update({k: v for k, v in site.node.meta.items() if k != "val"})
         site.node.replace_all_uses_with(y, propagate_meta=False)
@@ -112,22 +241,24 @@ class Int8Rewriter:
         undo_rewrite(self.gm, site)
 
 
-def calibrate_scales(gm: fx.GraphModule, sites, calibration) -> dict[str, float]:
-    """Static scales: max|x| / 127 of each site's input over the calibration inputs."""
+def calibrate(gm: fx.GraphModule, sites, calibration) -> dict[str, torch.Tensor]:
+    """max|x| per input channel [K] of each site's input over the calibration inputs."""
     wanted = {s.x: s.name for s in sites}
-    amax: dict[str, float] = {}
+    amax: dict[str, torch.Tensor] = {}
 
     class Rec(fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
             if n in wanted:
-                amax[wanted[n]] = max(amax.get(wanted[n], 0.0), float(out.abs().max()))
+                a = out.detach().abs().reshape(-1, out.shape[-1]).amax(dim=0).to(torch.float32)
+                name = wanted[n]
+                amax[name] = torch.maximum(amax[name], a) if name in amax else a
             return out
 
     with torch.no_grad():
         for args in calibration:
             Rec(gm).run(*args)
-    return {name: max(a, 1e-12) / int8_ops.QMAX for name, a in amax.items()}
+    return amax
 
 
 def quantize(gm: fx.GraphModule, config: QuantConfig, calibration, budget, metric) -> PassRecord:
@@ -143,19 +274,31 @@ def quantize(gm: fx.GraphModule, config: QuantConfig, calibration, budget, metri
     if config.mode == "static" and not calibration:
         raise ValueError("quantize='int8' (static activation scales) needs calibration data: pass "
                          "options={'calibration': [inputs, ...]}, or use quantize='int8-dynamic'")
-    scales = calibrate_scales(gm, sites, calibration) if config.mode == "static" else None
-    rewriter = Int8Rewriter(gm, scales)
+    if config.smooth is not None and not calibration:
+        raise ValueError("quantize smooth (SmoothQuant) needs calibration data for the activation ranges: pass "
+                         "options={'calibration': [inputs, ...]}")
+    stats = calibrate(gm, sites, calibration) if config.mode == "static" or config.smooth is not None else None
+    rewriter = Int8Rewriter(gm, stats, config.fuse, config.smooth, config.mode == "static")
     guard = guarded_apply(lambda args: gm(*args), sites, rewriter.apply, rewriter.revert, calibration, budget,
-                          metric, f"quantize={config}")
+                          metric, f"quantize={config}", retry=rewriter.retry)
     DeadCodeElimination()(gm)
     kept = [s for s in sites if s.new is not None]
+    fused = fuse_epilogues(gm)
     for s in kept:
         record.add_match(s.node)
     before = sum(4 * s.weight.numel() for s in kept)
     after = sum(s.weight.numel() + 4 * s.weight.shape[0] for s in kept)
     record.notes.append(guard.summary())
     if kept:
-        record.notes.append(f"{len(kept)} int8 layer(s); weights {before / 2 ** 20:.2f} -> {after / 2 ** 20:.2f} MB")
+        one = sum(1 for n in gm.graph.nodes if n.target is torch.ops.effopt.int8_linear.default)
+        record.notes.append(f"{len(kept)} int8 layer(s); weights {before / 2 ** 20:.2f} -> {after / 2 ** 20:.2f} MB; "
+                            f"{one} as one quantize-GEMM-dequantize kernel"
+                            + (f" with {fused['activation']} activation(s) and {fused['residual']} residual add(s) "
+                               "fused in" if config.fuse else " (fuse off)"))
+    smoothed = [s.name for s in kept if s.name in rewriter.smoothed]
+    if smoothed:
+        record.notes.append(f"SmoothQuant (alpha {config.smooth:g}) on {len(smoothed)} layer(s) over budget as plain "
+                            f"int8: {', '.join(smoothed)}")
     record.guard = guard
     record.seconds = time.perf_counter() - t0
     record.nodes_after = count_nodes(gm)
@@ -211,21 +354,30 @@ def pt2e_int8(gm: fx.GraphModule) -> PassRecord:
         wq, ws, wzp = (attr(gm, a.target) for a in (wq_n, ws_n, wzp_n))
         if wq.dtype != torch.int8 or wq.dim() != 2 or bool(wzp.ne(0).any()):
             continue
-        xi = _call(gm, torch.ops.effopt.quantize_affine.default, (q.args[0], scale, zp, qmin, qmax), node)
-        for v in reversed(views):
-            xi = _call(gm, v.target, (xi, *v.args[1:]), node)
         shift = 128 if qmax > 127 else 0
-        acc = _call(gm, aten._int_mm.default, (xi, add_constant(gm, wq.t().contiguous(), node, "pt2e_w")), node)
-        comp = ((shift - zp) * wq.to(torch.int32).sum(dim=1)).to(torch.int32)
-        if bool(comp.ne(0).any()):
-            acc = _call(gm, aten.add.Tensor, (acc, add_constant(gm, comp, node, "pt2e_comp")), node)
-        step = add_constant(gm, (scale * ws.to(torch.float64)).to(torch.float32), node, "pt2e_s")
-        y = _dequantize(gm, acc, step, bias, node)[-1]
+        xf = q.args[0]  # the float input, in the GEMM's shape
+        for v in reversed(views):
+            xf = _call(gm, v.target, (xf, *v.args[1:]), node)
+        # as uint8 for VNNI: PT2E's q (uint8), or its int8 q + 128
+        fused = int8_linear(gm, xf, wq, ws.to(torch.float32), bias, scale,
+                            (zp + 128 - shift, qmin + 128 - shift, qmax + 128 - shift), node)
+        if fused is not None:
+            y = fused[-1]
+        else:
+            xi = _call(gm, torch.ops.effopt.quantize_affine.default, (xf, scale, zp, qmin, qmax), node)
+            acc = _call(gm, aten._int_mm.default, (xi, add_constant(gm, wq.t().contiguous(), node, "pt2e_w")), node)
+            comp = ((shift - zp) * wq.to(torch.int32).sum(dim=1)).to(torch.int32)
+            if bool(comp.ne(0).any()):
+                acc = _call(gm, aten.add.Tensor, (acc, add_constant(gm, comp, node, "pt2e_comp")), node)
+            step = add_constant(gm, (scale * ws.to(torch.float64)).to(torch.float32), node, "pt2e_s")
+            y = _dequantize(gm, acc, step, bias, node)[-1]
         node.replace_all_uses_with(y, propagate_meta=False)
         record.add_match(node)
     if record.matches:
         DeadCodeElimination()(gm)
-        record.notes.append(f"{record.matches} PT2E-quantized linear(s) run as int8 GEMMs")
+        fused = fuse_epilogues(gm)
+        record.notes.append(f"{record.matches} PT2E-quantized linear(s) run as int8 GEMMs; "
+                            f"{fused['activation']} activation(s) and {fused['residual']} residual add(s) fused in")
     gm.graph.lint()
     gm.recompile()
     record.seconds = time.perf_counter() - t0
@@ -236,4 +388,4 @@ def pt2e_int8(gm: fx.GraphModule) -> PassRecord:
 def has_pt2e_ops(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and getattr(n.target, "namespace", None) == "quantized_decomposed"
                for n in gm.graph.nodes)
-__all__ = ["QuantConfig", "Int8Rewriter", "quantize", "calibrate_scales", "pt2e_int8", "has_pt2e_ops", "MODES"]
+__all__ = ["QuantConfig", "Int8Rewriter", "quantize", "calibrate", "pt2e_int8", "has_pt2e_ops", "MODES"]
