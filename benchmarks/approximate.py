@@ -72,12 +72,12 @@ class MiniLMTask:
 class DINOv2Task:
     name, metric_name = "DINOv2-S/14 224", "digits probe accuracy"
 
-    def __init__(self):
+    def __init__(self, n_test: int = 152):
         from effopt.testing import dinov2, vision
 
         self.vision = vision
         self.model = dinov2.load_dinov2("eager")
-        tx, ty, ex, ey = vision.digits(n_train=152, n_test=152)
+        tx, ty, ex, ey = vision.digits(n_train=152, n_test=n_test)
         self.train = [tx[i:i + BATCH] for i in range(0, len(tx), BATCH)]
         self.test = [ex[i:i + BATCH] for i in range(0, len(ex), BATCH)]
         self.train_y, self.test_y = ty, ey

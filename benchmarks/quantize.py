@@ -73,7 +73,11 @@ def pt2e_int8(task):
 
 
 def run_task(key, rounds):
-    task = TASKS[key]()
+    # every variant compiles the same forward: without this, dynamo's default limit of 8 compiles of one
+    # code object would silently leave the later variants in eager
+    torch._dynamo.config.recompile_limit = 64
+    # 456 held-out digits for DINOv2 (one image is 0.22 point; the default 152 made it 0.66, above the target)
+    task = TASKS[key](n_test=456) if key == "dinov2" else TASKS[key]()
     print(f"\n== {task.name} ({task.metric_name}), batch 8", flush=True)
     batch = task.test[0]
     cal = [task.inputs(b) for b in task.train[:2]]

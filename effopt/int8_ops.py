@@ -113,42 +113,63 @@ def _epilogue(y: Tensor, activation: str, residual: Tensor | None) -> Tensor:
     return y + residual if residual is not None else y
 
 
+def _requantize(y: Tensor, out_scale: float | None, offset: int, lo: int, hi: int) -> Tensor:
+    """y quantized for the next int8 linear (a folded dequantize -> quantize pair), or y."""
+    if out_scale is None:
+        return y
+    inv = torch.tensor(1.0 / out_scale, dtype=torch.float32)
+    return torch.clamp(torch.round(y * inv) + offset, lo, hi).to(torch.uint8)
+
+
+def _inputs(x: Tensor, scale: float | None, offset: int, lo: int, hi: int, smooth: Tensor | None):
+    """(q int32, step [..., 1]): x quantized, or x itself where it came quantized (uint8, static scale)."""
+    if x.dtype == torch.uint8:
+        return x.to(torch.int32), torch.full((*x.shape[:-1], 1), scale, dtype=torch.float32)
+    return quantize_u8(x * smooth if smooth is not None else x, scale, offset, lo, hi)
+
+
 @torch.library.custom_op("effopt::int8_linear", mutates_args=())
 def int8_linear(x: Tensor, packed: Tensor, wsum: Tensor, w_step: Tensor, bias: Optional[Tensor],
                 scale: Optional[float], offset: int, lo: int, hi: int, in_features: int, activation: str,
-                residual: Optional[Tensor], smooth: Optional[Tensor]) -> Tensor:
+                residual: Optional[Tensor], smooth: Optional[Tensor], out_scale: Optional[float], out_offset: int,
+                out_lo: int, out_hi: int) -> Tensor:
     """act(float(sum_k (q[m, k] - offset) * wq[n, k]) * (step[m] * w_step[n]) + bias[n]) (+ residual), with
-    q = quantize_u8(x * smooth) (smooth: SmoothQuant's 1 / s per input channel, folded as s into wq): one
-    kernel on AVX-512 VNNI (effopt/lowering/kernels/int8.py). This eager form runs the GEMM on
-    torch._int_mm (q - 128 as int8, corrected by 128 * sum wq - wsum)."""
-    if smooth is not None:
-        x = x * smooth
-    q, step = quantize_u8(x, scale, offset, lo, hi)
+    q = quantize_u8(x * smooth) (smooth: SmoothQuant's 1 / s per input channel, folded as s into wq), or
+    q = x where x comes as uint8 (quantized by the int8_linear before it, with this op's static scale).
+    With out_scale, the result is itself quantized to uint8 (clamp(round(y / out_scale) + out_offset,
+    out_lo, out_hi)) for the next int8_linear: the dequantize -> quantize pair between two int8 GEMMs
+    folded into one requantize. One kernel on AVX-512 VNNI (effopt/lowering/kernels/int8.py); this eager
+    form runs the GEMM on torch._int_mm (q - 128 as int8, corrected by 128 * sum wq - wsum)."""
+    q, step = _inputs(x, scale, offset, lo, hi, smooth)
     q8 = (q - 128).to(torch.int8).reshape(-1, in_features)
     wq = unpack_weight(packed, in_features)
     acc = torch._int_mm(q8, wq.t()) + (128 * wq.to(torch.int32).sum(dim=1) - wsum)
     y = acc.to(torch.float32).reshape(*x.shape[:-1], -1) * (step * w_step)
-    return _epilogue(y + bias if bias is not None else y, activation, residual)
+    y = _epilogue(y + bias if bias is not None else y, activation, residual)
+    return _requantize(y, out_scale, out_offset, out_lo, out_hi)
 
 
 @int8_linear.register_fake
-def _(x, packed, wsum, w_step, bias, scale, offset, lo, hi, in_features, activation, residual, smooth):
-    return x.new_empty((*x.shape[:-1], packed.shape[0] * 16))
+def _(x, packed, wsum, w_step, bias, scale, offset, lo, hi, in_features, activation, residual, smooth, out_scale,
+      out_offset, out_lo, out_hi):
+    return x.new_empty((*x.shape[:-1], packed.shape[0] * 16),
+                       dtype=torch.float32 if out_scale is None else torch.uint8)
 
 
 def int8_linear_fused_ref(x: Tensor, packed: Tensor, wsum: Tensor, w_step: Tensor, bias: Tensor | None,
                           scale: float | None, offset: int, lo: int, hi: int, in_features: int, activation: str,
-                          residual: Tensor | None, smooth: Tensor | None = None) -> Tensor:
+                          residual: Tensor | None, smooth: Tensor | None = None, out_scale: float | None = None,
+                          out_offset: int = 128, out_lo: int = 1, out_hi: int = 255) -> Tensor:
     """The fused kernel's arithmetic in plain torch, for exact tests: int64 accumulation of q * wq minus
     wsum, then acc * scale + bias with one rounding (the kernel's fused multiply-add: the product of two
     float32 is exact in float64, so only the sum is rounded before float32)."""
-    q, step = quantize_u8(x * smooth if smooth is not None else x, scale, offset, lo, hi)
+    q, step = _inputs(x, scale, offset, lo, hi, smooth)
     wq = unpack_weight(packed, in_features).to(torch.int64)
     acc = (q.to(torch.int64).reshape(-1, in_features) @ wq.t() - wsum.to(torch.int64)).to(torch.int32)
     s = (step * w_step).reshape(-1, wq.shape[0])
     b = bias.double() if bias is not None else 0.0
     y = (acc.double() * s.double() + b).to(torch.float32).reshape(*x.shape[:-1], -1)
-    return _epilogue(y, activation, residual)
+    return _requantize(_epilogue(y, activation, residual), out_scale, out_offset, out_lo, out_hi)
 
 
 def int8_linear_ref(x: Tensor, wq: Tensor, w_step: Tensor, bias: Tensor | None, scale: float | None) -> Tensor:

@@ -69,14 +69,15 @@ def _tolerances(graph: fx.Graph):
     Such flips are rare and local, so L-Mul regions are checked by relative L2 error, which an indexing or
     layout bug would still fail by orders of magnitude.
 
-    Int8 quantization (quantize_rows) after float ops: a float32 value that differs from eager's in its last
+    Int8 quantization (quantize_rows, and int8_linear's requantized uint8 output) after float ops: a float32 value that differs from eager's in its last
     bit (a LayerNorm computed in another order) can land on the other side of a rounding boundary, so int8
     outputs may differ by 1 in a few elements (at most 1%); anything else is still an error."""
     from .select import TOLERANCES
 
     if any(n.target is torch.ops.effopt.lmul_attention.default for n in graph.nodes):
         return {"relative_l2": 1e-3}
-    if any(n.target in (torch.ops.effopt.quantize_rows.default, torch.ops.effopt.quantize_affine.default)
+    if any(n.target in (torch.ops.effopt.quantize_rows.default, torch.ops.effopt.quantize_affine.default,
+                        torch.ops.effopt.int8_linear.default)
            for n in graph.nodes):
         return {**TOLERANCES, "int8_off_by_one": 0.01}
     return None

@@ -68,7 +68,7 @@ def mismatch(ref, got, tolerances=None) -> str | None:
         if r.dtype.is_floating_point:
             ok = torch.allclose(g.float(), r.float(), rtol=rtol, atol=atol * max(1.0, r.float().abs().nan_to_num().max().item()),
                                 equal_nan=True)
-        elif tolerances is not None and "int8_off_by_one" in tolerances and r.dtype == torch.int8:
+        elif tolerances is not None and "int8_off_by_one" in tolerances and r.dtype in (torch.int8, torch.uint8):
             off = (g.to(torch.int32) - r.to(torch.int32)).abs()
             ok = r.numel() == 0 or (int(off.max()) <= 1 and (off > 0).double().mean().item() <= tolerances["int8_off_by_one"])
         else:

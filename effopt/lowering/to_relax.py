@@ -625,16 +625,19 @@ def _quantize_rows(cv, node, x, scale):
 
 @lowers(torch.ops.effopt.int8_linear.default)
 def _int8_linear(cv, node, x, packed, wsum, w_step, bias, scale, offset, lo, hi, in_features, activation,
-                 residual, smooth):
+                 residual, smooth, out_scale, out_offset, out_lo, out_hi):
     from .kernels import int8
 
     why = int8.supported(cv.target)
     if why:
         raise Unsupported(why)
-    if any(not isinstance(d, int) for d in node.args[0].meta["val"].shape) or cv.dtype_of(x) != "float32":
-        raise Unsupported("int8_linear needs static float32 shapes")
+    if any(not isinstance(d, int) for d in node.args[0].meta["val"].shape) \
+            or cv.dtype_of(x) not in ("float32", "uint8"):
+        raise Unsupported("int8_linear needs static float32 (or requantized uint8) shapes")
+    out = None if out_scale is None else (float(out_scale), int(out_offset), int(out_lo), int(out_hi))
     return int8.emit(cv.bb, x, packed, wsum, w_step, bias, residual, int(in_features),
-                     None if scale is None else float(scale), int(offset), int(lo), int(hi), str(activation), smooth)
+                     None if scale is None else float(scale), int(offset), int(lo), int(hi), str(activation), smooth,
+                     out)
 
 
 @lowers(torch.ops.effopt.quantize_affine.default)

@@ -98,6 +98,10 @@ def _dequantize(gm: fx.GraphModule, acc: fx.Node, scale: fx.Node, bias, before: 
     return out
 
 
+_RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+INT8_LINEAR = torch.ops.effopt.int8_linear.default
+
+
 def int8_linear(gm: fx.GraphModule, x: fx.Node, wq: torch.Tensor, w_step: torch.Tensor, bias, scale,
                 quant: tuple[int, int, int], before: fx.Node, smooth: torch.Tensor | None = None) \
         -> list[fx.Node] | None:
@@ -114,14 +118,13 @@ def int8_linear(gm: fx.GraphModule, x: fx.Node, wq: torch.Tensor, w_step: torch.
               add_constant(gm, w_step.to(torch.float32), before, "int8_ws")]
     if smooth is not None:
         consts.append(add_constant(gm, smooth.to(torch.float32), before, "int8_smooth"))
-    y = _call(gm, torch.ops.effopt.int8_linear.default,
+    y = _call(gm, INT8_LINEAR,
               (x, *consts[:3], bias, scale, offset, lo, hi, wq.shape[1], "none", None,
-               consts[3] if smooth is not None else None), before)
+               consts[3] if smooth is not None else None, None, *int8_ops.SYMMETRIC), before)
     return [*consts, y]
 
 
 _EPILOGUES = {aten.relu.default: "relu", aten.gelu.default: "gelu"}
-_RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
 def _epilogue(cur: fx.Node):
@@ -142,7 +145,7 @@ def fuse_epilogues(gm: fx.GraphModule) -> dict[str, int]:
     the counts fused."""
     counts = {"activation": 0, "residual": 0}
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.effopt.int8_linear.default:
+        if node.op != "call_function" or node.target is not INT8_LINEAR:
             continue
         cur = node
         for kind in ("activation", "residual"):
@@ -168,7 +171,7 @@ def fuse_epilogues(gm: fx.GraphModule) -> dict[str, int]:
                     break
                 args[11] = _call(gm, aten.reshape.default, (other, list(cur.meta["val"].shape)), u) \
                     if views else other
-            new = _call(gm, torch.ops.effopt.int8_linear.default, tuple(args), u)
+            new = _call(gm, INT8_LINEAR, tuple(args), u)
             new.meta.update({k: v for k, v in cur.meta.items() if k != "val"})
             out = new
             for v in views:  # the same reshapes, after the fused op
@@ -181,6 +184,40 @@ def fuse_epilogues(gm: fx.GraphModule) -> dict[str, int]:
     gm.graph.lint()
     gm.recompile()
     return counts
+
+
+def fold_requantize(gm: fx.GraphModule) -> int:
+    """An int8_linear whose only consumer (through reshapes) is another int8_linear with a static scale:
+    the float result that the second quantizes again (a dequantize -> quantize pair) becomes the first
+    kernel's uint8 output, requantized with the second's scale and offset, and the second skips its
+    quantizer. Returns the number of pairs folded."""
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not INT8_LINEAR or node.args[13] is not None:
+            continue
+        views, u = [], node
+        while len(u.users) == 1 and next(iter(u.users)).target in _RESHAPES:
+            u = next(iter(u.users))
+            views.append(u)
+        if len(u.users) != 1:
+            continue
+        (nxt,) = u.users
+        if nxt.target is not INT8_LINEAR or nxt.args[0] is not u or nxt.args[5] is None or nxt.args[12] is not None:
+            continue
+        first = _call(gm, INT8_LINEAR, (*node.args[:13], nxt.args[5], *nxt.args[6:9]), node)
+        first.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        x = first
+        for v in views:  # the same reshapes, on the uint8 values
+            x = _call(gm, v.target, (x, *v.args[1:]), nxt)
+        second = _call(gm, INT8_LINEAR, (x, *nxt.args[1:]), nxt)
+        second.meta.update({k: v for k, v in nxt.meta.items() if k != "val"})
+        nxt.replace_all_uses_with(second, propagate_meta=False)
+        for dead in [nxt, *reversed(views), node]:
+            gm.graph.erase_node(dead)
+        folded += 1
+    gm.graph.lint()
+    gm.recompile()
+    return folded
 
 
 class Int8Rewriter:
@@ -284,17 +321,19 @@ def quantize(gm: fx.GraphModule, config: QuantConfig, calibration, budget, metri
     DeadCodeElimination()(gm)
     kept = [s for s in sites if s.new is not None]
     fused = fuse_epilogues(gm)
+    fused["requantize"] = fold_requantize(gm)
     for s in kept:
         record.add_match(s.node)
     before = sum(4 * s.weight.numel() for s in kept)
     after = sum(s.weight.numel() + 4 * s.weight.shape[0] for s in kept)
     record.notes.append(guard.summary())
     if kept:
-        one = sum(1 for n in gm.graph.nodes if n.target is torch.ops.effopt.int8_linear.default)
+        one = sum(1 for n in gm.graph.nodes if n.target is INT8_LINEAR)
         record.notes.append(f"{len(kept)} int8 layer(s); weights {before / 2 ** 20:.2f} -> {after / 2 ** 20:.2f} MB; "
                             f"{one} as one quantize-GEMM-dequantize kernel"
                             + (f" with {fused['activation']} activation(s) and {fused['residual']} residual add(s) "
-                               "fused in" if config.fuse else " (fuse off)"))
+                               f"fused in; {fused['requantize']} dequantize-quantize pair(s) folded into a requantize"
+                               if config.fuse else " (fuse off)"))
     smoothed = [s.name for s in kept if s.name in rewriter.smoothed]
     if smoothed:
         record.notes.append(f"SmoothQuant (alpha {config.smooth:g}) on {len(smoothed)} layer(s) over budget as plain "
@@ -376,8 +415,10 @@ def pt2e_int8(gm: fx.GraphModule) -> PassRecord:
     if record.matches:
         DeadCodeElimination()(gm)
         fused = fuse_epilogues(gm)
+        folded = fold_requantize(gm)
         record.notes.append(f"{record.matches} PT2E-quantized linear(s) run as int8 GEMMs; "
-                            f"{fused['activation']} activation(s) and {fused['residual']} residual add(s) fused in")
+                            f"{fused['activation']} activation(s) and {fused['residual']} residual add(s) fused in; "
+                            f"{folded} dequantize-quantize pair(s) folded into a requantize")
     gm.graph.lint()
     gm.recompile()
     record.seconds = time.perf_counter() - t0
@@ -388,4 +429,4 @@ def pt2e_int8(gm: fx.GraphModule) -> PassRecord:
 def has_pt2e_ops(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and getattr(n.target, "namespace", None) == "quantized_decomposed"
                for n in gm.graph.nodes)
-__all__ = ["QuantConfig", "Int8Rewriter", "quantize", "calibrate", "pt2e_int8", "has_pt2e_ops", "MODES"]
+__all__ = ["QuantConfig", "Int8Rewriter", "quantize", "calibrate", "pt2e_int8", "has_pt2e_ops", "fold_requantize", "fuse_epilogues", "MODES"]

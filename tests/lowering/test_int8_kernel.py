@@ -19,7 +19,7 @@ def _case(m, n, k, seed=0):
     return x, wq, ws, torch.randn(n, generator=g), torch.randn(m, n, generator=g)
 
 
-def _build(m, n, k, scale, quant, activation, bias, residual, smooth=False):
+def _build(m, n, k, scale, quant, activation, bias, residual, smooth=False, x_dtype="float32", out_quant=None):
     from effopt.lowering.eager import build_function
 
     def body(bb, x, p, s, st, *rest):
@@ -27,9 +27,9 @@ def _build(m, n, k, scale, quant, activation, bias, residual, smooth=False):
         sm = rest.pop() if smooth else None
         b = rest[0] if bias else None
         r = rest[-1] if residual else None
-        return int8.emit(bb, x, p, s, st, b, r, k, scale, *quant, activation, sm)
+        return int8.emit(bb, x, p, s, st, b, r, k, scale, *quant, activation, sm, out_quant)
 
-    types = [((m, k), "float32"), ((n // 16, (k + 3) // 4, 16, 4), "int8"), ((n,), "int32"), ((n,), "float32")]
+    types = [((m, k), x_dtype), ((n // 16, (k + 3) // 4, 16, 4), "int8"), ((n,), "int32"), ((n,), "float32")]
     types += [((n,), "float32")] * bias + [((m, n), "float32")] * residual + [((k,), "float32")] * smooth
     return build_function(body, *types)
 
@@ -58,6 +58,26 @@ def test_fused_kernel_is_exact(m, n, k, quant, activation, bias, residual, smoot
     assert torch.equal(got, ref), (got - ref).abs().max()
 
 
+@pytest.mark.parametrize("m, n, k", [(7, 48, 50), (256, 384, 1536)])
+@pytest.mark.parametrize("prequantized", [False, True])
+def test_requantized_output_and_input_are_exact(m, n, k, prequantized):
+    """A folded dequantize -> quantize pair: the kernel's output requantized to uint8 for the next int8
+    linear, and a kernel that takes such a uint8 input (with its static scale) instead of quantizing."""
+    x, wq, ws, b, r = _case(m, n, k, seed=4)
+    out = (0.05, 3, 0, 255)  # PT2E-style affine uint8 output: scale, zero point, range
+    if prequantized:
+        x = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    packed, wsum = int8_ops.pack_weight(wq, 3)
+    got = torch.from_dlpack(_build(m, n, k, 0.02, (3, 0, 255), "relu", True, True, x_dtype=str(x.dtype)[6:],
+                                   out_quant=out)(x, packed, wsum, ws, b, r))
+    ref = int8_ops.int8_linear_fused_ref(x, packed, wsum, ws, b, 0.02, 3, 0, 255, k, "relu", r, None, *out)
+    assert got.dtype == ref.dtype == torch.uint8 and torch.equal(got, ref)
+    assert 0 < int(ref.min()) or int(ref.max()) < 255 or ref.unique().numel() > 2  # not a saturated output
+    eager = int8_ops.int8_linear(x, packed, wsum, ws, b, 0.02, 3, 0, 255, k, "relu", r, None, *out)
+    off = (eager.int() - ref.int()).abs()
+    assert int(off.max()) <= 1 and off.float().mean() < 0.01  # the eager form rounds the multiply-add twice
+
+
 def test_fused_kernel_gelu_and_the_ops_eager_form_agree_with_the_reference():
     m, n, k = 37, 96, 384
     x, wq, ws, b, r = _case(m, n, k, seed=1)
@@ -67,7 +87,8 @@ def test_fused_kernel_gelu_and_the_ops_eager_form_agree_with_the_reference():
         ref = int8_ops.int8_linear_fused_ref(x, packed, wsum, ws, b, None, *int8_ops.SYMMETRIC, k, act, r)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)  # erf/tanh: TVM's against torch's
     # the op's eager form (torch's int8 GEMM): the same integers, the multiply-add rounded twice
-    eager = int8_ops.int8_linear(x, packed, wsum, ws, b, None, *int8_ops.SYMMETRIC, k, "relu", r, None)
+    eager = int8_ops.int8_linear(x, packed, wsum, ws, b, None, *int8_ops.SYMMETRIC, k, "relu", r, None, None,
+                                 *int8_ops.SYMMETRIC)
     ref = int8_ops.int8_linear_fused_ref(x, packed, wsum, ws, b, None, *int8_ops.SYMMETRIC, k, "relu", r)
     torch.testing.assert_close(eager, ref, rtol=1e-6, atol=1e-5)
     # and the whole: what the quantize pass's oracle computes, layer for layer

@@ -94,7 +94,8 @@ def test_dynamic_int8_matches_the_integer_oracle_and_runs_int8_gemms():
     quantizers = [k for k in report.lowering.kernels if "quantize_rows" in k.ops]
     assert len(quantizers) == 1 and quantizers[0].choice == "tvm"
     # each MLP's GELU, and the residual add after attn.proj and mlp.2, are in their kernels
-    assert "8 as one quantize-GEMM-dequantize kernel with 2 activation(s) and 4 residual add(s)" in str(rec)
+    assert "8 as one quantize-GEMM-dequantize kernel with 2 activation(s) and 4 residual add(s) fused in; 0 " \
+        "dequantize-quantize pair(s) folded" in str(rec)  # dynamic scales: nothing to fold
     assert_same_as_eager(got, ref)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert not torch.equal(got, exact) and F.cosine_similarity(got.flatten(), exact.flatten(), dim=0) > 0.999
@@ -104,10 +105,17 @@ def test_static_int8_uses_scales_calibrated_on_the_calibration_inputs():
     model, x = _model()
     cal = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     with torch.no_grad():
-        got = compile_effopt(model, quantize={"mode": "static", "layers": "mlp"}, calibration=cal)(x)
+        got = compile_effopt(model, quantize={"mode": "static", "layers": "mlp"}, calibration=cal,
+                             kernel_choice="tvm")(x)
         ref = quantized(model, ["blocks.0.mlp.0", "blocks.0.mlp.2", "blocks.1.mlp.0", "blocks.1.mlp.2"],
                         input_scales(model, LINEARS, cal))(x)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # each mlp.0 (with its GELU) hands mlp.2 uint8 values quantized with mlp.2's scale: one requantize
+    report = effopt.last_report()
+    rec = next(r for r in report.passes if r.name == "quantize_int8")
+    assert "2 dequantize-quantize pair(s) folded into a requantize" in str(rec)
+    fused = [k for k in report.lowering.kernels if "int8_linear" in k.ops]
+    assert len(fused) == 4 and all(k.choice == "tvm" for k in fused)
 
 
 def test_guard_keeps_layers_with_activation_outliers_in_float():
@@ -228,6 +236,8 @@ def test_pt2e_quantized_models_run_as_int8_gemms():
     assert rec.matches == 2 and not report.lowering.library_calls.get("_int_mm")
     fused = [k for k in report.lowering.kernels if "int8_linear" in k.ops]
     assert len(fused) == 2 and all(k.choice == "tvm" for k in fused)
+    # the GELU in the first kernel, and the first kernel's output requantized for the second
+    assert "1 activation(s) and 0 residual add(s) fused in; 1 dequantize-quantize pair(s) folded" in str(rec)
     assert not report.lowering.fallbacks, report.lowering.fallbacks  # no quantized_decomposed op left to eager
     assert_same_as_eager(got, ref)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)  # the same integers; float rounding only

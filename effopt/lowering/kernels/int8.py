@@ -75,13 +75,32 @@ def _load(X, XS, m, k, smooth: bool):
     return XS[m, k] if smooth else X[m, k]
 
 
+def _f32(v: float) -> float:
+    import numpy as np
+
+    return float(np.float32(v))
+
+
+def _out(v, quant):
+    """The kernel's output value: float, or uint8 requantized for the next int8 linear (quant: (inv, offset,
+    lo, hi))."""
+    if quant is None:
+        return v
+    inv, offset, lo, hi = quant
+    return T.Cast("uint8", T.max(T.min(T.nearbyint(v * T.float32(inv)) + T.float32(offset), T.float32(hi)),
+                                 T.float32(lo)))
+
+
 def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: int, hi: int, activation: str,
-                residual: bool, smooth: bool = False):
+                residual: bool, smooth: bool = False, prequantized: bool = False, out_quant=None):
     """(x [M, K] float32, packed [N/16, K/4, 16, 4] int8, wsum [N] int32, w_step [N], bias [N], residual
     [M, N] (or [1, 1], unread), smooth [K] (or [1], unread)) -> y [M, N] float32. With smooth, x * smooth
     (SmoothQuant's per-channel 1 / s) is quantized instead of x, through a scratch copy (so that LLVM's
-    reassociation cannot merge the two multiplies, and the rounding stays the reference's). Activations become uint8 clamp(nearbyint(x * inv) +
-    offset, lo, hi): per token symmetric (scale None; offset 128, [1, 255]) or affine with a fixed scale."""
+    reassociation cannot merge the two multiplies, and the rounding stays the reference's). Activations
+    become uint8 clamp(nearbyint(x * inv) + offset, lo, hi): per token symmetric (scale None; offset 128,
+    [1, 255]) or affine with a fixed scale. `prequantized`: x is that uint8 already (the int8 linear
+    before requantized its output with this scale). `out_quant` (scale, offset, lo, hi): y is requantized
+    to uint8 for the next int8 linear instead of stored as float."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"int8 linear activation={activation!r}; valid: {list(ACTIVATIONS)}")
     K4 = (K + 3) // 4
@@ -92,24 +111,25 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
     dynamic = scale is None
     RM, RN = (M, N) if residual else (1, 1)
     SK, XM, XK = (K, M, K) if smooth else (1, 1, 1)
-    inv_c, step_c = (1.0, 1.0) if dynamic else (1.0 / scale, scale)
-    import numpy as np
-
-    inv_c, step_c = float(np.float32(inv_c)), float(np.float32(step_c))
+    inv_c, step_c = (1.0, 1.0) if dynamic else (_f32(1.0 / scale), _f32(scale))
+    if prequantized and (dynamic or smooth):
+        raise ValueError("a pre-quantized int8 linear input has a static scale and no smoothing")
+    oq = None if out_quant is None else (_f32(1.0 / out_quant[0]), *out_quant[1:])
+    x_t, y_t = ("uint8" if prequantized else "float32"), ("float32" if out_quant is None else "uint8")
     vnni = "llvm.x86.avx512.vpdpbusd.512"
 
     @T.prim_func(private=True, s_tir=True)
     def int8_linear(x_h: T.handle, w_h: T.handle, ws_h: T.handle, s_h: T.handle, b_h: T.handle, r_h: T.handle,
                     sm_h: T.handle, y_h: T.handle):
         T.func_attr(_ATTRS)
-        X = T.match_buffer(x_h, (M, K), "float32")
+        X = T.match_buffer(x_h, (M, K), x_t)
         W = T.match_buffer(w_h, (N // LANES, K4, LANES, 4), "int8")
         WSUM = T.match_buffer(ws_h, (N,), "int32")
         S = T.match_buffer(s_h, (N,), "float32")
         B = T.match_buffer(b_h, (N,), "float32")
         R = T.match_buffer(r_h, (RM, RN), "float32")  # [1, 1] and unread without a residual
         SM = T.match_buffer(sm_h, (SK,), "float32")
-        Y = T.match_buffer(y_h, (M, N), "float32")
+        Y = T.match_buffer(y_h, (M, N), y_t)
         with T.sblock("root"):
             XQ = T.alloc_buffer((MP, 4 * K4), "uint8")
             STEP = T.alloc_buffer((MP,), "float32")
@@ -138,9 +158,13 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
                     else:
                         inv[0] = T.float32(inv_c)
                         STEP[m] = T.float32(step_c)
-                    for k in T.vectorized(K):
-                        XQ[m, k] = T.Cast("uint8", T.max(T.min(T.nearbyint(_load(X, XS, m, k, smooth) * inv[0]) + T.float32(offset),
-                                                               T.float32(hi)), T.float32(lo)))
+                    if prequantized:
+                        for k in T.vectorized(K):
+                            XQ[m, k] = X[m, k]
+                    else:
+                        for k in T.vectorized(K):
+                            XQ[m, k] = T.Cast("uint8", T.max(T.min(T.nearbyint(_load(X, XS, m, k, smooth) * inv[0])
+                                                                   + T.float32(offset), T.float32(hi)), T.float32(lo)))
                     for k in range(K, 4 * K4):  # padding: its weights are 0
                         XQ[m, k] = T.uint8(0)
                 else:
@@ -172,9 +196,9 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
                                     v = T.meta_var(T.Cast("float32", acc[i, j * LANES + l] - WSUM[n])
                                                    * (STEP[m] * S[n]) + B[n])
                                     if residual:
-                                        Y[m, n] = _act(v, activation) + R[m, n]
+                                        Y[m, n] = _out(_act(v, activation) + R[m, n], oq)
                                     else:
-                                        Y[m, n] = _act(v, activation)
+                                        Y[m, n] = _out(_act(v, activation), oq)
 
     return int8_linear
 
@@ -194,7 +218,7 @@ def supported(target) -> str | None:
 
 
 def emit(bb: relax.BlockBuilder, x, packed, wsum, w_step, bias, residual, k: int, scale: float | None,
-         offset: int, lo: int, hi: int, activation: str, smooth=None) -> relax.Expr:
+         offset: int, lo: int, hi: int, activation: str, smooth=None, out_quant=None) -> relax.Expr:
     """y [..., N] = int8_linear(x [..., K]) as one call of the kernel above."""
     xs = [static(d, _OP, "every dim of x") for d in dims(x, _OP, "x")]
     m = 1
@@ -209,7 +233,9 @@ def emit(bb: relax.BlockBuilder, x, packed, wsum, w_step, bias, residual, k: int
     r = bb.emit(relax.op.reshape(residual, [m, n])) if residual is not None else \
         relax.op.zeros(relax.ShapeExpr([1, 1]), "float32")
     sm = smooth if smooth is not None else relax.op.zeros(relax.ShapeExpr([1]), "float32")
-    func = linear_func(m, n, k, scale, offset, lo, hi, activation, residual is not None, smooth is not None)
+    prequantized = str(x.ty.dtype) == "uint8"
+    func = linear_func(m, n, k, scale, offset, lo, hi, activation, residual is not None, smooth is not None,
+                       prequantized, out_quant)
     y = bb.emit(relax.call_tir(bb.add_func(func, "int8_linear"), [x2, packed, wsum, w_step, b, r, sm],
-                               relax.TensorType([m, n], "float32")))
+                               relax.TensorType([m, n], "float32" if out_quant is None else "uint8")))
     return bb.emit(relax.op.reshape(y, [*xs[:-1], n]))
