@@ -36,6 +36,7 @@ bench: setup
 	$(PY) benchmarks/token_reduction.py
 	$(PY) benchmarks/shift.py
 	$(PY) benchmarks/shift_add.py
+	$(PY) benchmarks/int8_kernel.py
 	$(PY) benchmarks/quantize.py
 
 clean:

@@ -243,3 +243,34 @@ def test_pt2e_quantized_models_run_as_int8_gemms():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)  # the same integers; float rounding only
     with torch.no_grad():
         assert not torch.allclose(got, model(x), atol=1e-4)  # and it is the quantized model, not the float one
+
+
+def test_batchnorm_folds_into_the_linear_before_it_is_quantized():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.BatchNorm1d(64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 32)).eval()
+    with torch.no_grad():  # running statistics away from the identity
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.normal_()
+    x = torch.randn(16, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", EffoptAccuracyWarning)
+        got = compile_effopt(model, quantize="int8-dynamic", kernel_choice="tvm")(x)
+    report = effopt.last_report()
+    names = [r.name for r in report.passes]
+    assert names.index("fold_batchnorm") < names.index("quantize_int8")
+    assert next(r for r in report.passes if r.name == "fold_batchnorm").matches == 1
+    rec = next(r for r in report.passes if r.name == "quantize_int8")
+    assert rec.matches == 2 and "with 1 activation(s)" in str(rec)  # the ReLU, after the folded BN
+    assert not any("batch_norm" in op for k in report.lowering.kernels for op in k.ops)
+    # the oracle: BN folded by hand (fold_bn's arithmetic), then both linears as int8
+    lin, bn = model[0], model[1]
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    w = (lin.weight.t() * scale[None, :]).t()
+    b = lin.bias * scale + (bn.bias - bn.running_mean * scale)
+    with torch.no_grad():
+        h = torch.relu(int8_ops.int8_linear_ref(x, *int8_ops.quantize_weight(w), b, None))
+        ref = int8_ops.int8_linear_ref(h, *int8_ops.quantize_weight(model[3].weight), model[3].bias, None)
+    assert_same_as_eager(got, ref)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
