@@ -7,7 +7,7 @@ STAMP := $(VENV)/.effopt-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean browser
 
 $(STAMP): pyproject.toml requirements.txt constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,16 @@ setup: $(STAMP)
 demo: setup
 	$(PY) examples/quickstart.py
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q tests
+
+# a headless browser for the HTML report's rendering test: Debian's chromium, installed when this runs as
+# root with apt; otherwise that one test is skipped (and says why)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  chromium >/dev/null 2>&1) && echo "installed chromium (HTML report test)"; } || \
+	  echo "chromium not available: the HTML rendering test will be skipped"
 
 bench: setup
 	$(PY) benchmarks/backend.py

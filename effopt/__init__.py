@@ -7,7 +7,11 @@ from .report import last_report  # noqa: E402
 from .moe import moe_loss  # noqa: E402
 from .reparameterize import attention_parameters, reparameterize, shift_parameters  # noqa: E402
 from .token_view import draw_token_merges, token_sources  # noqa: E402
+from .inspect import explain  # noqa: E402
+from . import logs as _logs  # noqa: E402
+
+_logs.configure()  # EFFOPT_LOG=passes,lowering,guard
 
 __all__ = ["backend", "effopt_backend", "Options", "KernelChoice", "last_report", "reparameterize", "attention_parameters",
            "shift_parameters", "moe_loss",
-           "token_sources", "draw_token_merges", "__version__"]
+           "token_sources", "draw_token_merges", "explain", "__version__"]

@@ -14,6 +14,7 @@ from .lowering import EffoptFallbackWarning
 from .options import Options
 from .passes.approximate import AttentionConfig
 from .passes import default_pass_manager
+from .logs import log_lowering, log_record
 from .report import Report, set_last_report
 
 _warned_training = False
@@ -41,14 +42,28 @@ class CompiledGraph:
         self._build(real_inputs)
 
     def _build(self, args) -> None:
+        from .inspect.stats import graph_stats, tag_new_nodes
+
         gm = capture.copy_graph_module(self.aten_gm)
         values = {i: args[i] for i in self.frozen}
         capture.freeze(gm, values)
-        gm, records = default_pass_manager(self.options.disable_passes).run(gm)
+        before = {"code": gm.code, "stats": graph_stats(gm)}
+        seen: set = set()
+        tag_new_nodes(gm, seen, None)
+        records = []
+
+        def tagged(record):  # the nodes this pass added carry its name (the report highlights them)
+            record.added = tag_new_nodes(gm, seen, record.name)
+            record.removed = record.nodes_before + record.added - record.nodes_after
+            log_record(record)
+            records.append(record)
+
+        for p in default_pass_manager(self.options.disable_passes).passes:
+            tagged(p(gm))
         from .passes.quantize import has_pt2e_ops, pt2e_int8
 
         if has_pt2e_ops(gm):  # a model quantized with PT2E: its int8 linears run as int8
-            records.append(pt2e_int8(gm))
+            tagged(pt2e_int8(gm))
         if self.options.approximate or _has_trained_shift(gm):
             from .passes.approximate import approximate_attention
             from .passes.shift_add import shift_add
@@ -60,26 +75,26 @@ class CompiledGraph:
             if self.options.tokens is not None:
                 gm, rec = token_reduction(gm, self.options.tokens, examples, cal, self.options.accuracy_budget,
                                           self.options.metric)
-                records.append(rec)
+                tagged(rec)
             if str(self.options.attention) != "exact":
-                records.append(approximate_attention(gm, AttentionConfig.parse(self.options.attention), examples,
-                                                     cal, self.options.accuracy_budget, self.options.metric))
+                tagged(approximate_attention(gm, AttentionConfig.parse(self.options.attention), examples,
+                                             cal, self.options.accuracy_budget, self.options.metric))
             if self.options.shift_add is not None or _has_trained_shift(gm):
-                records.append(shift_add(gm, self.options.shift_add, cal, self.options.accuracy_budget,
-                                         self.options.metric))
+                tagged(shift_add(gm, self.options.shift_add, cal, self.options.accuracy_budget, self.options.metric))
             if self.options.quantize is not None:
                 from .passes.quantize import quantize
 
-                records.append(quantize(gm, self.options.quantize, cal, self.options.accuracy_budget,
-                                        self.options.metric))
+                tagged(quantize(gm, self.options.quantize, cal, self.options.accuracy_budget, self.options.metric))
+        after = {"code": gm.code, "stats": graph_stats(gm), "graph": capture.copy_graph_module(gm)}
         lowering = None
         if self.options.lower:
             from .lowering import lower
 
             gm, lowering = lower(gm, self.options)
+            log_lowering(lowering)
         self.runtime = gm
         self.guards = [(i, t.data_ptr(), _version(t), t.shape) for i, t in values.items()]
-        self.report = Report(records, lowering, gm)
+        self.report = Report(records, lowering, gm, before=before, after=after)
         set_last_report(self.report)
 
     def _stale(self, args) -> bool:

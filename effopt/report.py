@@ -1,31 +1,143 @@
-"""The record of the last compile: pass records, lowering decisions, fallbacks."""
+"""The report of a compile: pass records, the graph before and after the passes, lowering decisions and
+fallbacks, and (from effopt.explain) a profile on the example inputs; as text, JSON and an HTML page."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import json
+import textwrap
+from dataclasses import dataclass, field
 from typing import Any
 
 _LAST: list = [None]
+_COLLECTING: list[list] = []
+WIDTH = 100  # the text form's line width
 
 
 @dataclass
 class Report:
     passes: list
     lowering: Any
-    graph: Any
+    graph: Any  # the compiled GraphModule (TVM regions as submodules)
+    before: dict | None = None  # {"code", "stats"} of the captured ATen graph
+    after: dict | None = None  # {"code", "stats", "graph"} after the passes, before lowering
+    profile: list[dict] | None = None  # effopt.explain: median ms per TVM region / library call / eager op
+    images: dict[str, bytes | None] = field(default_factory=dict)  # PNGs (token merges)
+    notes: list[str] = field(default_factory=list)
+    compile_seconds: float | None = None
 
+    # ---- text --------------------------------------------------------------------------------------
     def __str__(self) -> str:
-        lines = ["effopt report", "passes:"]
-        lines += [f"  {r}" for r in self.passes]
+        lines = [self.headline(), "passes:"]
+        lines += [f"  {line}" for r in self.passes if r.matches or r.notes for line in str(r).splitlines()]
+        quiet = [r.name for r in self.passes if not (r.matches or r.notes)]
+        if quiet:
+            lines.append(f"  no matches: {', '.join(quiet)}")
+        if self.before and self.after:
+            lines.append("graph: " + _stats_change(self.before["stats"], self.after["stats"]))
         if self.lowering is not None:
-            lines.append(str(self.lowering))
-        return "\n".join(lines)
+            lines += str(self.lowering).splitlines()
+            lines += [f"  eager region {r['region']} ({', '.join(r['ops'][:4])}): {r['reason']}"
+                      for r in self.lowering.eager_regions]
+        if self.profile:
+            total = sum(p["ms"] for p in self.profile)
+            top = sorted(self.profile, key=lambda p: -p["ms"])[:5]
+            lines.append(f"profile on the example inputs: {total:.2f} ms in {len(self.profile)} kernels and ops; "
+                         "slowest:")
+            lines += [f"  {p['ms']:8.3f} ms  {p['kind']:7s} {', '.join(p['ops'][:4])}" for p in top]
+        lines += self.notes
+        return "\n".join(_wrap(lines))
+
+    def headline(self) -> str:
+        rewrites = sum(r.matches for r in self.passes)
+        low = self.lowering
+        tail = ""
+        if low is not None:
+            tvm = sum(k.choice == "tvm" for k in low.kernels)
+            tail = (f"; {tvm} TVM kernel(s), {sum(low.library_calls.values())} library call(s), "
+                    f"{sum(len(v) for v in low.fallbacks.values())} op(s) in eager")
+        return f"effopt report: {rewrites} rewrite(s) by {sum(bool(r.matches) for r in self.passes)} pass(es){tail}"
 
     def rewrites(self) -> dict[str, int]:
         return {r.name: r.matches for r in self.passes}
 
+    # ---- JSON --------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        low = self.lowering
+        return {
+            "passes": [_record_dict(r) for r in self.passes],
+            "graph_before": self.before["stats"] if self.before else None,
+            "graph_after": self.after["stats"] if self.after else None,
+            "lowering": None if low is None else {
+                "target": low.target, "seconds": low.seconds, "cache_hit": low.cache_hit,
+                "kernels": [{"name": k.name, "ops": k.ops, "choice": k.choice, "tvm_us": k.tvm_us,
+                             "eager_us": k.eager_us, "reason": k.reason, "schedule": k.schedule}
+                            for k in low.kernels],
+                "library_calls": low.library_calls, "fallbacks": low.fallbacks,
+                "eager_regions": low.eager_regions},
+            "profile": self.profile,
+            "notes": self.notes,
+            "compile_seconds": self.compile_seconds,
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=str)
+
+    # ---- HTML --------------------------------------------------------------------------------------
+    def to_html(self) -> str:
+        from .inspect.html import render
+
+        return render(self)
+
+    def save_html(self, path: str) -> str:
+        """A self-contained page (no network fetches: styles, drawings and pictures inline)."""
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_html())
+        return path
+
+
+def _record_dict(r) -> dict:
+    g = r.guard
+    return {"name": r.name, "matches": r.matches, "locations": r.locations, "nodes_before": r.nodes_before,
+            "nodes_after": r.nodes_after, "nodes_added": r.added, "nodes_removed": r.removed, "seconds": r.seconds, "notes": r.notes, "tokens": r.tokens,
+            "layers": r.layers,
+            "guard": None if g is None else {"metric": g.metric, "budget": g.budget, "loss": g.loss, "kept": g.kept,
+                                             "rolled_back": g.rolled_back, "evaluations": g.evaluations}}
+
+
+def _mega(v: float) -> str:
+    return f"{v / 1e9:.2f} G" if v >= 1e9 else f"{v / 1e6:.1f} M"
+
+
+def _stats_change(a: dict, b: dict) -> str:
+    return (f"{a['nodes']} -> {b['nodes']} ops; MACs {_mega(a['macs'])} -> {_mega(b['macs'])} (float "
+            f"multiplications {_mega(a['float_macs'])} -> {_mega(b['float_macs'])}); weights "
+            f"{a['weight_bytes'] / 2 ** 20:.2f} -> {b['weight_bytes'] / 2 ** 20:.2f} MB")
+
+
+def _wrap(lines: list[str]) -> list[str]:
+    out = []
+    for line in lines:
+        indent = " " * (len(line) - len(line.lstrip()))
+        out += textwrap.wrap(line, WIDTH, subsequent_indent=indent + "    ", break_long_words=True,
+                             break_on_hyphens=False) or [""]
+    return out
+
 
 def set_last_report(report: Report) -> None:
     _LAST[0] = report
+    for sink in _COLLECTING:
+        sink.append(report)
+
+
+@contextlib.contextmanager
+def collect_reports():
+    """The reports of every graph compiled inside the block (a model with graph breaks has several)."""
+    sink: list = []
+    _COLLECTING.append(sink)
+    try:
+        yield sink
+    finally:
+        _COLLECTING.remove(sink)
 
 
 def last_report() -> Report | None:

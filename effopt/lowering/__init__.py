@@ -5,6 +5,7 @@ Only this package and autotune/ import TVM.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import shutil
 import tempfile
@@ -36,6 +37,9 @@ class KernelRecord:
     tvm_us: float | None = None
     eager_us: float | None = None
     reason: str = ""
+    relax: str = ""  # the region as a Relax function (TVMScript), for the inspection report
+    kernel: str = ""  # the compiled kernel it calls (structurally equal regions share one)
+    schedule: str = "default"  # "default": effopt's default schedules and pre-scheduled kernels (no tuning yet)
 
 
 @dataclass
@@ -45,6 +49,18 @@ class LoweringRecord:
     library_calls: dict[str, int] = field(default_factory=dict)
     gemms: list[dict] = field(default_factory=list)
     fallbacks: dict[str, list[str]] = field(default_factory=dict)
+    eager_regions: list[dict] = field(default_factory=list)  # regions TVM could not take: their ops and why
+    tir: dict[str, str] = field(default_factory=dict)  # effopt's custom TIR kernels by name (TVMScript)
+    modules: dict = field(default_factory=dict, repr=False)  # kernel name -> its IRModule (for kernel_tir)
+    _tvm_target: object = field(default=None, repr=False)
+
+    def kernel_tir(self, kernel: str) -> str:
+        """The scheduled TIR that kernel `kernel` (a KernelRecord.kernel) compiles to, computed on demand."""
+        from .build import scheduled_tir
+
+        if kernel not in self.modules:
+            raise KeyError(f"no kernel {kernel!r}; kernels: {sorted(self.modules)}")
+        return scheduled_tir(self.modules[kernel], self._tvm_target)
     unique_kernels: int = 0
     cache_hit: bool = False
     parallel: str = ""  # "omp": TVM's parallel loops run on torch's OpenMP threads; "serial": on one thread
@@ -85,7 +101,7 @@ def _tolerances(graph: fx.Graph):
 
 def _region_ops(graph: fx.Graph) -> list[str]:
     return [n.target._opname if isinstance(n.target, torch._ops.OpOverload) else str(n.target)
-            for n in graph.nodes if n.op == "call_function"]
+            for n in graph.nodes if n.op == "call_function" and n.target is not operator.getitem]
 
 
 def _warn_fallbacks(gm, record: LoweringRecord):
@@ -161,7 +177,7 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     regions = partition(gm)
 
     # Convert each region; structurally equal regions (the same block repeated) share one kernel.
-    funcs, region_fn, converted = {}, {}, {}
+    funcs, region_fn, converted, script_of = {}, {}, {}, {}
     kernels: dict = {}  # custom PrimFuncs (effopt's own ops), shared by every region's function
     custom: dict = {}  # the same as {GlobalVar: PrimFunc}, filled as regions are converted
     for i, region in enumerate(regions):
@@ -171,14 +187,20 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
         except Exception as e:  # noqa: BLE001 - Unsupported, or TVM's own error types
             warnings.warn(f"effopt: region {i} ({', '.join(_region_ops(graph))}) stays in eager PyTorch: {e}",
                           EffoptFallbackWarning, stacklevel=2)
+            record.eager_regions.append({"region": i, "ops": _region_ops(graph), "reason": str(e)})
             continue
         custom.update({gv: f for gv, f in kernels.values()})
-        fkey = make_key(conv.func.script())
+        script = conv.func.script()
+        fkey = make_key(script)
+        script_of[fkey] = script
         if fkey not in funcs:  # named by content, so a cached library maps names to the same kernels
             kname = f"k_{fkey[:16]}"
             funcs[fkey] = (kname, conv.func.with_attr("global_symbol", kname), custom)
         region_fn[i], converted[i] = fkey, (graph, conv)
     record.unique_kernels = len(funcs)
+    record.tir = {gv.name_hint: f.script() for gv, f in kernels.values()}
+    record.modules = {entry[0]: _module([entry]) for entry in funcs.values()}
+    record._tvm_target = target
     if not funcs:
         record.seconds = time.perf_counter() - t0
         return gm, record
@@ -233,7 +255,7 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
         c = choices[fkey]
         name = f"tvm_region{i}"
         record.kernels.append(KernelRecord(name, _region_ops(graph), "tvm" if c.use_candidate else "eager",
-                                           c.candidate_us, c.baseline_us, c.reason))
+                                           c.candidate_us, c.baseline_us, c.reason, script_of[fkey], kname))
         if c.use_candidate:  # regions that lose stay inline in the graph, as plain torch ops
             replace_region(gm, region, name, kernel, replaced)
     topological_sort(gm.graph)

@@ -48,19 +48,31 @@ def _all_float32(mod) -> bool:
     return all(d == "float32" for d in found)
 
 
+def _to_scheduled_tir(target) -> list:
+    """Relax ops -> fused TIR kernels with effopt's default schedules."""
+    return [fast_math_float32,
+            relax.transform.LegalizeOps(customize_legalize_map=LEGALIZE_OVERRIDES),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            relax.transform.DeadCodeElimination(),
+            default_schedule_pass(target)]
+
+
+def scheduled_tir(mod: tvm.IRModule, target) -> str:
+    """The TIR kernels `mod` compiles to, with their schedules (TVMScript), for the inspection report."""
+    with target:
+        out = tvm.transform.Sequential(_to_scheduled_tir(target))(mod)
+    return "\n".join(f.script() for _, f in out.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+
+
 def relax_pipeline(target) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="EffoptRelaxPipeline")
     def _pipeline(mod, ctx):
         with target:
             seq = tvm.transform.Sequential([
-                fast_math_float32,
-                relax.transform.LegalizeOps(customize_legalize_map=LEGALIZE_OVERRIDES),
-                relax.transform.AnnotateTIROpPattern(),
-                relax.transform.FoldConstant(),
-                relax.transform.FuseOps(),
-                relax.transform.FuseTIR(),
-                relax.transform.DeadCodeElimination(),
-                default_schedule_pass(target),
+                *_to_scheduled_tir(target),
                 *cpu_pipeline.dataflow_lower_passes(target),
                 *cpu_pipeline.finalize_passes(target),
             ])

@@ -30,6 +30,8 @@ class PassRecord:
     guard: object = None  # the accuracy guard's result, for approximate passes (effopt.guard.GuardResult)
     tokens: list[int] = field(default_factory=list)  # token reduction: tokens entering each block, then at the end
     layers: list[dict] = field(default_factory=list)  # shift_add: per rewritten layer, what it saves
+    added: int | None = None  # nodes the pass added and removed (the backend counts them for the report)
+    removed: int | None = None
 
     def add_match(self, node: fx.Node | None = None) -> None:
         self.matches += 1
@@ -39,7 +41,8 @@ class PassRecord:
 
     def __str__(self) -> str:
         where = f" at {', '.join(self.locations[:3])}" + (" ..." if len(self.locations) > 3 else "") if self.locations else ""
-        return (f"{self.name}: {self.matches} match(es){where}; nodes {self.nodes_before} -> {self.nodes_after}"
+        change = f" (+{self.added} -{self.removed})" if self.added is not None else ""
+        return (f"{self.name}: {self.matches} match(es){where}; nodes {self.nodes_before} -> {self.nodes_after}{change}"
                 f" ({self.seconds * 1e3:.1f} ms)" + "".join(f"\n    {n}" for n in self.notes)
                 + "".join(f"\n    {_layer_line(d)}" for d in self.layers))
 
