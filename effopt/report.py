@@ -40,12 +40,22 @@ class Report:
                       for r in self.lowering.eager_regions]
         if self.profile:
             total = sum(p["ms"] for p in self.profile)
-            top = sorted(self.profile, key=lambda p: -p["ms"])[:5]
             lines.append(f"profile on the example inputs: {total:.2f} ms in {len(self.profile)} kernels and ops; "
-                         "slowest:")
-            lines += [f"  {p['ms']:8.3f} ms  {p['kind']:7s} {', '.join(p['ops'][:4])}" for p in top]
+                         "where the time goes:")
+            lines += [f"  {g['ms']:8.3f} ms {100 * g['ms'] / total:5.1f}%  {g['calls']:3d} x {g['kind']:7s} {g['ops']}"
+                      for g in self.profile_by_op()[:6]]
         lines += self.notes
         return "\n".join(_wrap(lines))
+
+    def profile_by_op(self) -> list[dict]:
+        """The profile summed per kind and op list (a TVM region by its ops), slowest first."""
+        groups: dict = {}
+        for p in self.profile or []:
+            key = (p["kind"], ", ".join(p["ops"][:4]) + (" ..." if len(p["ops"]) > 4 else ""))
+            g = groups.setdefault(key, {"kind": key[0], "ops": key[1], "calls": 0, "ms": 0.0})
+            g["calls"] += 1
+            g["ms"] += p["ms"]
+        return sorted(groups.values(), key=lambda g: -g["ms"])
 
     def headline(self) -> str:
         rewrites = sum(r.matches for r in self.passes)

@@ -155,8 +155,11 @@ def _profile(report) -> str:
     table = _table(["node", "runs on", "ops", "ms", "share"],
                    [[_e(p["node"]), p["kind"], _e(", ".join(p["ops"][:6])), f"{p['ms']:.3f}",
                      f"{100 * p['ms'] / total:.1f}%"] for p in rows], {3, 4})
+    by_op = _table(["runs on", "op(s)", "calls", "ms", "share"],
+                   [[g["kind"], _e(g["ops"]), g["calls"], f"{g['ms']:.3f}", f"{100 * g['ms'] / total:.1f}%"]
+                    for g in report.profile_by_op()], {2, 3, 4})
     return f"<p>Total {total:.2f} ms over {len(rows)} kernels and ops (median of runs on the example inputs).</p>" \
-        + svg + _fold("every kernel and op", table)
+        + by_op + svg + _fold("every kernel and op", table)
 
 
 def _images(report) -> str:
