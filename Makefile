@@ -7,7 +7,7 @@ STAMP := $(VENV)/.effopt-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test bench clean browser
+.PHONY: setup demo test bench clean browser fuzz
 
 $(STAMP): pyproject.toml requirements.txt constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: setup
 
 test: setup browser
 	$(PY) -m pytest -q tests
+
+# differential fuzzing against eager for FUZZ_SECONDS (default 600); failures as minimized repro scripts
+fuzz: setup
+	$(PY) -m effopt.testing.fuzz --seconds $${FUZZ_SECONDS:-600} --out fuzz-failures
 
 # a headless browser for the HTML report's rendering test: Debian's chromium, installed when this runs as
 # root with apt; otherwise that one test is skipped (and says why)

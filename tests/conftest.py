@@ -36,3 +36,14 @@ def no_fallback_warnings():
         yield w
     bad = [str(x.message) for x in w if issubclass(x.category, EffoptFallbackWarning)]
     assert not bad, f"unexpected fallbacks: {bad}"
+
+
+# figures that reliability tests report (tests/fuzz), printed at the end of `make test`
+FIGURES: dict[str, str] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.write_sep("-", "effopt reliability")
+        for name, text in FIGURES.items():
+            terminalreporter.write_line(f"{name}: {text}")
