@@ -2,14 +2,21 @@
 
 Each entry is a directory holding the shared library and a JSON sidecar (never a pickle), written to a
 temporary name and renamed into place, so a crash leaves either the old entry or none. Any fault reading
-an entry (truncated, foreign version, unreadable) is reported and the entry rebuilt.
+an entry (truncated, flipped bytes: the library's SHA-256 is checked before it is loaded; foreign
+version; unreadable) is reported and the entry rebuilt. The cache directory is created private to the
+user (0700), and one that other users can write is refused (compilation goes on uncached, with a
+warning): a library loaded from it would run their code. Decision files are read-modified-written
+under a file lock, so concurrent processes lose no records.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import warnings
 
@@ -49,6 +56,41 @@ def default_dir() -> str:
     return os.environ.get("EFFOPT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "effopt")
 
 
+_refused: set = set()
+
+
+def unsafe(directory: str) -> str | None:
+    """Why `directory` (the cache root) must not be used, or None; creates it private (0700) if missing."""
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        st = os.stat(directory)
+    except OSError as e:
+        return f"cannot create it ({e})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return "other users can write it (chmod go-w, or choose another cache_dir)"
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return "it belongs to another user"
+    return None
+
+
+def checked(directory: str) -> bool:
+    """Whether the cache root can be used; warns once per directory when it cannot."""
+    why = unsafe(directory)
+    if why and directory not in _refused:
+        _refused.add(directory)
+        warnings.warn(f"effopt: not using the cache directory {directory}: {why}; compiling without a cache",
+                      RuntimeWarning, stacklevel=3)
+    return why is None
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def make_key(*parts: str) -> str:
     h = hashlib.sha256(json.dumps(versions(), sort_keys=True).encode())
     for p in parts:
@@ -67,7 +109,7 @@ class KernelCache:
         """(tvm runtime module, meta dict) or None."""
         entry = self._entry(key)
         lib, meta_path = self.library(key), os.path.join(entry, "meta.json")
-        if not os.path.isdir(entry):
+        if not os.path.isdir(entry) or not checked(self.dir):
             return None
         try:
             with open(meta_path) as f:
@@ -76,6 +118,8 @@ class KernelCache:
                 raise ValueError("entry written by another effopt/torch/TVM version")
             if os.path.getsize(lib) != meta.get("lib_bytes"):
                 raise ValueError("library file is truncated")
+            if _sha256(lib) != meta.get("lib_sha256"):
+                raise ValueError("library file does not match its checksum")
             import tvm
 
             return tvm.runtime.load_module(lib), meta
@@ -91,12 +135,14 @@ class KernelCache:
     def store(self, key: str, lib_path: str, meta: dict) -> None:
         """Keep a copy of the exported kernel library `lib_path` and its meta under `key`."""
         entry, tmp = self._entry(key), None
+        if not checked(self.dir):
+            return
         try:
-            os.makedirs(os.path.dirname(entry), exist_ok=True)
+            os.makedirs(os.path.dirname(entry), mode=0o700, exist_ok=True)
             tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(entry))
             lib = os.path.join(tmp, "lib.so")
             shutil.copyfile(lib_path, lib)
-            meta = dict(meta, key=key, versions=versions(), lib_bytes=os.path.getsize(lib))
+            meta = dict(meta, key=key, versions=versions(), lib_bytes=os.path.getsize(lib), lib_sha256=_sha256(lib))
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f, indent=1)
             shutil.rmtree(entry, ignore_errors=True)
@@ -114,8 +160,18 @@ class DecisionStore:
     unreadable file counts as empty and is rewritten."""
 
     def __init__(self, directory: str | None, target: dict):
-        self.path = os.path.join(directory or default_dir(), "decisions",
-                                 make_key(json.dumps(target, sort_keys=True)) + ".json")
+        self.root = directory or default_dir()
+        self.path = os.path.join(self.root, "decisions", make_key(json.dumps(target, sort_keys=True)) + ".json")
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """An exclusive lock on the decision file for a read-modify-write (other processes wait)."""
+        with open(self.path + ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def _read(self) -> dict:
         """The file's contents if written by this effopt/torch/TVM version, else {}; raises if damaged."""
@@ -127,6 +183,8 @@ class DecisionStore:
         return data if data.get("versions") == versions() else {}
 
     def load(self, kind: str) -> dict:
+        if not checked(self.root):
+            return {}
         try:
             section = self._read().get(kind, {})
             return section if isinstance(section, dict) else {}
@@ -136,18 +194,21 @@ class DecisionStore:
 
     def save(self, kind: str, decisions: dict) -> None:
         tmp = None
+        if not checked(self.root):
+            return
         try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            data = {"versions": versions()}
-            try:
-                data.update(self._read())
-            except Exception:  # noqa: BLE001 - damaged: start afresh
-                pass
-            data[kind] = {**data.get(kind, {}), **decisions}
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(self.path))
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            with self._locked():
+                data = {"versions": versions()}
+                try:
+                    data.update(self._read())
+                except Exception:  # noqa: BLE001 - damaged: start afresh
+                    pass
+                data[kind] = {**data.get(kind, {}), **decisions}
+                fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(self.path))
+                with os.fdopen(fd, "w") as f:
+                    json.dump(data, f, indent=1, sort_keys=True)
+                os.replace(tmp, self.path)
         except Exception as e:  # noqa: BLE001 - a read-only or full cache must not fail the compile
             warnings.warn(f"effopt: could not save kernel decisions to {self.path} ({e})", RuntimeWarning)
             if tmp and os.path.exists(tmp):

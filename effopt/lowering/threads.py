@@ -83,10 +83,14 @@ def launcher(directory: str) -> int | None:
             gomp = _torch_libgomp()
             if gomp is None or not torch.backends.openmp.is_available():
                 raise RuntimeError("this torch build does not use libgomp")
+            from .cache import unsafe
+
             try:
+                if unsafe(os.path.dirname(directory)):  # a library there could be anyone's: build a private one
+                    raise OSError("cache directory refused")
                 path = _build(directory, gomp)
-            except OSError:  # an unwritable cache directory: build it in the temp directory instead
-                path = _build(os.path.join(tempfile.gettempdir(), f"effopt-runtime-{os.getuid()}"), gomp)
+            except OSError:  # an unwritable or refused cache directory: a private temporary one instead
+                path = _build(tempfile.mkdtemp(prefix="effopt-runtime-"), gomp)
             lib = ctypes.CDLL(path)
             _state = (lib, ctypes.cast(lib.effopt_parallel_launch, ctypes.c_void_p).value)
         except Exception as e:  # noqa: BLE001 - no compiler, odd torch build: degrade, never fail
