@@ -16,9 +16,9 @@ import torch
 import effopt
 from effopt.lowering import cache
 from effopt.lowering.cache import DecisionStore, KernelCache
-from effopt.testing.compare import assert_same_as_eager
 from effopt.testing.models import vit_tiny_test
 from tests.conftest import FIGURES
+from tests.lowering.test_cache import _compile_and_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SURVIVED: dict[str, int] = {}
@@ -31,14 +31,6 @@ def _count(kind: str, n: int = 1) -> None:
         f"{k} {v}" for k, v in SURVIVED.items()) + ")"
 
 
-def _compile_and_run(model, x, cache_dir):
-    torch._dynamo.reset()
-    f = torch.compile(model, backend="effopt", options={"cache_dir": cache_dir, "kernel_choice": "tvm"})
-    with torch.no_grad():
-        assert_same_as_eager(f(x), model(x))
-    return effopt.last_report().lowering
-
-
 @pytest.fixture(scope="module")
 def entry(tmp_path_factory):
     """A real cache entry (library + meta.json) of the tiny ViT, and the model/input that made it."""
@@ -47,6 +39,15 @@ def entry(tmp_path_factory):
     _compile_and_run(model, x, d)
     (meta,) = glob.glob(os.path.join(d, "*", "*", "meta.json"))
     return d, os.path.dirname(meta), model, x
+
+
+def _entry_of(work, key: str, lib: bytes, meta: bytes):
+    """A cache entry at `work` written from these bytes, and what loading it gives: (module or None, warnings)."""
+    e = work / key[:2] / key
+    e.mkdir(parents=True, exist_ok=True)
+    (e / "lib.so").write_bytes(lib)
+    (e / "meta.json").write_bytes(meta)
+    return _load_quietly(KernelCache(str(work)), key) + (e,)
 
 
 def _load_quietly(kc: KernelCache, key: str):
@@ -63,11 +64,7 @@ def test_meta_record_truncated_at_every_byte_offset_is_rebuilt(entry, tmp_path):
     lib = open(os.path.join(ent, "lib.so"), "rb").read()
     work = tmp_path / "c"
     for cut in range(len(meta)):  # every byte offset, the empty file included
-        e = work / key[:2] / key
-        e.mkdir(parents=True, exist_ok=True)
-        (e / "lib.so").write_bytes(lib)
-        (e / "meta.json").write_bytes(meta[:cut])
-        got, msgs = _load_quietly(KernelCache(str(work)), key)
+        got, msgs, e = _entry_of(work, key, lib, meta[:cut])
         assert got is None and any("damaged cache entry" in m for m in msgs), cut
         assert not e.exists()  # dropped, to be rebuilt
     _count("truncated meta records", len(meta))
@@ -85,11 +82,7 @@ def test_library_truncated_or_with_flipped_bytes_is_never_loaded(entry, tmp_path
         b[pos] ^= 0x10
         cases.append(bytes(b))
     for bad in cases:
-        e = work / key[:2] / key
-        e.mkdir(parents=True, exist_ok=True)
-        (e / "lib.so").write_bytes(bad)
-        (e / "meta.json").write_bytes(meta)
-        got, msgs = _load_quietly(KernelCache(str(work)), key)
+        got, msgs, _ = _entry_of(work, key, bad, meta)
         assert got is None and any("damaged cache entry" in m for m in msgs)
     _count("damaged libraries", len(cases))
 
