@@ -50,6 +50,12 @@ def _entry_of(work, key: str, lib: bytes, meta: bytes):
     return _load_quietly(KernelCache(str(work)), key) + (e,)
 
 
+def _files(ent: str) -> tuple[str, bytes, bytes]:
+    """(key, meta.json bytes, lib.so bytes) of a cache entry directory."""
+    read = lambda name: open(os.path.join(ent, name), "rb").read()  # noqa: E731
+    return os.path.basename(ent), read("meta.json"), read("lib.so")
+
+
 def _load_quietly(kc: KernelCache, key: str):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -58,10 +64,7 @@ def _load_quietly(kc: KernelCache, key: str):
 
 
 def test_meta_record_truncated_at_every_byte_offset_is_rebuilt(entry, tmp_path):
-    d, ent, _, _ = entry
-    key = os.path.basename(ent)
-    meta = open(os.path.join(ent, "meta.json"), "rb").read()
-    lib = open(os.path.join(ent, "lib.so"), "rb").read()
+    key, meta, lib = _files(entry[1])
     work = tmp_path / "c"
     for cut in range(len(meta)):  # every byte offset, the empty file included
         got, msgs, e = _entry_of(work, key, lib, meta[:cut])
@@ -71,10 +74,7 @@ def test_meta_record_truncated_at_every_byte_offset_is_rebuilt(entry, tmp_path):
 
 
 def test_library_truncated_or_with_flipped_bytes_is_never_loaded(entry, tmp_path):
-    d, ent, _, _ = entry
-    key = os.path.basename(ent)
-    meta = open(os.path.join(ent, "meta.json"), "rb").read()
-    lib = open(os.path.join(ent, "lib.so"), "rb").read()
+    key, meta, lib = _files(entry[1])
     work = tmp_path / "c"
     cases = [lib[:cut] for cut in range(0, len(lib), max(1, len(lib) // 64))]  # truncations through the file
     for pos in range(0, len(lib), max(1, len(lib) // 64)):  # one flipped bit, through the file
