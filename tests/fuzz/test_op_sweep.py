@@ -34,9 +34,12 @@ OPS = {
     "hardsigmoid": (lambda x: F.hardsigmoid(x), (X4,)),
     "max_pool2d": (lambda x: F.max_pool2d(x, 3, 2, 1), (X4,)),
     "avg_pool2d": (lambda x: F.avg_pool2d(x, 2), (X4,)),
+    "avg_pool2d_padded": (lambda x: F.avg_pool2d(x, 3, 2, 1, count_include_pad=False), (X4,)),
+    "max_pool2d_ceil": (lambda x: F.max_pool2d(x, 2, 2, ceil_mode=True), (X4,)),
     "adaptive_avg_pool2d": (lambda x: F.adaptive_avg_pool2d(x, 1), (X4,)),
     "flatten": (lambda x: torch.flatten(x, 1) * 2, (X4,)),
     "pad": (lambda x: F.pad(x, (1, 1, 2, 0)) + 1, (X4,)),
+    "pad_crop": (lambda x: F.pad(x, (-1, 1)) + 1, (X4,)),
     "interpolate_nearest": (lambda x: F.interpolate(x, scale_factor=2, mode="nearest"), (X4,)),
     "interpolate_bilinear": (lambda x: F.interpolate(x, size=(5, 5), mode="bilinear", align_corners=False), (X4,)),
     # transformers (ViT, BERT)
@@ -92,11 +95,6 @@ OPS = {
 EXPECTED_FALLBACKS = {
     # a BatchNorm with no conv/linear before it to fold into (fold_batchnorm folds the usual ones)
     "batch_norm": ["aten._native_batch_norm_legit_no_training.default"],
-    "hardswish": ["aten.hardswish.default"],
-    "hardsigmoid": ["aten.hardsigmoid.default"],
-    "max_pool2d": ["aten.max_pool2d_with_indices.default"],
-    "avg_pool2d": ["aten.avg_pool2d.default"],
-    "pad": ["aten.constant_pad_nd.default"],
     "interpolate_nearest": ["aten._unsafe_index.Tensor"],
     "interpolate_bilinear": ["aten._unsafe_index.Tensor"],
     "var": ["aten.var.correction"],
