@@ -561,6 +561,43 @@ def _cat(cv, node, tensors, dim=0):
     return relax.op.concat([cv.cast(t, dt) for t in vals], dim % node.meta["val"].dim())
 
 
+@lowers(aten.stack.default)
+def _stack(cv, node, tensors, dim=0):
+    dt = cv.out_dtype(node)
+    return relax.op.stack([cv.cast(t, dt) for t in tensors], dim % node.meta["val"].dim())
+
+
+@lowers(aten.flip.default)
+def _flip(cv, node, x, dims):
+    for d in dims:
+        x = relax.op.flip(x, int(d) % node.meta["val"].dim())
+    return x
+
+
+@lowers(aten.tril.default)
+def _tril(cv, node, x, diagonal=0):
+    return relax.op.tril(x, int(diagonal))
+
+
+@lowers(aten.index_select.default)
+def _index_select(cv, node, x, dim, index):
+    return relax.op.take(x, index, int(dim) % node.meta["val"].dim())
+
+
+@lowers(aten.var.correction)
+def _var(cv, node, x, dim=None, *, correction=None, keepdim=False):
+    if cv.out_dtype(node) != "float32":
+        raise Unsupported("var on non-float32")
+    shape = node.args[0].meta["val"].shape
+    dims = _dims(dim, len(shape))
+    if any(not isinstance(shape[d], int) for d in (dims if dims is not None else range(len(shape)))):
+        raise Unsupported("var over a symbolic dim")
+    n = math.prod(int(shape[d]) for d in (dims if dims is not None else range(len(shape))))
+    c = 1.0 if correction is None else float(correction)
+    v = relax.op.variance(x, dims, keepdim)  # the population variance (divides by n)
+    return v if c == 0 else relax.op.multiply(v, relax.const(n / max(n - c, 0) if n > c else float("nan"), "float32"))
+
+
 @lowers(aten.embedding.default)
 def _embedding(cv, node, weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
     return relax.op.take(weight, indices, axis=0, mode="fast")
