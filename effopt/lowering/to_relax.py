@@ -598,6 +598,30 @@ def _var(cv, node, x, dim=None, *, correction=None, keepdim=False):
     return v if c == 0 else relax.op.multiply(v, relax.const(n / max(n - c, 0) if n > c else float("nan"), "float32"))
 
 
+@lowers(aten.remainder.Scalar, aten.remainder.Tensor)
+def _remainder(cv, node, a, b):
+    dt = cv.out_dtype(node)  # Python's modulo, as torch: the result takes the divisor's sign
+    return relax.op.floor_mod(cv.cast(a, dt), cv.cast(b, dt))
+
+
+@lowers(aten.argmax.default)
+def _argmax(cv, node, x, dim=None, keepdim=False):
+    if dim is None:
+        raise Unsupported("argmax over all dims")
+    return relax.op.argmax(x, int(dim) % node.args[0].meta["val"].dim(), bool(keepdim))
+
+
+@lowers(aten.cumsum.default)
+def _cumsum(cv, node, x, dim, *, dtype=None):
+    dt = cv.out_dtype(node)
+    return relax.op.cumsum(cv.cast(x, dt), int(dim) % node.meta["val"].dim(), dt)
+
+
+@lowers(aten.gather.default)
+def _gather(cv, node, x, dim, index, *, sparse_grad=False):
+    return relax.op.gather_elements(x, index, int(dim) % node.meta["val"].dim())
+
+
 @lowers(aten.embedding.default)
 def _embedding(cv, node, weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
     return relax.op.take(weight, indices, axis=0, mode="fast")

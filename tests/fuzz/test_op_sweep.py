@@ -83,6 +83,9 @@ OPS = {
     "topk": (lambda x: torch.topk(x, 3, -1).values, (X3,)),
     "sort": (lambda x: torch.sort(x, -1).values, (X3,)),
     "gather": (lambda x: torch.gather(x, 1, torch.zeros(2, 3, 16, dtype=torch.long)), (X3,)),
+    "gather_last": (lambda x: torch.gather(x, -1, (torch.arange(5) * 3 % 16).expand(2, 7, 5)), (X3,)),
+    "remainder": (lambda x: torch.remainder(x * 3, 1.5) + torch.remainder(torch.arange(16) - 7, 5), (X3,)),
+    "argmax_keepdim": (lambda x: torch.argmax(x, 1, keepdim=True), (X3,)),
     "index_select": (lambda x: torch.index_select(x, 1, torch.tensor([0, 2, 4])), (X3,)),
     "flip": (lambda x: torch.flip(x, (-1,)) + 1, (X3,)),
     "flip_2d": (lambda x: torch.flip(x, (0, 2)) * 2, (X3,)),
@@ -100,11 +103,8 @@ EXPECTED_FALLBACKS = {
     "batch_norm": ["aten._native_batch_norm_legit_no_training.default"],
     "interpolate_nearest": ["aten._unsafe_index.Tensor"],
     "interpolate_bilinear": ["aten._unsafe_index.Tensor"],
-    "cumsum": ["aten.cumsum.default"],
-    "argmax": ["aten.argmax.default"],
     "topk": ["aten.topk.default"],
     "sort": ["aten.sort.default"],
-    "gather": ["aten.gather.default"],
     "roll": ["aten.roll.default"],
 }
 
