@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 SIZES = (1, 2, 3, 5, 7, 8, 16, 17)
+MAX_NUMEL = 1 << 18  # elements per tensor (1 MB in float32)
 UNARY = ("relu", "gelu", "tanh", "sigmoid", "silu", "abs", "neg", "exp", "log1p_abs", "sqrt_abs", "square",
-         "clamp")
+         "clamp", "hardswish")
 BINARY = ("add", "sub", "mul", "div", "maximum", "minimum")
 
 
@@ -47,6 +48,9 @@ def generate(seed: int, max_ops: int = 10) -> dict:
         if step is None:
             continue
         op, args, params, shape = step
+        inner = pool[args[0]][:-1] + [pool[args[0]][-2]] if op in ("matmul_t", "attention") else shape
+        if math.prod(shape) > MAX_NUMEL or math.prod(inner) > MAX_NUMEL:
+            continue  # concat and matmuls can grow a program past memory: keep every tensor small
         ops.append([op, args, params])
         pool.append(shape)
     return {"seed": seed, "inputs": shapes, "ops": ops}
@@ -57,7 +61,7 @@ def _random_op(rng: random.Random, pool: list[list[int]]):
     s = pool[i]
     r = len(s)
     kind = rng.choice(("unary", "unary", "binary", "binary", "reduce", "softmax", "norm", "linear", "matmul",
-                       "shape", "shape", "conv", "attention", "cat"))
+                       "shape", "shape", "conv", "pool", "attention", "cat"))
     if kind == "unary":
         return rng.choice(UNARY), [i], {}, s
     if kind == "binary":
@@ -82,7 +86,13 @@ def _random_op(rng: random.Random, pool: list[list[int]]):
     if kind == "matmul" and r >= 2:
         return "matmul_t", [i], {}, s[:-1] + [s[-2]]  # x @ x^T over the last two dims
     if kind == "shape":
-        choice = rng.choice(("permute", "transpose", "flatten", "slice", "unsqueeze_squeeze", "reshape"))
+        choice = rng.choice(("permute", "transpose", "flatten", "slice", "unsqueeze_squeeze", "reshape", "flip",
+                             "pad"))
+        if choice == "flip":
+            return "flip", [i], {"dims": sorted(rng.sample(range(r), rng.randint(1, r)))}, s
+        if choice == "pad":
+            left, right = rng.randint(0, 2), rng.randint(0, 2)
+            return "pad", [i], {"pad": [left, right]}, s[:-1] + [s[-1] + left + right]
         if choice == "permute":
             perm = list(range(r))
             rng.shuffle(perm)
@@ -111,6 +121,11 @@ def _random_op(rng: random.Random, pool: list[list[int]]):
         if ho < 1 or wo < 1:
             return None
         return "conv2d", [i], {"c": s[1], "n": n, "k": k, "stride": stride, "pad": pad}, [s[0], n, ho, wo]
+    if kind == "pool" and r == 4 and s[2] >= 3 and s[3] >= 3:
+        k, stride = rng.choice((2, 3)), rng.choice((1, 2))
+        pad = rng.randint(0, k // 2)
+        ho, wo = (s[2] + 2 * pad - k) // stride + 1, (s[3] + 2 * pad - k) // stride + 1
+        return rng.choice(("max_pool", "avg_pool")), [i], {"k": k, "stride": stride, "pad": pad}, [s[0], s[1], ho, wo]
     if kind == "attention" and r == 3:
         return "attention", [i], {"c": s[-1], "masked": rng.random() < 0.4}, s
     if kind == "cat":
@@ -174,7 +189,7 @@ def _apply(op: str, a: list[torch.Tensor], p: dict, params, k: int) -> torch.Ten
     unary = {"relu": torch.relu, "gelu": F.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": F.silu,
              "abs": torch.abs, "neg": torch.neg, "exp": lambda t: torch.exp(t.clamp(-8, 8)),
              "log1p_abs": lambda t: torch.log1p(t.abs()), "sqrt_abs": lambda t: torch.sqrt(t.abs() + 1e-3),
-             "square": lambda t: t * t, "clamp": lambda t: t.clamp(-0.5, 0.7)}
+             "square": lambda t: t * t, "clamp": lambda t: t.clamp(-0.5, 0.7), "hardswish": F.hardswish}
     if op in unary:
         return unary[op](x)
     if op in BINARY:
@@ -209,6 +224,13 @@ def _apply(op: str, a: list[torch.Tensor], p: dict, params, k: int) -> torch.Ten
         return x.reshape(*p["shape"])
     if op == "unsqueeze_squeeze":
         return x.unsqueeze(p["dim"]).squeeze(p["dim"])
+    if op == "flip":
+        return torch.flip(x, p["dims"])
+    if op == "pad":
+        return F.pad(x, p["pad"], value=0.25)
+    if op in ("max_pool", "avg_pool"):
+        pool = F.max_pool2d if op == "max_pool" else F.avg_pool2d
+        return pool(x, p["k"], p["stride"], p["pad"])
     if op == "conv2d":
         return F.conv2d(x, params[f"w{k}"], stride=p["stride"], padding=p["pad"])
     if op == "attention":  # written out op by op, so the fusion pass sees it

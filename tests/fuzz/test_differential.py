@@ -27,7 +27,7 @@ def test_generated_programs_cover_the_operators_and_odd_shapes():
     progs = [fuzz.generate(s) for s in range(GRAPHS)]
     ops = {op for p in progs for op, _, _ in p["ops"]}
     for needed in ("linear", "matmul_t", "softmax", "layer_norm", "conv2d", "attention", "permute", "slice",
-                   "cat_self", "sum", "add", "gelu"):
+                   "cat_self", "sum", "add", "gelu", "max_pool", "avg_pool", "pad", "flip", "hardswish"):
         assert needed in ops, needed
     dims = {d for p in progs for s in p["inputs"] for d in s}
     assert {1, 3, 17} <= dims
