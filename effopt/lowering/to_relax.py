@@ -611,12 +611,6 @@ def _argmax(cv, node, x, dim=None, keepdim=False):
     return relax.op.argmax(x, int(dim) % node.args[0].meta["val"].dim(), bool(keepdim))
 
 
-@lowers(aten.cumsum.default)
-def _cumsum(cv, node, x, dim, *, dtype=None):
-    dt = cv.out_dtype(node)
-    return relax.op.cumsum(cv.cast(x, dt), int(dim) % node.meta["val"].dim(), dt)
-
-
 @lowers(aten.gather.default)
 def _gather(cv, node, x, dim, index, *, sparse_grad=False):
     return relax.op.gather_elements(x, index, int(dim) % node.meta["val"].dim())

@@ -306,11 +306,12 @@ def run_batch(programs: list[dict], **options) -> dict[int, str]:
         why = compare(list(g), list(e), list(r))
         if why:
             failures[i] = why
-    # a TVM kernel that the lowering's self-check rejected (it differed from eager) is not a wrong result,
-    # but it is a lowering bug: find the program(s) that produce it
-    rejected = [str(w.message) for w in caught if "result differs from eager" in str(w.message)]
+    # a TVM kernel that the lowering's self-check rejected (it differed from eager) or that did not build is
+    # not a wrong result, but it is a lowering bug: find the program(s) that produce it
+    rejected = [str(w.message) for w in caught if any(k in str(w.message) for k in (
+        "result differs from eager", "could not compile kernel", "compilation failed"))]
     if rejected and len(programs) == 1:
-        failures.setdefault(0, f"self-check rejected a TVM kernel: {rejected[0][:300]}")
+        failures.setdefault(0, f"lowering bug caught by a fallback: {rejected[0][:300]}")
     elif rejected:
         for i, p in enumerate(programs):
             if i not in failures:

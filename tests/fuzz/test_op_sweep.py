@@ -98,11 +98,15 @@ OPS = {
 }
 
 # The ops expected to run in eager (no TVM lowering), each with the fallback warning's op name.
-EXPECTED_FALLBACKS = {
+EXPECTED_FALLBACKS = {  # op names, or the reason a converter gave for declining a region
     # a BatchNorm with no conv/linear before it to fold into (fold_batchnorm folds the usual ones)
     "batch_norm": ["aten._native_batch_norm_legit_no_training.default"],
     "interpolate_nearest": ["aten._unsafe_index.Tensor"],
-    "interpolate_bilinear": ["aten._unsafe_index.Tensor"],
+    "interpolate_bilinear": ["aten._unsafe_index.Tensor", "integer clamp"],
+    "pad_crop": ["constant_pad_nd with negative (cropping) pads"],
+    "embedding": ["symbolic or float arange"],  # the table built in the graph from a float arange
+    "arange_add": ["symbolic or float arange"],
+    "cumsum": ["aten.cumsum.default"],  # relax.op.cumsum does not build for the CPU VM (TVM 0.27)
     "topk": ["aten.topk.default"],
     "sort": ["aten.sort.default"],
     "roll": ["aten.roll.default"],
@@ -121,10 +125,14 @@ def _sweep(name):
         with torch.no_grad():
             got = compile_effopt(M(), kernel_choice="tvm")(*args)
             ref = fn(*args)
-    fallbacks = sorted({str(w.message).split(" has no TVM lowering")[0].removeprefix("effopt: ")
-                        for w in caught if issubclass(w.category, EffoptFallbackWarning)
-                        and "has no TVM lowering" in str(w.message)})
-    rejected = [str(w.message) for w in caught if "result differs from eager" in str(w.message)]
+    msgs = [str(w.message) for w in caught if issubclass(w.category, EffoptFallbackWarning)]
+    # expected kinds of fallback: an op with no converter, or a region a converter declined (with why)
+    fallbacks = sorted({m.split(" has no TVM lowering")[0].removeprefix("effopt: ") for m in msgs
+                        if "has no TVM lowering" in m}
+                       | {m.split("stays in eager PyTorch: ")[1] for m in msgs if "stays in eager PyTorch: " in m})
+    # bugs, even though they are caught: a kernel that differs from eager or does not build
+    rejected = [m for m in msgs if any(k in m for k in ("result differs from eager", "could not compile kernel",
+                                                        "compilation failed"))]
     return got, ref, fallbacks, rejected
 
 
@@ -135,7 +143,7 @@ RESULTS: dict = {}
 def test_op_lowers_and_matches_eager_or_falls_back_with_a_warning(name):
     got, ref, fallbacks, rejected = _sweep(name)
     assert_same_as_eager(got, ref)  # never silently wrong, whichever path ran
-    assert not rejected, rejected  # a lowering whose kernel differs from eager is a bug, even if caught
+    assert not rejected, rejected
     RESULTS[name] = fallbacks
     assert fallbacks == EXPECTED_FALLBACKS.get(name, []), (
         f"{name}: fell back for {fallbacks}, expected {EXPECTED_FALLBACKS.get(name, [])}: update EXPECTED_FALLBACKS")
