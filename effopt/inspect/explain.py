@@ -16,11 +16,7 @@ import warnings
 import torch
 import torch.fx as fx
 
-from .stats import op_name
-
-_VIEWS = {"view", "_unsafe_view", "reshape", "permute", "transpose", "t", "unsqueeze", "squeeze", "expand",
-          "slice", "select", "getitem", "alias", "detach"}
-
+from .stats import FREE_OPS, op_name
 
 def _split(example_inputs) -> tuple[tuple, dict]:
     if isinstance(example_inputs, dict):
@@ -57,7 +53,7 @@ def profile_graph(gm: fx.GraphModule, inputs: list, rounds: int = 5, region_ops:
             Timed(gm).run(*inputs)
     rows = []
     for n, ts in times.items():
-        if n.op == "call_function" and op_name(n) in _VIEWS:
+        if n.op == "call_function" and op_name(n) in FREE_OPS:
             continue
         ops = (region_ops or {}).get(n.target, [str(n.target)]) if n.op == "call_module" else [op_name(n)]
         rows.append({"node": n.name, "kind": _kind(gm, n), "ops": list(ops), "ms": statistics.median(ts) * 1e3})
@@ -114,7 +110,7 @@ def explain(model: torch.nn.Module, example_inputs, profile: bool = True, rounds
     if profile:
         leaves = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         try:
-            regions = {k.name: [o for o in k.ops if o not in _VIEWS and "getitem" not in o]
+            regions = {k.name: [o for o in k.ops if o not in FREE_OPS]
                        for k in report.lowering.kernels} if report.lowering else {}
             report.profile = profile_graph(report.graph, leaves, rounds, regions)
         except Exception as e:  # noqa: BLE001 - e.g. a graph break left inputs this graph does not take

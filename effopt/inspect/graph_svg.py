@@ -11,11 +11,10 @@ import re
 
 import torch.fx as fx
 
-from .stats import PASS_KEY, op_name
+from .stats import FREE_OPS, PASS_KEY, op_name
 
 ROW, WIDTH, X0 = 18, 760, 300
-_FREE = {"view", "_unsafe_view", "reshape", "permute", "transpose", "t", "unsqueeze", "squeeze", "expand",
-         "slice", "select", "getitem", "alias", "detach", "clone"}
+_HIDDEN = FREE_OPS | {"clone"}  # not drawn: free, or a copy that changes no value
 PALETTE = ["#e4572e", "#17bebb", "#ffc914", "#76b041", "#7d5ba6", "#f08cae", "#2e86ab", "#a23b72", "#f18f01"]
 _BLOCK = re.compile(r"^(.*?[A-Za-z_]\w*\.\d+)(?:\.|$)")
 
@@ -32,10 +31,15 @@ def _block(n: fx.Node) -> str | None:
     return m.group(1) if m else None
 
 
+def _signature(run: list[fx.Node]) -> tuple:
+    """What makes two blocks the same drawing: their ops, in order, and the passes that produced them."""
+    return tuple((op_name(n), n.meta.get(PASS_KEY)) for n in run)
+
+
 def _rows(graph: fx.Graph) -> list:
     """Rows to draw: nodes, or ("collapsed", label, count) for repeated blocks."""
     nodes = [n for n in graph.nodes if n.op in ("placeholder", "output")
-             or (n.op == "call_function" and op_name(n) not in _FREE)]
+             or (n.op == "call_function" and op_name(n) not in _HIDDEN)]
     keys = [_block(n) if n.op == "call_function" else None for n in nodes]
     last = None  # nodes a pass inserted inside a block (no module of their own) belong to it
     for i, k in enumerate(keys):
@@ -54,11 +58,10 @@ def _rows(graph: fx.Graph) -> list:
     i = 0
     while i < len(runs):
         key, run = runs[i]
-        sig = tuple((op_name(n), n.meta.get(PASS_KEY)) for n in run)
+        sig = _signature(run)
         if key is not None and sig in signatures:  # collapse this and the following identical blocks
             j = i
-            while j < len(runs) and runs[j][0] is not None and \
-                    tuple((op_name(n), n.meta.get(PASS_KEY)) for n in runs[j][1]) == sig:
+            while j < len(runs) and runs[j][0] is not None and _signature(runs[j][1]) == sig:
                 j += 1
             first, last = runs[i][0], runs[j - 1][0]
             label = f"{first}" + (f" .. {last}" if j - i > 1 else "") + \
@@ -98,7 +101,7 @@ def draw(gm: fx.GraphModule, title: str = "") -> tuple[str, dict[str, str]]:
                     f'stroke="#555"/><text x="{X0 + 6}" y="{y + ROW - 8}">{html.escape(label)}</text></g>')
     for n, y in y_of.items():
         for src in n.all_input_nodes:
-            while src not in y_of and src.op == "call_function" and op_name(src) in _FREE and src.all_input_nodes:
+            while src not in y_of and src.op == "call_function" and op_name(src) in _HIDDEN and src.all_input_nodes:
                 src = src.all_input_nodes[0]  # through free views to the value they show
             if src in y_of and y_of[src] < y:
                 y0, y1 = y_of[src] + ROW / 2 - 2, y + ROW / 2 - 2

@@ -16,6 +16,9 @@ import torch.fx as fx
 
 aten = torch.ops.aten
 PASS_KEY = "effopt_pass"
+# ops that cost nothing to run in torch (views, tuple access): left out of profiles and drawings
+FREE_OPS = frozenset({"view", "_unsafe_view", "reshape", "permute", "transpose", "t", "unsqueeze", "squeeze",
+                      "expand", "slice", "select", "getitem", "alias", "detach"})
 _KNOWN = "effopt_known_as"
 
 
@@ -127,4 +130,4 @@ def tag_new_nodes(gm: fx.GraphModule, seen: set, pass_name: str | None) -> int:
     return new
 
 
-__all__ = ["graph_stats", "macs", "op_name", "tag_new_nodes", "PASS_KEY"]
+__all__ = ["graph_stats", "macs", "op_name", "tag_new_nodes", "PASS_KEY", "FREE_OPS"]

@@ -128,7 +128,8 @@ _EPILOGUES = {aten.relu.default: "relu", aten.gelu.default: "gelu"}
 
 
 def _epilogue(cur: fx.Node):
-    """(reshapes, op) that follow cur, each the only user of the one before, or None."""
+    """(reshapes, op) that follow cur, each the only user of the one before, or None (fuse_epilogues and
+    fold_requantize look through the same reshapes)."""
     views, u = [], cur
     while len(u.users) == 1:
         (nxt,) = u.users
@@ -195,13 +196,11 @@ def fold_requantize(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not INT8_LINEAR or node.args[13] is not None:
             continue
-        views, u = [], node
-        while len(u.users) == 1 and next(iter(u.users)).target in _RESHAPES:
-            u = next(iter(u.users))
-            views.append(u)
-        if len(u.users) != 1:
+        found = _epilogue(node)
+        if found is None:
             continue
-        (nxt,) = u.users
+        views, nxt = found
+        u = views[-1] if views else node
         if nxt.target is not INT8_LINEAR or nxt.args[0] is not u or nxt.args[5] is None or nxt.args[12] is not None:
             continue
         first = _call(gm, INT8_LINEAR, (*node.args[:13], nxt.args[5], *nxt.args[6:9]), node)
@@ -342,9 +341,6 @@ def quantize(gm: fx.GraphModule, config: QuantConfig, calibration, budget, metri
     record.seconds = time.perf_counter() - t0
     record.nodes_after = count_nodes(gm)
     return record
-
-
-
 
 
 # ---- graphs already quantized with PT2E (torchao prepare_pt2e / convert_pt2e) ------------------------------
