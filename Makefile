@@ -50,6 +50,7 @@ bench: setup
 	$(PY) benchmarks/shift_add.py
 	$(PY) benchmarks/int8_kernel.py
 	$(PY) benchmarks/quantize.py
+	$(PY) benchmarks/autotune.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache bench-results

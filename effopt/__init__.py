@@ -8,10 +8,11 @@ from .moe import moe_loss  # noqa: E402
 from .reparameterize import attention_parameters, reparameterize, shift_parameters  # noqa: E402
 from .token_view import draw_token_merges, token_sources  # noqa: E402
 from .inspect import explain  # noqa: E402
+from . import autotune  # noqa: E402  (effopt.autotune(model, inputs, target=...) tunes)
 from . import logs as _logs  # noqa: E402
 
 _logs.configure()  # EFFOPT_LOG=passes,lowering,guard
 
 __all__ = ["backend", "effopt_backend", "Options", "KernelChoice", "last_report", "reparameterize", "attention_parameters",
            "shift_parameters", "moe_loss",
-           "token_sources", "draw_token_merges", "explain", "__version__"]
+           "token_sources", "draw_token_merges", "explain", "autotune", "__version__"]

@@ -13,7 +13,7 @@ import logging
 import os
 import warnings
 
-CHANNELS = ("passes", "lowering", "guard")
+CHANNELS = ("passes", "lowering", "guard", "tune")
 _configured: list = []
 
 

@@ -40,6 +40,9 @@ class Options:
     """Keep compiled kernels on disk so that another process compiling the same model is fast."""
     cache_dir: str | None = None
     """Where the disk cache lives; default $EFFOPT_CACHE_DIR or ~/.cache/effopt."""
+    tuning: bool = True
+    """Use the tuning database of this target (`effopt tune`, effopt.autotune) where it has measured
+    faster schedules, tile sizes or GEMM kernels; False compiles with the default schedules."""
     freeze: bool = True
     """Treat parameters and buffers as constants (inference); a changed weight triggers a refreeze."""
     kernel_choice: KernelChoice = KernelChoice.MEASURE
@@ -88,7 +91,7 @@ class Options:
         if unknown:
             raise ValueError(f"unknown effopt option(s) {unknown}; valid options: {names}")
         kw = dict(d)
-        for b in ("strict", "cache", "freeze", "lower"):
+        for b in ("strict", "cache", "freeze", "lower", "tuning"):
             if b in kw and not isinstance(kw[b], bool):
                 raise ValueError(f"option {b!r} must be True or False, got {kw[b]!r}")
         if "kernel_choice" in kw:
@@ -165,7 +168,7 @@ class Options:
         from .autotune.targets import target_dict
 
         return json.dumps({"target": target_dict(self.target), "kernel_choice": self.kernel_choice.value,
-                           "freeze": self.freeze, "disable_passes": sorted(self.disable_passes),
+                           "freeze": self.freeze, "tuning": self.tuning, "disable_passes": sorted(self.disable_passes),
                            "attention": str(self.attention), "tokens": str(self.tokens),
                            "shift_add": str(self.shift_add), "quantize": str(self.quantize)}, sort_keys=True)
 

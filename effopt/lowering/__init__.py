@@ -4,6 +4,7 @@ Only this package and autotune/ import TVM.
 """
 from __future__ import annotations
 
+import functools
 import json
 import operator
 import os
@@ -18,9 +19,11 @@ import torch.fx as fx
 
 from ..options import KernelChoice, Options
 from . import threads
+from ..autotune.apply import TunedSchedules, use_tuned_gemms
 from .cache import DecisionStore, KernelCache, default_dir, make_key
 from .library import LIBRARY_OPS, select_gemm_kernels
 from .partition import partition, replace_region, topological_sort, unsupported_ops
+from .kernels import tunable
 from .runtime import TVMKernel
 from .select import Choice, choose, concrete
 
@@ -48,11 +51,14 @@ class LoweringRecord:
     kernels: list[KernelRecord] = field(default_factory=list)
     library_calls: dict[str, int] = field(default_factory=dict)
     gemms: list[dict] = field(default_factory=list)
+    tuned: list[dict] = field(default_factory=list)  # kernels built with tuned schedules or tiles (effopt tune)
+    tuning_db: str = ""  # the tuning database consulted ("" where this target has none)
     fallbacks: dict[str, list[str]] = field(default_factory=dict)
     eager_regions: list[dict] = field(default_factory=list)  # regions TVM could not take: their ops and why
     tir: dict[str, str] = field(default_factory=dict)  # effopt's custom TIR kernels by name (TVMScript)
     modules: dict = field(default_factory=dict, repr=False)  # kernel name -> its IRModule (for kernel_tir)
     _tvm_target: object = field(default=None, repr=False)
+    _tuned: object = field(default=None, repr=False)
 
     def kernel_tir(self, kernel: str) -> str:
         """The scheduled TIR that kernel `kernel` (a KernelRecord.kernel) compiles to, computed on demand."""
@@ -60,7 +66,7 @@ class LoweringRecord:
 
         if kernel not in self.modules:
             raise KeyError(f"no kernel {kernel!r}; kernels: {sorted(self.modules)}")
-        return scheduled_tir(self.modules[kernel], self._tvm_target)
+        return scheduled_tir(self.modules[kernel], self._tvm_target, self._tuned)
     unique_kernels: int = 0
     cache_hit: bool = False
     parallel: str = ""  # "omp": TVM's parallel loops run on torch's OpenMP threads; "serial": on one thread
@@ -72,6 +78,7 @@ class LoweringRecord:
                  f"{tvm_n} on TVM kernels ({self.unique_kernels} unique, {self.parallel or 'no'} threads), "
                  f"{len(self.kernels) - tvm_n} kept eager; "
                  f"library calls {dict(sorted(self.library_calls.items()))}; "
+                 + (f"{len(self.tuned)} kernel(s) tuned; " if self.tuned else "") +
                  f"{'cache hit' if self.cache_hit else 'compiled'} in {self.seconds:.1f} s"]
         for op, locs in self.fallbacks.items():
             lines.append(f"  fallback to eager: {op} x{len(locs)}")
@@ -97,6 +104,31 @@ def _tolerances(graph: fx.Graph):
            for n in graph.nodes):
         return {**TOLERANCES, "int8_off_by_one": 0.01}
     return None
+
+
+def _knob_lookup(tuned, record: "LoweringRecord"):
+    """The hand-scheduled kernels' tile lookup in the tuning database (None: their defaults)."""
+    if tuned is None:
+        return None
+
+    def lookup(task):
+        knobs = tuned.knobs(task)
+        if knobs is not None and not any(t.get("task") == task.key for t in record.tuned):
+            c = tuned.choices[task.key]
+            record.tuned.append({"kernel": task.kernel, "task": task.key, "kind": "knobs", "knobs": knobs,
+                                 "default_us": c.get("default_us"), "tuned_us": c.get("tuned_us")})
+        return knobs
+
+    return lookup
+
+
+def _dedup(applied: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for a in applied:
+        if a["kernel"] not in seen:
+            seen.add(a["kernel"])
+            out.append(dict(a, kind="tir"))
+    return out
 
 
 def _region_ops(graph: fx.Graph) -> list[str]:
@@ -160,12 +192,17 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     if target.kind.name != "llvm":
         raise NotImplementedError(f"running on target kind {target.kind.name!r} from CPU tensors is not supported; "
                                   "use a CPU target such as 'host' or {'kind': 'llvm'}")
+    tuned = TunedSchedules.for_target(record.target, options.cache_dir) if options.tuning else None
+    if tuned is not None:
+        record.tuning_db, record._tuned = tuned.db.path, tuned
     store = DecisionStore(options.cache_dir, record.target) if options.cache else None
     saved = store.load("gemm") if store else {}
     try:
         decisions = {k: Choice.from_json(v) for k, v in saved.items()}
     except (KeyError, TypeError, ValueError, AttributeError):
         decisions = {}
+    if tuned is not None:
+        record.tuned += use_tuned_gemms(gm, tuned, target)
     record.gemms = select_gemm_kernels(gm, decisions)
     if store and decisions.keys() - saved.keys():
         store.save("gemm", {k: v.to_json() for k, v in decisions.items()})
@@ -183,7 +220,8 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     for i, region in enumerate(regions):
         graph = region.graph()
         try:
-            conv = Converter(kernels, target).convert(graph)
+            with tunable.using(_knob_lookup(tuned, record)):
+                conv = Converter(kernels, target).convert(graph)
         except Exception as e:  # noqa: BLE001 - Unsupported, or TVM's own error types
             warnings.warn(f"effopt: region {i} ({', '.join(_region_ops(graph))}) stays in eager PyTorch: {e}",
                           EffoptFallbackWarning, stacklevel=2)
@@ -210,7 +248,8 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     # kernel timings depend on whether TVM's parallel loops run on torch's threads or on one thread
     launch = threads.launcher(runtime_dir)
     parallel = record.parallel = "omp" if launch is not None else "serial"
-    key = make_key(options.key(), json.dumps(record.target, sort_keys=True), parallel, *sorted(funcs))
+    key = make_key(options.key(), json.dumps(record.target, sort_keys=True), parallel,
+                   tuned.digest() if tuned is not None else "", *sorted(funcs))
     loaded = cache.load(key) if cache else None
     choices: dict[str, Choice] = {}
     build_dir = None
@@ -221,11 +260,14 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
         lib_path = cache.library(key)
         choices = {k: Choice.from_json(v) for k, v in meta["choices"].items()}
         built = set(meta["kernels"])  # kernels TVM could not compile are not in the library
+        record.tuned += [t for t in meta.get("tuned", []) if isinstance(t, dict)]  # schedules replayed then
         for fkey in [f for f, (kname, *_) in funcs.items() if kname not in built]:
             del funcs[fkey]
         record.cache_hit = True
     else:
-        executable = _build_all(funcs, target, build_module, options.strict)
+        executable = _build_all(funcs, target, functools.partial(build_module, tuned=tuned), options.strict)
+        tuned_tir = _dedup(tuned.applied) if tuned is not None else []  # the build's replayed schedules
+        record.tuned += tuned_tir
         build_dir = tempfile.mkdtemp(prefix="effopt-build-")
         lib_path = os.path.join(build_dir, "lib.so")
         executable.export_library(lib_path)
@@ -262,7 +304,8 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     gm.graph.lint()
     if cache is not None and loaded is None:
         cache.store(key, lib_path, {"choices": {k: v.to_json() for k, v in choices.items()},
-                                    "kernels": sorted(kname for kname, *_ in funcs.values())})
+                                    "kernels": sorted(kname for kname, *_ in funcs.values()),
+                                    "tuned": tuned_tir})
     if build_dir is not None:
         shutil.rmtree(build_dir, ignore_errors=True)  # the loaded library stays mapped
     gm.recompile()

@@ -48,31 +48,44 @@ def _all_float32(mod) -> bool:
     return all(d == "float32" for d in found)
 
 
-def _to_scheduled_tir(target) -> list:
-    """Relax ops -> fused TIR kernels with effopt's default schedules."""
+def fused_tir(mod: tvm.IRModule, target) -> tvm.IRModule:
+    """Relax ops -> fused, unscheduled TIR kernels: the workloads the autotuner tunes."""
+    with target:
+        return tvm.transform.Sequential(_to_fused_tir())(mod)
+
+
+def _to_fused_tir() -> list:
     return [fast_math_float32,
             relax.transform.LegalizeOps(customize_legalize_map=LEGALIZE_OVERRIDES),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
-            relax.transform.DeadCodeElimination(),
-            default_schedule_pass(target)]
+            relax.transform.DeadCodeElimination()]
 
 
-def scheduled_tir(mod: tvm.IRModule, target) -> str:
+def _to_scheduled_tir(target, tuned=None) -> list:
+    """Relax ops -> fused TIR kernels with tuned schedules (`tuned`: an autotune.apply.TunedSchedules)
+    where tuning measured them faster, and effopt's default schedules for the rest."""
+    passes = _to_fused_tir()
+    if tuned is not None:
+        passes.append(tuned.as_pass(target))
+    return passes + [default_schedule_pass(target)]
+
+
+def scheduled_tir(mod: tvm.IRModule, target, tuned=None) -> str:
     """The TIR kernels `mod` compiles to, with their schedules (TVMScript), for the inspection report."""
     with target:
-        out = tvm.transform.Sequential(_to_scheduled_tir(target))(mod)
+        out = tvm.transform.Sequential(_to_scheduled_tir(target, tuned))(mod)
     return "\n".join(f.script() for _, f in out.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
 
 
-def relax_pipeline(target) -> tvm.transform.Pass:
+def relax_pipeline(target, tuned=None) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="EffoptRelaxPipeline")
     def _pipeline(mod, ctx):
         with target:
             seq = tvm.transform.Sequential([
-                *_to_scheduled_tir(target),
+                *_to_scheduled_tir(target, tuned),
                 *cpu_pipeline.dataflow_lower_passes(target),
                 *cpu_pipeline.finalize_passes(target),
             ])
@@ -81,6 +94,6 @@ def relax_pipeline(target) -> tvm.transform.Pass:
     return _pipeline
 
 
-def build_module(mod: tvm.IRModule, target):
+def build_module(mod: tvm.IRModule, target, tuned=None):
     """A TVM executable for every Relax function in `mod`."""
-    return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
+    return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target, tuned))

@@ -98,6 +98,17 @@ def make_key(*parts: str) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def file_lock(path: str):
+    """An exclusive lock (fcntl) on `path` + ".lock" for the block: other processes wait."""
+    with open(path + ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class KernelCache:
     def __init__(self, directory: str | None):
         self.dir = directory or default_dir()
@@ -163,15 +174,9 @@ class DecisionStore:
         self.root = directory or default_dir()
         self.path = os.path.join(self.root, "decisions", make_key(json.dumps(target, sort_keys=True)) + ".json")
 
-    @contextlib.contextmanager
     def _locked(self):
         """An exclusive lock on the decision file for a read-modify-write (other processes wait)."""
-        with open(self.path + ".lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return file_lock(self.path)
 
     def _read(self) -> dict:
         """The file's contents if written by this effopt/torch/TVM version, else {}; raises if damaged."""

@@ -33,6 +33,8 @@ import math
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
+from . import tunable
+
 LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 _FLT_MAX = 3.4028234663852886e38
@@ -212,6 +214,18 @@ def make_kernel(d: int, dv: int, scale: float, mask_bcast: tuple[bool, bool, boo
     return flash_attention
 
 
+def tile_space(dv: int) -> list[dict]:
+    """The tile settings the autotuner measures, DEFAULT_TILES first."""
+    space = [dict(DEFAULT_TILES)]
+    for bq in (16, 32, 64):
+        for bk in (32, 64, 128):
+            for rj in (4, 8):
+                t = {"block_q": bq, "block_k": bk, "rows_qk": rj}
+                if t not in space and bk % rj == 0 and bq % _rows_pv(dv, bq) == 0:
+                    space.append(t)
+    return space
+
+
 def _shape(e: relax.Expr) -> list:
     ty = e.ty
     if not isinstance(ty, relax.TensorType) or ty.shape is None:
@@ -250,6 +264,11 @@ def emit(bb: relax.BlockBuilder, q: relax.Expr, k: relax.Expr, v: relax.Expr, ma
             mask = bb.emit(relax.op.reshape(mask, relax.ShapeExpr(ms)))
         mask_bcast = tuple(_static(x) == 1 for x in ms)
         args.append(mask)
+    if not tiles:  # the autotuner's measured best tiles for these shapes on this target, or the defaults
+        out_ty = relax.TensorType([qs[0], qs[1], qs[2], vs[3]], "float32")
+        tiles = tunable.choose("flash_attention", {"d": d, "dv": dv, "scale": float(scale), "mask": mask_bcast},
+                               tunable.static_shapes([*args, out_ty]), tile_space(dv),
+                               lambda t: make_kernel(d, dv, scale, mask_bcast, **t))
     func = make_kernel(d, dv, scale, mask_bcast, **tiles)
     name = f"flash_attention_d{d}_dv{dv}" + ("" if mask_bcast is None else
                                              "_m" + "".join("1" if bc else "x" for bc in mask_bcast))

@@ -22,6 +22,7 @@ from __future__ import annotations
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
+from . import tunable
 from .common import dims, static
 
 LANES = 16
@@ -92,7 +93,8 @@ def _out(v, quant):
 
 
 def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: int, hi: int, activation: str,
-                residual: bool, smooth: bool = False, prequantized: bool = False, out_quant=None):
+                residual: bool, smooth: bool = False, prequantized: bool = False, out_quant=None, mb: int | None = None,
+                nb: int | None = None):
     """(x [M, K] float32, packed [N/16, K/4, 16, 4] int8, wsum [N] int32, w_step [N], bias [N], residual
     [M, N] (or [1, 1], unread), smooth [K] (or [1], unread)) -> y [M, N] float32. With smooth, x * smooth
     (SmoothQuant's per-channel 1 / s) is quantized instead of x, through a scratch copy (so that LLVM's
@@ -105,6 +107,9 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
         raise ValueError(f"int8 linear activation={activation!r}; valid: {list(ACTIVATIONS)}")
     K4 = (K + 3) // 4
     MB, NB = tiles(M, N)
+    MB, NB = MB if mb is None else mb, NB if nb is None else nb  # the autotuner's knobs
+    if (N // LANES) % NB:
+        raise ValueError(f"int8 linear: {N // LANES} column vectors do not split into tiles of {NB}")
     MP = (M + MB - 1) // MB * MB
     NT = N // LANES // NB
     KV = K // LANES * LANES
@@ -234,8 +239,15 @@ def emit(bb: relax.BlockBuilder, x, packed, wsum, w_step, bias, residual, k: int
         relax.op.zeros(relax.ShapeExpr([1, 1]), "float32")
     sm = smooth if smooth is not None else relax.op.zeros(relax.ShapeExpr([1]), "float32")
     prequantized = str(x.ty.dtype) == "uint8"
-    func = linear_func(m, n, k, scale, offset, lo, hi, activation, residual is not None, smooth is not None,
-                       prequantized, out_quant)
-    y = bb.emit(relax.call_tir(bb.add_func(func, "int8_linear"), [x2, packed, wsum, w_step, b, r, sm],
-                               relax.TensorType([m, n], "float32" if out_quant is None else "uint8")))
+    out = relax.TensorType([m, n], "float32" if out_quant is None else "uint8")
+    fixed = (m, n, k, scale, offset, lo, hi, activation, residual is not None, smooth is not None, prequantized,
+             out_quant)
+    mb, nb = tiles(m, n)
+    space = [{"mb": mb, "nb": nb}] + [{"mb": a, "nb": c} for a in (1, 2, 4, 6) for c in (1, 2, 4)
+                                      if (a, c) != (mb, nb) and (n // LANES) % c == 0 and a * c <= 24 and a <= m]
+    knobs = tunable.choose("int8_linear", {"fixed": [str(v) for v in fixed]},
+                           tunable.static_shapes([bb.normalize(e) for e in (x2, packed, wsum, w_step, b, r, sm)] + [out]), space,
+                           lambda t: linear_func(*fixed, **t))
+    y = bb.emit(relax.call_tir(bb.add_func(linear_func(*fixed, **knobs), "int8_linear"),
+                               [x2, packed, wsum, w_step, b, r, sm], out))
     return bb.emit(relax.op.reshape(y, [*xs[:-1], n]))

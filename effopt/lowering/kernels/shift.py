@@ -24,6 +24,7 @@ from __future__ import annotations
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
+from . import tunable
 from .common import dims, static
 
 LANES = 16
@@ -53,7 +54,7 @@ def _int_term(xi, code):
     return (((xi << ((T.int32(6) - e) & T.int32(7))) & live) ^ sgn) - sgn
 
 
-def matmul_func(M: int, N: int, K: int, terms: int, xdtype: str = "float32") -> tirx.PrimFunc:
+def matmul_func(M: int, N: int, K: int, terms: int, xdtype: str = "float32", mb: int | None = None) -> tirx.PrimFunc:
     """(x [M, K], w [terms, N, ceil(K/2)] uint8, scale [N] float32, post [M, 1] float32) -> y [M, N] float32.
 
     float32 x: the float path, y = sum x * (±2^-e) * s[n] * post[m] (post: ones). int8 x (quantized
@@ -61,7 +62,7 @@ def matmul_func(M: int, N: int, K: int, terms: int, xdtype: str = "float32") -> 
     times 2^-6). The epilogue's multiplies are in the kernel, so nothing can contract them with a bias add."""
     KH = (K + 1) // 2
     KF = K // BLK * BLK
-    MB = token_block(M)
+    MB = token_block(M) if mb is None else mb  # tokens per decode: the autotuner's knob
     MP = (M + MB - 1) // MB * MB
     integer = xdtype == "int8"
     acc_t, bits_t = ("int32", "int32") if integer else ("float32", "uint32")
@@ -222,8 +223,13 @@ def emit(bb: relax.BlockBuilder, x: relax.Expr, packed: relax.Expr, scale: relax
         post = bb.emit(relax.op.multiply(step, relax.const(2.0 ** -6, "float32")))  # exact
     else:
         post = relax.op.ones(relax.ShapeExpr([m, 1]), "float32")
-    y = bb.emit(relax.call_tir(bb.add_func(matmul_func(m, n, k, terms, "int8" if bits else "float32"),
-                                           "shift_matmul"), [x2, packed, scale, post], out))
+    xdtype = "int8" if bits else "float32"
+    mb = tunable.choose("shift_matmul", {"terms": terms, "xdtype": xdtype},
+                        tunable.static_shapes([x2, packed, scale, post, out]),
+                        [{"mb": token_block(m)}] + [{"mb": b} for b in (1, 2, 4, 8) if b != token_block(m) and b <= m],
+                        lambda t: matmul_func(m, n, k, terms, xdtype, **t))["mb"]
+    y = bb.emit(relax.call_tir(bb.add_func(matmul_func(m, n, k, terms, xdtype, mb), "shift_matmul"),
+                               [x2, packed, scale, post], out))
     if bias is not None:
         y = bb.emit(relax.op.add(y, bias))
     return bb.emit(relax.op.reshape(y, [*xs[:-1], n]))

@@ -1,0 +1,179 @@
+"""Tuned schedules at compile time: what the lowering stage takes from the tuning database.
+
+* TIR kernels: a PrimFunc whose structural hash has a choice with `use_tuned` gets that choice's
+  trace replayed on it (a pass before effopt's default schedules, which then leave it alone).
+* Hand-scheduled kernels: `knobs(task)` gives their tile setting (kernels/tunable.py).
+* GEMMs: `gemm(m, n, k, bias)` says whether a tuned TIR matmul beat the library for that shape.
+A record that no longer replays (another TVM build, a changed kernel) is skipped with a warning.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .database import TuningDatabase, workload_hash
+
+
+def apply_trace(mod, trace_json, target):
+    """{"main": func} with a MetaSchedule trace (JSON form) replayed on it; marked scheduled."""
+    import tvm
+    from tvm.s_tir import Schedule
+    from tvm.s_tir.schedule import Trace
+
+    sch = Schedule(tvm.IRModule({"main": mod["main"].with_attr("global_symbol", "main")}))
+    with target:
+        Trace.apply_json_to_schedule(trace_json, sch)
+    return tvm.IRModule({"main": sch.mod["main"].with_attr("tirx.is_scheduled", True)})
+
+
+class TunedSchedules:
+    def __init__(self, db: TuningDatabase):
+        self.db = db
+        self.choices = {k: c for k, c in db.choices().items() if c.get("use_tuned")}
+        self.applied: list[dict] = []  # {"kernel", "task", "default_us", "tuned_us"} per replaced PrimFunc
+
+    @classmethod
+    def for_target(cls, target: dict, cache_dir: str | None) -> "TunedSchedules | None":
+        """The tuned choices for `target` (None where the database has none)."""
+        db = TuningDatabase.open(target, cache_dir)
+        try:
+            import os
+
+            if not os.path.exists(db.path):
+                return None
+        except Exception:  # noqa: BLE001
+            return None
+        tuned = cls(db)
+        return tuned if tuned.choices else None
+
+    def digest(self) -> str:
+        return self.db.digest()
+
+    def knobs(self, task) -> dict | None:
+        c = self.choices.get(task.key)
+        return dict(c["knobs"]) if c and isinstance(c.get("knobs"), dict) and c["knobs"] in task.space else None
+
+    def gemm(self, m: int, n: int, k: int, bias: bool) -> dict | None:
+        return self.choices.get(f"gemm:{m}x{n}x{k}" + ("+bias" if bias else ""))
+
+    def as_pass(self, target):
+        import tvm
+
+        @tvm.transform.module_pass(opt_level=0, name="EffoptApplyTuned")
+        def _pass(mod, ctx):
+            for gv, f in list(mod.functions_items()):
+                if not isinstance(f, tvm.tirx.PrimFunc) or (f.attrs is not None and f.attrs.get("tirx.is_scheduled")):
+                    continue
+                key = "tir:" + workload_hash(f)
+                c = self.choices.get(key)
+                if c is None or not c.get("best"):
+                    continue
+                try:
+                    new = apply_trace(tvm.IRModule({"main": f}), c["best"], target)["main"]
+                except Exception as e:  # noqa: BLE001 - TVM's errors
+                    warnings.warn(f"effopt: tuned schedule for {gv.name_hint} ({key}) does not replay ({e}); "
+                                  "using the default schedule", RuntimeWarning)
+                    continue
+                attrs = dict(f.attrs) if f.attrs is not None else {}
+                new = new.without_attr("global_symbol")
+                if "global_symbol" in attrs:
+                    new = new.with_attr("global_symbol", attrs["global_symbol"])
+                mod[gv] = new
+                self.applied.append({"kernel": gv.name_hint, "task": key, "default_us": c.get("default_us"),
+                                     "tuned_us": c.get("tuned_us")})
+            return mod
+
+        return _pass
+
+
+class TunedLinear(torch.nn.Module):
+    """A frozen-weight linear on a tuned TIR matmul: y = x @ w^T (+ b), called through DLPack."""
+
+    def __init__(self, fn, weight, bias, shape):
+        super().__init__()
+        self.fn, self.shape = fn, shape
+        self.register_buffer("weight", weight.contiguous(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.contiguous(), persistent=False)
+
+    def forward(self, x):
+        from ..lowering.runtime import compact
+
+        y = torch.empty(self.shape[0], self.shape[1], dtype=x.dtype)
+        args = [compact(x), self.weight] + ([self.bias] if self.bias is not None else [])
+        self.fn(*args, y)
+        return y
+
+    def extra_repr(self):
+        return f"tuned TIR matmul {self.shape[0]}x{self.shape[1]}x{self.weight.shape[1]}"
+
+
+def use_tuned_gemms(gm, tuned: TunedSchedules, target) -> list[dict]:
+    """Replace frozen-weight float32 linears (addmm/mm) whose shape has a tuned TIR matmul that tuning
+    measured faster than the library kernel with calls of that kernel; returns one record per shape."""
+    import os
+
+    from ..lowering import threads
+    from ..lowering.cache import checked, default_dir, make_key
+    from ..lowering.library import _linear_parts
+    from .tasks import gemm_func, normalized
+
+    if not any(k.startswith("gemm:") for k in tuned.choices):
+        return []
+    built: dict = {}
+    records = []
+    for node in list(gm.graph.nodes):
+        parts = _linear_parts(gm, node) if node.op == "call_function" else None
+        if parts is None:
+            continue
+        x, w, b = parts
+        xv = x.meta.get("val")
+        if xv is None or xv.dtype != torch.float32 or w.dtype != torch.float32 or xv.dim() != 2 or \
+                not isinstance(xv.shape[0], int):
+            continue
+        m, (n, k) = int(xv.shape[0]), w.shape
+        c = tuned.gemm(m, n, k, b is not None)
+        if c is None or not c.get("best"):
+            continue
+        key = (m, n, k, b is not None)
+        if key not in built:
+            import tvm
+
+            try:
+                mod = apply_trace(normalized(gemm_func(*key)), c["best"], target)
+                root = tuned.db.root
+                path = os.path.join(root, "runtime", f"gemm-{make_key(mod.script())[:24]}.so")
+                if not os.path.exists(path):
+                    if not checked(root):
+                        raise RuntimeError(f"cache directory {root} refused")
+                    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+                    tmp = path + f".tmp{os.getpid()}"
+                    tvm.compile(mod, target=target).export_library(tmp)
+                    os.replace(tmp, path)
+                lib = tvm.runtime.load_module(path)
+                launch = threads.launcher(os.path.join(root or default_dir(), "runtime"))
+                if launch is not None:
+                    threads.attach(path, launch)
+                built[key] = lib["main"]
+            except Exception as e:  # noqa: BLE001 - keep the library kernel
+                warnings.warn(f"effopt: tuned GEMM {m}x{n}x{k} could not be built ({e}); using the library kernel",
+                              RuntimeWarning)
+                built[key] = None
+        if built[key] is None:
+            continue
+        name = f"tuned_linear_{len(records)}"
+        bias = getattr(gm, b.target) if b is not None else None
+        setattr(gm, name, TunedLinear(built[key], w, bias, (m, n)))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (x,))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        records.append({"kernel": f"linear {m}x{n}x{k}", "task": f"gemm:{m}x{n}x{k}" + ("+bias" if b is not None else ""),
+                        "kind": "gemm", "default_us": c.get("library_us"), "tuned_us": c.get("tuned_us")})
+    if records:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return records
+
