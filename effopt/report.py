@@ -80,8 +80,9 @@ class Report:
             "lowering": None if low is None else {
                 "target": low.target, "seconds": low.seconds, "cache_hit": low.cache_hit,
                 "kernels": [{"name": k.name, "ops": k.ops, "choice": k.choice, "tvm_us": k.tvm_us,
-                             "eager_us": k.eager_us, "reason": k.reason, "schedule": k.schedule}
+                             "eager_us": k.eager_us, "reason": k.reason}
                             for k in low.kernels],
+                "tuned": low.tuned, "tuning_db": low.tuning_db,
                 "library_calls": low.library_calls, "fallbacks": low.fallbacks,
                 "eager_regions": low.eager_regions},
             "profile": self.profile,

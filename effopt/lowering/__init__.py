@@ -41,8 +41,8 @@ class KernelRecord:
     eager_us: float | None = None
     reason: str = ""
     relax: str = ""  # the region as a Relax function (TVMScript), for the inspection report
-    kernel: str = ""  # the compiled kernel it calls (structurally equal regions share one)
-    schedule: str = "default"  # "default": effopt's default schedules and pre-scheduled kernels (no tuning yet)
+    kernel: str = ""  # the compiled kernel it calls (structurally equal regions share one); the TIR kernels
+    # in it that run tuned schedules or tiles are listed in LoweringRecord.tuned
 
 
 @dataclass
