@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--time-budget", type=float, default=1800)
     ap.add_argument("--cache-dir", default="bench-results/autotune-cache")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--kinds", default="tir,gemm,knobs", help="task kinds to tune (tir, gemm, knobs)")
     args = ap.parse_args()
     from vit import effopt_model
 
@@ -41,7 +42,7 @@ def main():
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}")
     t0 = time.time()
     report = autotune(model, (x,), target="host", trials=args.trials, time_budget=args.time_budget,
-                      cache_dir=args.cache_dir)
+                      cache_dir=args.cache_dir, kinds=tuple(args.kinds.split(",")))
     print(report)
     tune_s = time.time() - t0
 

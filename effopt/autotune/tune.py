@@ -7,7 +7,9 @@ For each task (tasks.py), heaviest first (runs per forward x FLOPs):
   so an interrupted run loses at most the round in flight, and a second run resumes: the trials already
   in the database count against the task's budget and seed the search. A task's share of `trials` is
   proportional to its weight x FLOPs (at least one round).
-* `knobs` (effopt's hand-scheduled kernels): every tile setting in the kernel's space, measured once.
+* `knobs` (effopt's hand-scheduled kernels): every tile setting in the kernel's space, measured once;
+  these come first. With a time budget, each search gets the share of the time left that its trials
+  have of the trials left (time a task does not use passes on), so a short budget still reaches every task.
 
 Then the default schedule (effopt's, as an untuned compile uses) and the best tuned one are built and
 measured side by side by the same runner (local, or the remote device over RPC), interleaved; for a GEMM
@@ -211,13 +213,13 @@ class Tuner:
                         else task.key, "record": j, "run_secs": j[1]})
         return new
 
-    def search(self, task, budget: int) -> int:
+    def search(self, task, budget: int, until: float | None = None) -> int:
         """Rounds of MetaSchedule search until the task's stored trials reach `budget`; returns the trials."""
         from .database import mean_seconds
 
         wkey = task.workload or task.key
         done = len(self.db.traces(wkey))  # trials of earlier runs count: a second run resumes
-        while done < budget and not self.out_of_time():
+        while done < budget and not self.out_of_time() and (until is None or time.perf_counter() < until):
             n = min(self.per_round, budget - done)
             stored = self.db.traces(wkey)
             new = self._round(task, n, stored)
@@ -363,7 +365,8 @@ def autotune(model: torch.nn.Module, example_inputs, target="host", trials: int 
     load_tensor_intrinsics(kind)
     db = TuningDatabase(cache_dir or default_dir(), tdict)
     ext = extract_tasks(model, example_inputs, tvm_target, dict(options or {}, cache_dir=cache_dir), tdict)
-    tasks = [t for t in ext.tasks if t.kind in kinds]
+    # the hand-scheduled kernels first (a fixed, small number of measurements), then the searches, heaviest first
+    tasks = sorted((t for t in ext.tasks if t.kind in kinds), key=lambda t: t.kind != "knobs")
     report = TuneReport(db.target, db.path, skipped=ext.skipped)
     has_gpu = kind == "cuda" and torch.cuda.is_available()
     if kind != "llvm" and rpc_tracker is None and not has_gpu:
@@ -388,10 +391,17 @@ def autotune(model: torch.nn.Module, example_inputs, target="host", trials: int 
                     continue
                 report.results.append(tuner.knobs(task))
                 continue
-            n = tuner.search(task, budgets[task.key])
+            until = None
+            if deadline is not None:  # a time budget is shared like the trials: each search gets its share
+                left = sum(budgets[t.key] for t in tasks[tasks.index(task):] if t.kind != "knobs")
+                until = time.perf_counter() + (deadline - time.perf_counter()) * budgets[task.key] / max(left, 1)
+            n = tuner.search(task, budgets[task.key], until)
             if tuner.out_of_time() and n < budgets[task.key]:
                 report.stopped = "time budget"
-            report.results.append(tuner.finish_search_task(task, n, local))
+            res = tuner.finish_search_task(task, n, local)
+            if n < budgets[task.key]:
+                res.note = (res.note + "; " if res.note else "") + f"time budget: {n} of {budgets[task.key]} trials"
+            report.results.append(res)
     except KeyboardInterrupt:
         report.stopped = "interrupted (the records measured so far are kept; run again to resume)"
     finally:

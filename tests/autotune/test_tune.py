@@ -267,3 +267,12 @@ def test_two_processes_tuning_into_one_database_lose_no_records(tmp_path):
     wrote = [int(o.split("WROTE")[1]) for o in outs]
     assert all(w > 0 for w in wrote)
     assert len(TuningDatabase.open(host_target_dict(), str(tmp_path)).records("trace")) == sum(wrote)
+
+
+def test_a_time_budget_stops_the_search_and_says_so(tmp_path):
+    report = autotune(Tiny().eval(), _inputs(), target="host", trials=64, trials_per_round=4, time_budget=0.01,
+                      cache_dir=str(tmp_path), kinds=("tir",), progress=False)
+    assert report.stopped == "time budget"
+    assert report.results and all(r.trials == 0 and "time budget: 0 of" in r.note and not r.use_tuned
+                                  for r in report.results)
+    assert TuningDatabase.open(host_target_dict(), str(tmp_path)).records("trace") == []
