@@ -34,6 +34,7 @@ def main():
     ap.add_argument("--cache-dir", default="bench-results/autotune-cache")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--kinds", default="tir,gemm,knobs", help="task kinds to tune (tir, gemm, knobs)")
+    ap.add_argument("--remeasure", action="store_true", help="compare default/tuned/library again (resumed run)")
     args = ap.parse_args()
     from vit import effopt_model
 
@@ -42,7 +43,7 @@ def main():
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}")
     t0 = time.time()
     report = autotune(model, (x,), target="host", trials=args.trials, time_budget=args.time_budget,
-                      cache_dir=args.cache_dir, kinds=tuple(args.kinds.split(",")))
+                      cache_dir=args.cache_dir, kinds=tuple(args.kinds.split(",")), remeasure=args.remeasure)
     print(report)
     tune_s = time.time() - t0
 

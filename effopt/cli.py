@@ -86,7 +86,7 @@ def _tune(args) -> int:
     try:
         report = autotune(model.eval(), inputs, target=target, trials=args.trials, time_budget=budget,
                           rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, cache_dir=args.cache_dir,
-                          options=options)
+                          options=options, remeasure=args.remeasure)
     except ValueError as e:
         raise SystemExit(f"effopt: {e}")
     print(report)
@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--options", default="{}", help="backend options as JSON (the graph that is tuned is the graph "
                                                     "these options compile to)")
     t.add_argument("--cache-dir", help="effopt's cache directory (default $EFFOPT_CACHE_DIR or ~/.cache/effopt)")
+    t.add_argument("--remeasure", action="store_true", help="compare default and tuned kernels again where no "
+                                                              "trials were added (after tuning on a busy machine)")
     t.add_argument("--report", action="store_true", help="print each tuned kernel: default vs tuned latency, "
                                                           "GFLOPS, trials")
     args = ap.parse_args(argv)
