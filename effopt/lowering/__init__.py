@@ -265,7 +265,8 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
             del funcs[fkey]
         record.cache_hit = True
     else:
-        executable = _build_all(funcs, target, functools.partial(build_module, tuned=tuned), options.strict)
+        build = build_module if tuned is None else functools.partial(build_module, tuned=tuned)
+        executable = _build_all(funcs, target, build, options.strict)
         tuned_tir = _dedup(tuned.applied) if tuned is not None else []  # the build's replayed schedules
         record.tuned += tuned_tir
         build_dir = tempfile.mkdtemp(prefix="effopt-build-")
