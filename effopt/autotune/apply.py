@@ -36,13 +36,10 @@ class TunedSchedules:
     @classmethod
     def for_target(cls, target: dict, cache_dir: str | None) -> "TunedSchedules | None":
         """The tuned choices for `target` (None where the database has none)."""
-        db = TuningDatabase.open(target, cache_dir)
-        try:
-            import os
+        import os
 
-            if not os.path.exists(db.path):
-                return None
-        except Exception:  # noqa: BLE001
+        db = TuningDatabase.open(target, cache_dir)
+        if not os.path.exists(db.path):
             return None
         tuned = cls(db)
         return tuned if tuned.choices else None

@@ -75,8 +75,6 @@ def _call_counts(mod) -> dict[str, int]:
     from tvm import relax
 
     counts: dict[str, int] = {}
-    call_tir = relax.op.call_tir.__name__  # noqa: F841 - documents what is counted
-
     for _, f in mod.functions_items():
         if not isinstance(f, relax.Function):
             continue
