@@ -72,12 +72,54 @@ def main():
     print(f"\nViT-S/16, batch 1, {len(rec.tuned)} kernels with tuned schedules or tiles in the compiled model")
     for k, v in med.items():
         print(f"  {k:15s} {v * 1e3:8.2f} ms  {med['eager'] / v:5.2f}x eager")
+    gemms = gemm_table(report, args.rounds)
     out = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "tune_seconds": tune_s,
            "tuning": report.to_json(), "end_to_end_ms": {k: v * 1e3 for k, v in med.items()},
-           "tuned_in_compile": rec.tuned}
+           "tuned_in_compile": rec.tuned, "gemms_in_process": gemms}
     os.makedirs("bench-results", exist_ok=True)
     with open("bench-results/autotune.json", "w") as f:
         json.dump(out, f, indent=1, default=str)
+
+
+def gemm_table(report, rounds: int) -> list[dict]:
+    """Each GEMM shape's tuned kernel (the database's choice: the packed kernel's best tiles or the
+    MetaSchedule schedule, whether or not it beat the library) against MKL's addmm and oneDNN's linear,
+    called as a compiled model calls them (TunedLinear through DLPack, on torch's threads), interleaved in
+    this process."""
+    from effopt.autotune.apply import TunedLinear, build_tuned_gemm
+    from effopt.autotune.database import TuningDatabase
+    from effopt.autotune.targets import resolve_target
+    from effopt.lowering.kernels import gemm
+    from effopt.lowering.library import _onednn_supported
+
+    target = resolve_target(report.target)
+    rows = []
+    print("\nGEMMs of ViT-S/16 in this process (median us, interleaved; speed = library time / tuned time)")
+    root = os.path.dirname(os.path.dirname(report.database))
+    for key, c in TuningDatabase.open(report.target, root).choices().items():
+        if c.get("kind") != "gemm" or not (c.get("packed") or c.get("best")) or c["gemm"][0] < 8:
+            continue
+        m, n, k, bias = c["gemm"]
+        g = torch.Generator().manual_seed(0)
+        x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+        fn = build_tuned_gemm(c, m, n, k, bias, target, root)
+        wk, bk = (gemm.pack_weight(w), gemm.pad_bias(b, n)) if c.get("packed") else (w, b)
+        tuned = TunedLinear(fn, wk, bk, (m, n), k, c.get("packed"))
+        wt = w.t().contiguous()
+        fns = {"tuned": tuned, "mkl": lambda x_: torch.addmm(b, x_, wt)}
+        if _onednn_supported():
+            fns["onednn"] = lambda x_: torch.ops.mkldnn._linear_pointwise(x_, w, b, "none", [], "")
+        err = (tuned(x) - torch.nn.functional.linear(x, w, b)).abs().max().item()
+        med = {kk: v * 1e6 for kk, v in interleaved_medians(fns, [x], rounds=rounds, warmup=3, reps=5).items()}
+        lib = min(v for kk, v in med.items() if kk != "tuned")
+        row = {"gemm": f"{m}x{n}x{k}", "kernel": f"packed {c['packed']['mb']}x{c['packed']['nb']}" if c.get("packed")
+               else "MetaSchedule", **{f"{kk}_us": v for kk, v in med.items()}, "speed_vs_library": lib / med["tuned"],
+               "gflops_tuned": 2 * m * n * k / med["tuned"] / 1e3, "max_abs_err": err}
+        rows.append(row)
+        print(f"  {row['gemm']:14s} {row['kernel']:13s} tuned {med['tuned']:8.1f}  mkl {med['mkl']:8.1f}"
+              + (f"  onednn {med['onednn']:8.1f}" if "onednn" in med else "")
+              + f"  speed {row['speed_vs_library']:.2f}x library  {row['gflops_tuned']:.0f} GFLOPS  err {err:.1e}")
+    return rows
 
 
 if __name__ == "__main__":

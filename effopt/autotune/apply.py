@@ -85,11 +85,13 @@ class TunedSchedules:
 
 
 class TunedLinear(torch.nn.Module):
-    """A frozen-weight linear on a tuned TIR matmul: y = x @ w^T (+ b), called through DLPack."""
+    """A frozen-weight linear on a tuned TIR kernel: y = x @ w^T (+ b), called through DLPack. `weight`
+    and `bias` are what the kernel takes: [N, K] and [N] (a MetaSchedule-tuned matmul), or packed
+    [N/16, K, 16] and padded (effopt's packed kernel, which always takes a bias)."""
 
-    def __init__(self, fn, weight, bias, shape):
+    def __init__(self, fn, weight, bias, shape, k: int, packed: dict | None = None):
         super().__init__()
-        self.fn, self.shape = fn, shape
+        self.fn, self.shape, self.k, self.packed = fn, shape, k, packed
         self.register_buffer("weight", weight.contiguous(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.contiguous(), persistent=False)
 
@@ -102,18 +104,51 @@ class TunedLinear(torch.nn.Module):
         return y
 
     def extra_repr(self):
-        return f"tuned TIR matmul {self.shape[0]}x{self.shape[1]}x{self.weight.shape[1]}"
+        how = f"packed kernel, tiles {self.packed['mb']}x{self.packed['nb']}" if self.packed else "MetaSchedule schedule"
+        return f"tuned TIR matmul {self.shape[0]}x{self.shape[1]}x{self.k} ({how})"
+
+
+def _gemm_module(c: dict, m: int, n: int, k: int, bias: bool, target):
+    """The tuned kernel of a GEMM choice: effopt's packed kernel with its tiles, or the matmul with its trace."""
+    from ..lowering.kernels import gemm as packed_gemm
+    from .tasks import gemm_func, normalized
+
+    if c.get("packed"):
+        return normalized(packed_gemm.linear_func(m, n, k, **c["packed"]))
+    return apply_trace(normalized(gemm_func(m, n, k, bias)), c["best"], target)
+
+
+def build_tuned_gemm(c: dict, m: int, n: int, k: int, bias: bool, target, root: str):
+    """The tuned kernel of a GEMM choice, compiled into `<root>/runtime` (once per kernel; later compiles
+    load it) with its parallel loops on torch's threads, as a callable (x, weight, bias, y)."""
+    import os
+
+    import tvm
+
+    from ..lowering import threads
+    from ..lowering.cache import checked, make_key
+
+    mod = _gemm_module(c, m, n, k, bias, target)
+    path = os.path.join(root, "runtime", f"gemm-{make_key(mod.script())[:24]}.so")
+    if not os.path.exists(path):
+        if not checked(root):
+            raise RuntimeError(f"cache directory {root} refused")
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = path + f".tmp{os.getpid()}"
+        tvm.compile(mod, target=target).export_library(tmp)
+        os.replace(tmp, path)
+    lib = tvm.runtime.load_module(path)
+    launch = threads.launcher(os.path.join(root, "runtime"))
+    if launch is not None:
+        threads.attach(path, launch)
+    return lib["main"]
 
 
 def use_tuned_gemms(gm, tuned: TunedSchedules, target) -> list[dict]:
     """Replace frozen-weight float32 linears (addmm/mm) whose shape has a tuned TIR matmul that tuning
     measured faster than the library kernel with calls of that kernel; returns one record per shape."""
-    import os
-
-    from ..lowering import threads
-    from ..lowering.cache import checked, default_dir, make_key
+    from ..lowering.kernels import gemm as packed_gemm
     from ..lowering.library import _linear_parts
-    from .tasks import gemm_func, normalized
 
     if not any(k.startswith("gemm:") for k in tuned.choices):
         return []
@@ -130,28 +165,12 @@ def use_tuned_gemms(gm, tuned: TunedSchedules, target) -> list[dict]:
             continue
         m, (n, k) = int(xv.shape[0]), w.shape
         c = tuned.gemm(m, n, k, b is not None)
-        if c is None or not c.get("best"):
+        if c is None or not (c.get("best") or c.get("packed")):
             continue
         key = (m, n, k, b is not None)
         if key not in built:
-            import tvm
-
             try:
-                mod = apply_trace(normalized(gemm_func(*key)), c["best"], target)
-                root = tuned.db.root
-                path = os.path.join(root, "runtime", f"gemm-{make_key(mod.script())[:24]}.so")
-                if not os.path.exists(path):
-                    if not checked(root):
-                        raise RuntimeError(f"cache directory {root} refused")
-                    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-                    tmp = path + f".tmp{os.getpid()}"
-                    tvm.compile(mod, target=target).export_library(tmp)
-                    os.replace(tmp, path)
-                lib = tvm.runtime.load_module(path)
-                launch = threads.launcher(os.path.join(root or default_dir(), "runtime"))
-                if launch is not None:
-                    threads.attach(path, launch)
-                built[key] = lib["main"]
+                built[key] = build_tuned_gemm(c, *key, target, tuned.db.root)
             except Exception as e:  # noqa: BLE001 - keep the library kernel
                 warnings.warn(f"effopt: tuned GEMM {m}x{n}x{k} could not be built ({e}); using the library kernel",
                               RuntimeWarning)
@@ -160,7 +179,9 @@ def use_tuned_gemms(gm, tuned: TunedSchedules, target) -> list[dict]:
             continue
         name = f"tuned_linear_{len(records)}"
         bias = getattr(gm, b.target) if b is not None else None
-        setattr(gm, name, TunedLinear(built[key], w, bias, (m, n)))
+        if c.get("packed"):
+            w, bias = packed_gemm.pack_weight(w), packed_gemm.pad_bias(bias, n)
+        setattr(gm, name, TunedLinear(built[key], w, bias, (m, n), k, c.get("packed")))
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(name, (x,))
         new.meta = dict(node.meta)

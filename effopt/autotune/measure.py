@@ -75,13 +75,25 @@ def evaluator(number: int = 3, repeat: int = 1, min_repeat_ms: int = 20):
                                      enable_cpu_cache_flush=False)
 
 
+def _runner_init(threads: int):
+    """Runs in each local runner worker before any kernel: TVM's thread pool gets the target's cores. (The
+    workers inherit effopt's TVM_NUM_THREADS=1, lowering/runtime.py, which would time every candidate on
+    one thread, while a compiled model runs them on torch's threads and the library GEMM is timed on all.)"""
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+
+
 def runner(rpc_tracker: str | None = None, rpc_key: str | None = None, timeout_s: float = 60.0,
-           repeat: int = 1):
-    """A LocalRunner, or an RPCRunner that asks the tracker `host:port` for devices under `rpc_key`."""
+           repeat: int = 1, threads: int | None = None):
+    """A LocalRunner whose kernels run on `threads` threads (default: torch's), or an RPCRunner that asks
+    the tracker `host:port` for devices under `rpc_key` (the device's server sets its own threads)."""
+    import functools
+
+    import torch
     from tvm.s_tir import meta_schedule as ms
 
     if rpc_tracker is None:
-        return ms.runner.LocalRunner(timeout_sec=timeout_s, evaluator_config=evaluator(repeat=repeat))
+        return ms.runner.LocalRunner(timeout_sec=timeout_s, evaluator_config=evaluator(repeat=repeat),
+                                     initializer=functools.partial(_runner_init, threads or torch.get_num_threads()))
     host, port = parse_tracker(rpc_tracker)
     if not rpc_key:
         raise ValueError("rpc_tracker needs rpc_key: the key the device servers registered with the tracker")

@@ -7,8 +7,9 @@ and its graph is cut into regions and converted as the lowering stage does. Thre
   matching and scatter kernels), keyed by its structural hash; MetaSchedule searches its schedules.
 * `knobs`: one of effopt's hand-scheduled kernels (flash attention, int8 linear, shift linear), keyed by
   its parameters and shapes; the tuner measures its tile settings (kernels/tunable.py).
-* `gemm`: a frozen-weight linear that runs on the library (MKL/oneDNN), as a TIR matmul of its shape; a
-  tuned schedule replaces the library only where it is measured faster.
+* `gemm`: a frozen-weight linear that runs on the library (MKL/oneDNN), as a TIR matmul of its shape
+  (MetaSchedule searches it) and, on AVX-512 CPUs, effopt's packed kernel (its tiles are measured); the
+  faster replaces the library only where it is measured faster than the library.
 
 `weight` is how many times the kernel runs per forward; kernels with symbolic sizes are listed as skipped
 (MetaSchedule measures concrete shapes).

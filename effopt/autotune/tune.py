@@ -13,7 +13,10 @@ For each task (tasks.py), heaviest first (runs per forward x FLOPs):
 
 Then the default schedule (effopt's, as an untuned compile uses) and the best tuned one are built and
 measured side by side by the same runner (local, or the remote device over RPC), interleaved; for a GEMM
-the library kernel (torch's addmm, MKL) is timed too, on this machine only. The tuned schedule is chosen
+on an AVX-512 CPU, so is every tile setting of effopt's packed kernel (lowering/kernels/gemm.py: register
+tiles over weights packed at compile time), and the faster of it and MetaSchedule's schedule is the tuned
+candidate; the library kernel (torch's addmm on MKL, or oneDNN) is timed too, on this machine only. Local
+measurements run each kernel on torch's thread count, as a compiled model runs it. The tuned schedule is chosen
 only where it was measured faster than each of them (by more than 3%, measurement noise); that choice is written to the database, and every
 later compile for this target (`torch.compile(model, backend="effopt")`) applies it.
 """
@@ -243,11 +246,14 @@ class Tuner:
         from .apply import apply_trace
         from .database import mean_seconds
         from .measure import measure
+        from .tasks import normalized
 
         res = TaskResult(task.key, task.kind, task.name, task.weight, task.flops, trials)
         traces = [r for r in self.db.traces(task.workload or task.key) if math.isfinite(mean_seconds(r["run_secs"]))]
+        packed = _packed_space(task, self.target)
         prev = None if self.remeasure else self.db.choices().get(task.key)
-        if prev is not None and prev.get("trials") == trials and prev.get("best") == (traces[0]["record"][0] if traces else None):
+        if prev is not None and prev.get("trials") == trials and prev.get("best") == (traces[0]["record"][0] if traces else None) \
+                and (not packed or "packed" in prev):
             return _result_from_choice(res, prev)  # nothing new since the last comparison
         mods, names = [self.default_module(task)], ["default"]
         if traces:
@@ -256,9 +262,22 @@ class Tuner:
                 names.append("tuned")
             except Exception as e:  # noqa: BLE001
                 res.note = f"best trace does not replay: {str(e)[:80]}"
+        if packed:  # effopt's register-tiled kernel over packed weights, each tile setting (kernels/gemm.py)
+            from ..lowering.kernels import gemm as packed_gemm
+
+            m, n, k, _ = task.gemm
+            mods += [normalized(packed_gemm.linear_func(m, n, k, **t)) for t in packed]
+            names += [json.dumps(t, sort_keys=True) for t in packed]
         lib_before = _library_us(*task.gemm) if task.kind == "gemm" and local else None
         us = dict(zip(names, measure(mods, self.target, self.run)))
         res.default_us, res.tuned_us = us.get("default"), us.get("tuned")
+        tile = None
+        if packed:
+            done = [(u, t) for t, u in zip(packed, (us.get(json.dumps(t, sort_keys=True)) for t in packed)) if u]
+            self.progress.update(0, task.name, min((u for u, _ in done), default=None), res.default_us)
+            if done and (res.tuned_us is None or min(done, key=lambda d: d[0])[0] < res.tuned_us):
+                res.tuned_us, tile = min(done, key=lambda d: d[0])
+                res.note = f"packed kernel, tiles {tile['mb']}x{tile['nb']}"
         if task.kind == "gemm":
             if local:  # timed before and after the TVM kernels, the better kept: load in between cannot favour TVM
                 res.library_us = min(lib_before, _library_us(*task.gemm))
@@ -267,10 +286,12 @@ class Tuner:
         rivals = [v for v in (res.default_us, res.library_us) if v is not None]
         res.use_tuned = bool(res.tuned_us is not None and rivals and res.tuned_us < MARGIN * min(rivals)
                              and not (task.kind == "gemm" and not local))
-        if not traces:
+        if not traces and tile is None:
             res.note = res.note or "no candidate built and ran"
         self.db.append([{"type": "choice", "task": task.key, "kind": task.kind, "name": task.name,
                          "trials": trials, "best": traces[0]["record"][0] if traces else None,
+                         **({"packed": tile, "packed_measured": {json.dumps(t, sort_keys=True): us.get(json.dumps(t, sort_keys=True))
+                                                   for t in packed}} if packed else {}),
                          "default_us": res.default_us, "tuned_us": res.tuned_us, "library_us": res.library_us,
                          "use_tuned": res.use_tuned, "flops": task.flops, "gemm": task.gemm, "weight": task.weight}])
         return res
@@ -307,7 +328,21 @@ def _result_from_choice(res: TaskResult, c: dict) -> TaskResult:
     res.default_us, res.tuned_us, res.library_us = c.get("default_us"), c.get("tuned_us"), c.get("library_us")
     res.use_tuned = bool(c.get("use_tuned"))
     res.note = f"tiles {c['knobs']}" if c.get("knobs") else ""
+    if c.get("packed"):
+        res.note = f"packed kernel, tiles {c['packed']['mb']}x{c['packed']['nb']}"
     return res
+
+
+def _packed_space(task, target) -> list[dict]:
+    """The packed GEMM kernel's tile settings for a GEMM task on a target that can run it, else []."""
+    if task.kind != "gemm":
+        return []
+    from ..lowering.kernels import gemm as packed_gemm
+
+    if packed_gemm.supported(target) is not None:
+        return []
+    m, n, _, _ = task.gemm
+    return packed_gemm.space(m, n)
 
 
 def _library_us(m: int, n: int, k: int, bias: bool) -> float:

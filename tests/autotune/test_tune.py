@@ -17,7 +17,7 @@ import torch.nn as nn
 
 import effopt
 from effopt.autotune.database import TuningDatabase
-from effopt.autotune.targets import host_target_dict
+from effopt.autotune.targets import host_target_dict, resolve_target
 from effopt.autotune.tune import Progress, autotune
 from effopt.report import last_report
 from effopt.testing.models import vit_tiny_test
@@ -135,18 +135,35 @@ def test_a_record_for_another_target_is_ignored(tuned_dir, tmp_path):
     torch.testing.assert_close(y, model(*_inputs()), rtol=1e-4, atol=1e-5)
 
 
-def test_a_tuned_gemm_replaces_the_library_kernel_exactly(tuned_dir, tmp_path):
+@pytest.mark.parametrize("kernel", ["trace", "packed"])
+def test_a_tuned_gemm_replaces_the_library_kernel_exactly(tuned_dir, tmp_path, kernel):
+    """Either kind of tuned GEMM (MetaSchedule's schedule of the matmul, or effopt's packed kernel with a
+    non-default tile setting), forced as the choice, is applied and matches eager."""
+    from effopt.lowering.kernels import gemm
+
     d, _, _ = tuned_dir
     work = str(tmp_path / "c")
     shutil.copytree(d, work)
-    keys = _force_tuned(TuningDatabase.open(host_target_dict(), work), "gemm")
+    db = TuningDatabase.open(host_target_dict(), work)
+    (key, c), = [(k, c) for k, c in db.choices().items() if c.get("kind") == "gemm"]
+    if gemm.supported(resolve_target("host")) is None:
+        assert "packed" in c  # the packed kernel's tiles were measured (None: the MetaSchedule schedule won)
+    elif kernel == "packed":
+        pytest.skip("this CPU has no AVX-512")
+    if kernel == "trace" and not c.get("best"):
+        pytest.skip("no MetaSchedule candidate built")
+    tile = gemm.space(16, 64)[-1] if kernel == "packed" else None
+    db.append([dict(c, use_tuned=True, tuned_us=0.5 * c["library_us"], packed=tile)])
     torch.manual_seed(0)
     model, inputs = Tiny().eval(), _inputs()
     ref = model(*inputs)
     y, rec = _compile(model, inputs, cache_dir=work)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
-    assert _tuned_keys(rec, "gemm") == keys
-    assert "tuned TIR matmul" in str(last_report().graph)
+    assert _tuned_keys(rec, "gemm") == [key]
+    graph = str(last_report().graph)
+    assert "tuned TIR matmul 16x64x64" in graph
+    assert (f"packed kernel, tiles {tile['mb']}x{tile['nb']}" if tile else "MetaSchedule schedule") in graph
 
 
 def test_hand_scheduled_kernels_are_tuned_through_their_tiles(tmp_path):

@@ -36,3 +36,17 @@ def batch(b):
 
 def as_float32(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
     return x if str(x.ty.dtype) == "float32" else bb.emit(relax.op.astype(x, "float32"))
+
+
+def x86_feature_missing(target, feature: str, what: str) -> str | None:
+    """Why `what` cannot run on `target` (a tvm Target): not a CPU, or no LLVM feature `feature`; else None."""
+    keys = set(target.keys) if target is not None else set()
+    if "cpu" not in keys:
+        return f"{what} is for x86 CPUs (target keys {sorted(keys)})"
+    from tvm.target import codegen
+
+    try:
+        ok = codegen.target_has_features(feature, target)
+    except Exception:  # noqa: BLE001 - an LLVM without that query
+        ok = False
+    return None if ok else f"{what} needs {feature}"

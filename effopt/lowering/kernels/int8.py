@@ -23,7 +23,7 @@ from tvm import relax, tirx
 from tvm.script import tirx as T
 
 from . import tunable
-from .common import dims, static
+from .common import dims, static, x86_feature_missing
 
 LANES = 16
 _ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}  # 8: kOpaque
@@ -209,17 +209,8 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
 
 
 def supported(target) -> str | None:
-    """Why the fused kernel cannot run on `target` (a tvm Target), or None."""
-    keys = set(target.keys) if target is not None else set()
-    if "cpu" not in keys:
-        return f"the fused int8 kernel is for x86 CPUs (target keys {sorted(keys)})"
-    from tvm.target import codegen
-
-    try:
-        ok = codegen.target_has_features("avx512vnni", target)
-    except Exception:  # noqa: BLE001 - an LLVM without that query
-        ok = False
-    return None if ok else "the fused int8 kernel needs AVX-512 VNNI"
+    """Why the kernel cannot run on `target` (a tvm Target), or None."""
+    return x86_feature_missing(target, "avx512vnni", "the fused int8 kernel")
 
 
 def emit(bb: relax.BlockBuilder, x, packed, wsum, w_step, bias, residual, k: int, scale: float | None,
