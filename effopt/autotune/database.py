@@ -33,7 +33,9 @@ import os
 import warnings
 from dataclasses import dataclass, field
 
-FORMAT = 1
+# 2: local measurements on torch's thread count (format 1 timed TVM candidates on one thread) and GEMM
+# choices that may name the packed kernel; a format-1 database is not used
+FORMAT = 2
 
 
 def canonical_target(target) -> dict:
