@@ -52,7 +52,9 @@ class TunedSchedules:
         return dict(c["knobs"]) if c and isinstance(c.get("knobs"), dict) and c["knobs"] in task.space else None
 
     def gemm(self, m: int, n: int, k: int, bias: bool) -> dict | None:
-        return self.choices.get(f"gemm:{m}x{n}x{k}" + ("+bias" if bias else ""))
+        from .tasks import gemm_key
+
+        return self.choices.get(gemm_key(m, n, k, bias))
 
     def as_pass(self, target):
         import tvm
@@ -148,26 +150,21 @@ def use_tuned_gemms(gm, tuned: TunedSchedules, target) -> list[dict]:
     """Replace frozen-weight float32 linears (addmm/mm) whose shape has a tuned TIR matmul that tuning
     measured faster than the library kernel with calls of that kernel; returns one record per shape."""
     from ..lowering.kernels import gemm as packed_gemm
-    from ..lowering.library import _linear_parts
+    from .tasks import gemm_key, gemm_parts
 
     if not any(k.startswith("gemm:") for k in tuned.choices):
         return []
     built: dict = {}
     records = []
     for node in list(gm.graph.nodes):
-        parts = _linear_parts(gm, node) if node.op == "call_function" else None
+        parts = gemm_parts(gm, node)
         if parts is None:
             continue
-        x, w, b = parts
-        xv = x.meta.get("val")
-        if xv is None or xv.dtype != torch.float32 or w.dtype != torch.float32 or xv.dim() != 2 or \
-                not isinstance(xv.shape[0], int):
-            continue
-        m, (n, k) = int(xv.shape[0]), w.shape
-        c = tuned.gemm(m, n, k, b is not None)
+        x, w, b, key = parts
+        m, n, k, _ = key
+        c = tuned.gemm(*key)
         if c is None or not (c.get("best") or c.get("packed")):
             continue
-        key = (m, n, k, b is not None)
         if key not in built:
             try:
                 built[key] = build_tuned_gemm(c, *key, target, tuned.db.root)
@@ -187,7 +184,7 @@ def use_tuned_gemms(gm, tuned: TunedSchedules, target) -> list[dict]:
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        records.append({"kernel": f"linear {m}x{n}x{k}", "task": f"gemm:{m}x{n}x{k}" + ("+bias" if b is not None else ""),
+        records.append({"kernel": f"linear {m}x{n}x{k}", "task": gemm_key(*key),
                         "kind": "gemm", "default_us": c.get("library_us"), "tuned_us": c.get("tuned_us")})
     if records:
         gm.graph.eliminate_dead_code()

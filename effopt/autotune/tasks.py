@@ -173,24 +173,38 @@ def graph_tasks(gm, target, gemm_decisions: dict | None = None) -> Extraction:
     return Extraction(list(tasks.values()), skipped)
 
 
-def _gemm_tasks(gm) -> dict:
+def gemm_key(m: int, n: int, k: int, bias: bool) -> str:
+    return f"gemm:{m}x{n}x{k}" + ("+bias" if bias else "")
+
+
+def gemm_parts(gm, node):
+    """(x node, weight [N, K], bias node or None, (M, N, K, has_bias)) for a frozen-weight float32 linear
+    (addmm/mm) of static shape, the GEMMs tuning covers and a compile may replace; else None."""
     from ..lowering.library import _linear_parts
 
+    parts = _linear_parts(gm, node) if node.op == "call_function" else None
+    if parts is None:
+        return None
+    x, w, b = parts
+    xv = x.meta.get("val")
+    if xv is None or xv.dtype != torch.float32 or w.dtype != torch.float32 or xv.dim() != 2 or \
+            not all(isinstance(s, int) for s in xv.shape):
+        return None
+    return x, w, b, (int(xv.shape[0]), int(w.shape[0]), int(w.shape[1]), b is not None)
+
+
+def _gemm_tasks(gm) -> dict:
     tasks: dict[str, Task] = {}
     for node in gm.graph.nodes:
-        parts = _linear_parts(gm, node) if node.op == "call_function" else None
+        parts = gemm_parts(gm, node)
         if parts is None:
             continue
-        x, w, b = parts
-        xv = x.meta.get("val")
-        if xv is None or xv.dtype != torch.float32 or w.dtype != torch.float32 or \
-                not all(isinstance(s, int) for s in xv.shape):
-            continue
-        m, (n, k) = int(xv.shape[0]), w.shape
-        key = f"gemm:{m}x{n}x{k}" + ("+bias" if b is not None else "")
+        shape = parts[3]
+        key = gemm_key(*shape)
         if key not in tasks:
-            nm = normalized(gemm_func(m, n, k, b is not None))
-            tasks[key] = Task(key, "gemm", f"linear {m}x{n}x{k}", 0, 2.0 * m * n * k, nm, gemm=(m, n, k, b is not None))
+            m, n, k, _ = shape
+            tasks[key] = Task(key, "gemm", f"linear {m}x{n}x{k}", 0, 2.0 * m * n * k, normalized(gemm_func(*shape)),
+                              gemm=shape)
         tasks[key].weight += 1
     return tasks
 

@@ -25,11 +25,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
