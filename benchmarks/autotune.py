@@ -89,8 +89,8 @@ def gemm_table(report, rounds: int) -> list[dict]:
     from effopt.autotune.apply import TunedLinear, build_tuned_gemm
     from effopt.autotune.database import TuningDatabase
     from effopt.autotune.targets import resolve_target
+    from effopt.autotune.tune import library_linears
     from effopt.lowering.kernels import gemm
-    from effopt.lowering.library import _onednn_supported
 
     target = resolve_target(report.target)
     rows = []
@@ -102,21 +102,17 @@ def gemm_table(report, rounds: int) -> list[dict]:
         m, n, k, bias = c["gemm"]
         g = torch.Generator().manual_seed(0)
         x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
-        fn = build_tuned_gemm(c, m, n, k, bias, target, root)
-        wk, bk = (gemm.pack_weight(w), gemm.pad_bias(b, n)) if c.get("packed") else (w, b)
-        tuned = TunedLinear(fn, wk, bk, (m, n), k, c.get("packed"))
-        wt = w.t().contiguous()
-        fns = {"tuned": tuned, "mkl": lambda x_: torch.addmm(b, x_, wt)}
-        if _onednn_supported():
-            fns["onednn"] = lambda x_: torch.ops.mkldnn._linear_pointwise(x_, w, b, "none", [], "")
-        err = (tuned(x) - torch.nn.functional.linear(x, w, b)).abs().max().item()
+        bb = b if bias else None
+        tuned = TunedLinear.for_choice(c, build_tuned_gemm(c, m, n, k, bias, target, root), w, bb, m, n, k)
+        fns = {"tuned": tuned, **library_linears(w, bb)}
+        err = (tuned(x) - torch.nn.functional.linear(x, w, bb)).abs().max().item()
         med = {kk: v * 1e6 for kk, v in interleaved_medians(fns, [x], rounds=rounds, warmup=3, reps=5).items()}
         lib = min(v for kk, v in med.items() if kk != "tuned")
-        row = {"gemm": f"{m}x{n}x{k}", "kernel": f"packed {c['packed']['mb']}x{c['packed']['nb']}" if c.get("packed")
-               else "MetaSchedule", **{f"{kk}_us": v for kk, v in med.items()}, "speed_vs_library": lib / med["tuned"],
+        row = {"gemm": f"{m}x{n}x{k}", "kernel": gemm.describe(c["packed"]) if c.get("packed") else "MetaSchedule",
+               **{f"{kk}_us": v for kk, v in med.items()}, "speed_vs_library": lib / med["tuned"],
                "gflops_tuned": 2 * m * n * k / med["tuned"] / 1e3, "max_abs_err": err}
         rows.append(row)
-        print(f"  {row['gemm']:14s} {row['kernel']:13s} tuned {med['tuned']:8.1f}  mkl {med['mkl']:8.1f}"
+        print(f"  {row['gemm']:14s} {row['kernel']:24s} tuned {med['tuned']:8.1f}  mkl {med['mkl']:8.1f}"
               + (f"  onednn {med['onednn']:8.1f}" if "onednn" in med else "")
               + f"  speed {row['speed_vs_library']:.2f}x library  {row['gflops_tuned']:.0f} GFLOPS  err {err:.1e}")
     return rows

@@ -98,7 +98,7 @@ def _tune(args) -> int:
 
 def _tune_report(target, cache_dir) -> int:
     from .autotune.database import TuningDatabase
-    from .autotune.tune import TaskResult, format_table, tuning_target
+    from .autotune.tune import TaskResult, _result_from_choice, format_table, tuning_target
 
     db = TuningDatabase.open(tuning_target(target, False), cache_dir)
     choices = db.choices()
@@ -107,10 +107,9 @@ def _tune_report(target, cache_dir) -> int:
         return 0
     results = []
     for key, c in choices.items():
-        r = TaskResult(key, c.get("kind", "?"), c.get("name", key), int(c.get("weight") or 0), float(c.get("flops") or 0), int(c.get("trials") or 0),
-                       c.get("default_us"), c.get("tuned_us"), c.get("library_us"), bool(c.get("use_tuned")),
-                       f"tiles {c['knobs']}" if c.get("knobs") else "")
-        results.append(r)
+        r = TaskResult(key, c.get("kind", "?"), c.get("name", key), int(c.get("weight") or 0),
+                       float(c.get("flops") or 0), int(c.get("trials") or 0))
+        results.append(_result_from_choice(r, c))
     print(format_table(results, db.target, db.path))
     return 0
 

@@ -105,8 +105,20 @@ class TunedLinear(torch.nn.Module):
         self.fn(*args, y)
         return y
 
+    @classmethod
+    def for_choice(cls, c: dict, fn, weight, bias, m: int, n: int, k: int) -> "TunedLinear":
+        """The module for a GEMM choice's kernel `fn` (build_tuned_gemm), on the model's weight [N, K] and
+        bias: packed and padded where the choice is the packed kernel."""
+        from ..lowering.kernels import gemm as packed_gemm
+
+        if c.get("packed"):
+            weight, bias = packed_gemm.pack_weight(weight), packed_gemm.pad_bias(bias, n)
+        return cls(fn, weight, bias, (m, n), k, c.get("packed"))
+
     def extra_repr(self):
-        how = f"packed kernel, tiles {self.packed['mb']}x{self.packed['nb']}" if self.packed else "MetaSchedule schedule"
+        from ..lowering.kernels import gemm as packed_gemm
+
+        how = packed_gemm.describe(self.packed) if self.packed else "MetaSchedule schedule"
         return f"tuned TIR matmul {self.shape[0]}x{self.shape[1]}x{self.k} ({how})"
 
 
@@ -149,7 +161,6 @@ def build_tuned_gemm(c: dict, m: int, n: int, k: int, bias: bool, target, root: 
 def use_tuned_gemms(gm, tuned: TunedSchedules, target) -> list[dict]:
     """Replace frozen-weight float32 linears (addmm/mm) whose shape has a tuned TIR matmul that tuning
     measured faster than the library kernel with calls of that kernel; returns one record per shape."""
-    from ..lowering.kernels import gemm as packed_gemm
     from .tasks import gemm_key, gemm_parts
 
     if not any(k.startswith("gemm:") for k in tuned.choices):
@@ -176,9 +187,7 @@ def use_tuned_gemms(gm, tuned: TunedSchedules, target) -> list[dict]:
             continue
         name = f"tuned_linear_{len(records)}"
         bias = getattr(gm, b.target) if b is not None else None
-        if c.get("packed"):
-            w, bias = packed_gemm.pack_weight(w), packed_gemm.pad_bias(bias, n)
-        setattr(gm, name, TunedLinear(built[key], w, bias, (m, n), k, c.get("packed")))
+        setattr(gm, name, TunedLinear.for_choice(c, built[key], w, bias, m, n, k))
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(name, (x,))
         new.meta = dict(node.meta)

@@ -76,7 +76,7 @@ def evaluator(number: int = 3, repeat: int = 1, min_repeat_ms: int = 20):
 
 
 def _runner_init(threads: int):
-    """Runs in each local runner worker before any kernel: TVM's thread pool gets the target's cores. (The
+    """Runs in each local runner worker before any kernel: TVM's thread pool gets `threads` threads. (The
     workers inherit effopt's TVM_NUM_THREADS=1, lowering/runtime.py, which would time every candidate on
     one thread, while a compiled model runs them on torch's threads and the library GEMM is timed on all.)"""
     os.environ["TVM_NUM_THREADS"] = str(threads)

@@ -241,6 +241,7 @@ class Tuner:
         return default_schedule_pass(self.target)(tvm.IRModule({"main": task.mod["main"]}))
 
     def finish_search_task(self, task, trials: int, local: bool) -> TaskResult:
+        from ..lowering.kernels import gemm as packed_gemm
         from .apply import apply_trace
         from .database import mean_seconds
         from .measure import measure
@@ -260,22 +261,22 @@ class Tuner:
                 names.append("tuned")
             except Exception as e:  # noqa: BLE001
                 res.note = f"best trace does not replay: {str(e)[:80]}"
+        tile_names = [json.dumps(t, sort_keys=True) for t in packed]
         if packed:  # effopt's register-tiled kernel over packed weights, each tile setting (kernels/gemm.py)
-            from ..lowering.kernels import gemm as packed_gemm
-
             m, n, k, _ = task.gemm
             mods += [normalized(packed_gemm.linear_func(m, n, k, **t)) for t in packed]
-            names += [json.dumps(t, sort_keys=True) for t in packed]
+            names += tile_names
         lib_before = _library_us(*task.gemm) if task.kind == "gemm" and local else None
         us = dict(zip(names, measure(mods, self.target, self.run)))
         res.default_us, res.tuned_us = us.get("default"), us.get("tuned")
         tile = None
         if packed:
-            done = [(u, t) for t, u in zip(packed, (us.get(json.dumps(t, sort_keys=True)) for t in packed)) if u]
-            self.progress.update(0, task.name, min((u for u, _ in done), default=None), res.default_us)
-            if done and (res.tuned_us is None or min(done, key=lambda d: d[0])[0] < res.tuned_us):
-                res.tuned_us, tile = min(done, key=lambda d: d[0])
-                res.note = f"packed kernel, tiles {tile['mb']}x{tile['nb']}"
+            best_us, best = min(((us[nm], t) for nm, t in zip(tile_names, packed) if us.get(nm)),
+                                key=lambda d: d[0], default=(None, None))
+            self.progress.update(0, task.name, best_us, res.default_us)
+            if best is not None and (res.tuned_us is None or best_us < res.tuned_us):
+                res.tuned_us, tile = best_us, best
+                res.note = packed_gemm.describe(tile)
         if task.kind == "gemm":
             if local:  # timed before and after the TVM kernels, the better kept: load in between cannot favour TVM
                 res.library_us = min(lib_before, _library_us(*task.gemm))
@@ -288,8 +289,7 @@ class Tuner:
             res.note = res.note or "no candidate built and ran"
         self.db.append([{"type": "choice", "task": task.key, "kind": task.kind, "name": task.name,
                          "trials": trials, "best": traces[0]["record"][0] if traces else None,
-                         **({"packed": tile, "packed_measured": {json.dumps(t, sort_keys=True): us.get(json.dumps(t, sort_keys=True))
-                                                   for t in packed}} if packed else {}),
+                         **({"packed": tile, "packed_measured": {nm: us.get(nm) for nm in tile_names}} if packed else {}),
                          "default_us": res.default_us, "tuned_us": res.tuned_us, "library_us": res.library_us,
                          "use_tuned": res.use_tuned, "flops": task.flops, "gemm": task.gemm, "weight": task.weight}])
         return res
@@ -325,9 +325,10 @@ class Tuner:
 def _result_from_choice(res: TaskResult, c: dict) -> TaskResult:
     res.default_us, res.tuned_us, res.library_us = c.get("default_us"), c.get("tuned_us"), c.get("library_us")
     res.use_tuned = bool(c.get("use_tuned"))
-    res.note = f"tiles {c['knobs']}" if c.get("knobs") else ""
-    if c.get("packed"):
-        res.note = f"packed kernel, tiles {c['packed']['mb']}x{c['packed']['nb']}"
+    from ..lowering.kernels import gemm as packed_gemm
+
+    res.note = (packed_gemm.describe(c["packed"]) if c.get("packed") else
+                f"tiles {c['knobs']}" if c.get("knobs") else "")
     return res
 
 
@@ -343,18 +344,26 @@ def _packed_space(task, target) -> list[dict]:
     return packed_gemm.space(m, n)
 
 
-def _library_us(m: int, n: int, k: int, bias: bool) -> float:
-    """The faster library kernel on this machine (torch's addmm on MKL, or oneDNN's linear, as the
-    lowering stage picks per shape), median of interleaved rounds."""
+def library_linears(w: torch.Tensor, b: torch.Tensor | None) -> dict:
+    """The library kernels the lowering stage picks between for x @ w^T (+ b) (w [N, K]): torch's addmm
+    (mm) on MKL, and oneDNN's linear where torch has it; name -> callable(x)."""
     from ..lowering.library import _onednn_supported
+
+    wkn = w.t().contiguous()
+    fns = {"mkl": (lambda x_: torch.addmm(b, x_, wkn)) if b is not None else (lambda x_: torch.mm(x_, wkn))}
+    if _onednn_supported():
+        fns["onednn"] = lambda x_: torch.ops.mkldnn._linear_pointwise(x_, w, b, "none", [], "")
+    return fns
+
+
+def _library_us(m: int, n: int, k: int, bias: bool) -> float:
+    """The faster library kernel on this machine (MKL or oneDNN, as the lowering stage picks per shape),
+    median of interleaved rounds."""
     from ..timing import interleaved_medians
 
     g = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(s, generator=g) for s in ((m, k), (k, n), (n,)))
-    fns = {"mkl": (lambda x_: torch.addmm(b, x_, w)) if bias else (lambda x_: torch.mm(x_, w))}
-    if _onednn_supported():
-        wt = w.t().contiguous()
-        fns["onednn"] = lambda x_: torch.ops.mkldnn._linear_pointwise(x_, wt, b if bias else None, "none", [], "")
+    x, w, b = (torch.randn(s, generator=g) for s in ((m, k), (n, k), (n,)))
+    fns = library_linears(w, b if bias else None)
     return min(interleaved_medians(fns, [x], rounds=15, reps=5).values()) * 1e6
 
 

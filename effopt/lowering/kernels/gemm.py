@@ -92,6 +92,11 @@ def linear_func(M: int, N: int, K: int, mb: int, nb: int):
     return packed_linear
 
 
+def describe(tile: dict) -> str:
+    """How reports name the kernel with a tile setting."""
+    return f"packed kernel, tiles {tile['mb']}x{tile['nb']}"
+
+
 def supported(target) -> str | None:
     """Why the kernel cannot run on `target` (a tvm Target), or None."""
     return x86_feature_missing(target, "avx512f", "the packed linear")
