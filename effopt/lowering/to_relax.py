@@ -759,7 +759,7 @@ def _int8_linear(cv, node, x, packed, wsum, w_step, bias, scale, offset, lo, hi,
     out = None if out_scale is None else (float(out_scale), int(out_offset), int(out_lo), int(out_hi))
     return int8.emit(cv.bb, x, packed, wsum, w_step, bias, residual, int(in_features),
                      None if scale is None else float(scale), int(offset), int(lo), int(hi), str(activation), smooth,
-                     out)
+                     out, isa=int8.isa_of(cv.target))
 
 
 @lowers(torch.ops.effopt.quantize_affine.default)

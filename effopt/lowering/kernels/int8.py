@@ -1,4 +1,5 @@
-"""The fused int8 linear (`effopt::int8_linear`, effopt/int8_ops.py) as one TIR kernel on AVX-512 VNNI:
+"""The fused int8 linear (`effopt::int8_linear`, effopt/int8_ops.py) as one TIR kernel, generated for the
+target's integer dot product (`Isa`: AVX-512 VNNI, AVX-VNNI, AVX2, aarch64 NEON sdot):
 
     quantize   q[m, k] = clamp(nearbyint(x[m, k] * inv[m]) + offset, lo, hi)       uint8
                per token (inv = 127 / max|x[m]|, offset 128, [1, 255]: symmetric int8 + 128), or with a
@@ -9,7 +10,16 @@
 VNNI's vpdpbusd multiplies unsigned by signed bytes, four per int32 lane; wsum = offset * sum_k wq[n, k]
 (effopt.int8_ops.pack_weight) takes the offset back out, exactly in int32. The weights come packed as
 [N/16, K/4, 16, 4] int8: one 64-byte vector holds four consecutive k of 16 output channels, the operand
-vpdpbusd takes.
+vpdpbusd takes; a 32-byte half (8 channels) is AVX-VNNI's and AVX2's operand, a 16-byte quarter NEON's.
+
+Without VNNI (AVX2: Zen 3, Haswell to Comet Lake), vpmaddubsw multiplies unsigned by signed bytes into
+int16 pair sums, which saturate (255 * 127 * 2 > 32767). Two exact forms: with activations in [1, 255]
+(symmetric int8 + 128, every mode effopt quantizes to) x - 128 lies in [-127, 127], and
+vpmaddubsw(|w|, sign(x, w)) sums products of at most 128 * 127 (no saturation); with the full [0, 255]
+(PT2E's uint8) x is split into 128 * (x >> 7) + (x & 127), two vpmaddubsw each within range. vpmaddwd
+with ones (or 128) then sums the int16 pairs into the int32 lanes. NEON's sdot multiplies signed bytes:
+x - 128 there too. Where x - 128 is used, the offset's term changes: acc = sum (x - 128) w - (offset - 128)
+sum w, so wsum is rescaled (exactly: wsum / offset is sum w).
 
 Stage 1 quantizes each row once into a uint8 buffer (parallel over rows); stage 2 runs tiles of MB rows x
 NB*16 columns (parallel over column tiles), MB*NB int32x16 accumulators held in registers over the whole
@@ -19,13 +29,49 @@ go to memory. LLVM contracts the epilogue's multiply and bias add into one fused
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
 from . import tunable
-from .common import dims, static, x86_feature_missing
+from .common import dims, static
 
-LANES = 16
+LANES = 16  # output channels per packed weight group (the layout of effopt.int8_ops.pack_weight)
+
+
+@dataclass(frozen=True)
+class Isa:
+    """The integer dot product a target has, and what the kernel generated for it looks like."""
+    name: str  # "avx512vnni" | "avxvnni" | "avx2" | "neon-dot"
+    lanes: int  # int32 accumulator lanes per vector register
+    registers: int  # vector registers (register tiles use at most about 3/4 of them)
+
+
+ISAS = {"avx512vnni": Isa("avx512vnni", 16, 32), "avxvnni": Isa("avxvnni", 8, 16), "avx2": Isa("avx2", 8, 16),
+        "neon-dot": Isa("neon-dot", 4, 32)}
+
+
+def isa_of(target) -> Isa | None:
+    """The best integer dot product of `target` (a tvm Target), or None where it has none worth a kernel."""
+    from tvm.target import codegen
+
+    if target is None or "cpu" not in set(target.keys):
+        return None
+
+    def has(feature: str) -> bool:
+        try:
+            return bool(codegen.target_has_features(feature, target))
+        except Exception:  # noqa: BLE001 - an LLVM without that query, or a feature it does not know
+            return False
+
+    if "arm_cpu" in set(target.keys):
+        return ISAS["neon-dot"] if has("dotprod") else None
+    for name, features in (("avx512vnni", ("avx512vnni", "avx512bw")), ("avxvnni", ("avxvnni", "avx2")),
+                           ("avx2", ("avx2",))):
+        if all(has(f) for f in features):
+            return ISAS[name]
+    return None
 _ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}  # 8: kOpaque
 _OP = "int8 linear"
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")
@@ -66,10 +112,43 @@ def _act(v, activation: str):
     return v
 
 
-def tiles(m: int, n: int) -> tuple[int, int]:
-    """(MB rows, NB vectors of 16 columns) per register tile: up to 4 x 4 of the 32 zmm registers."""
-    nb = next(b for b in (4, 2, 1) if (n // LANES) % b == 0)
-    return (1 if m == 1 else 4), nb
+def tiles(m: int, n: int, isa: Isa = ISAS["avx512vnni"]) -> tuple[int, int]:
+    """(MB rows, NB vectors of isa.lanes columns) per register tile: up to 16 accumulators of AVX-512's 32
+    registers, 8 of AVX2's 16 (the rest hold the weights, the broadcast activations and the pair sums)."""
+    most = isa.registers // 2
+    nb = next(b for b in (4, 2, 1) if (n // isa.lanes) % b == 0)
+    mb = 1 if m == 1 else max(1, min(4, most // nb))
+    return mb, nb
+
+
+def _x_type(isa: Isa, lo: int) -> str:
+    """The dtype of the kernel's quantized activations: uint8 as quantized, or int8 x - 128."""
+    return "int8" if (isa.name == "neon-dot" or (isa.name == "avx2" and lo >= 1)) else "uint8"
+
+
+def _dot(isa: Isa, lo: int, acc, xword, w):
+    """acc (int32 x isa.lanes) + the products of 4 activation bytes (`xword`, one int32) with a vector of
+    weights (4 bytes per lane), exactly."""
+    n = isa.lanes
+    if isa.name in ("avx512vnni", "avxvnni"):
+        return T.call_llvm_pure_intrin(f"llvm.x86.avx512.vpdpbusd.{32 * n}", acc,
+                                       T.reinterpret(T.broadcast(xword, n), dtype=f"uint8x{4 * n}"), w,
+                                       dtype=f"int32x{n}")
+    if isa.name == "neon-dot":
+        return T.call_llvm_pure_intrin("llvm.aarch64.neon.sdot.v4i32.v16i8", acc,
+                                       T.reinterpret(T.broadcast(xword, n), dtype="int8x16"), w, dtype="int32x4")
+    maddubs, maddwd = "llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"
+    if lo >= 1:  # x - 128 in [-127, 127]: |w| (unsigned) times x with w's sign
+        xb = T.reinterpret(T.broadcast(xword, n), dtype="int8x32")
+        wabs = T.call_llvm_pure_intrin("llvm.x86.avx2.psign.b", w, w, dtype="int8x32")  # -128 -> 0x80 = 128
+        xs = T.call_llvm_pure_intrin("llvm.x86.avx2.psign.b", xb, w, dtype="int8x32")
+        pairs = T.call_llvm_pure_intrin(maddubs, wabs, xs, dtype="int16x16")
+        return acc + T.call_llvm_pure_intrin(maddwd, pairs, T.broadcast(T.int16(1), 16), dtype="int32x8")
+    xb = T.reinterpret(T.broadcast(xword, n), dtype="uint8x32")  # [0, 255]: 128 * high bit + low 7 bits
+    low = T.call_llvm_pure_intrin(maddubs, T.bitwise_and(xb, T.broadcast(T.uint8(127), 32)), w, dtype="int16x16")
+    high = T.call_llvm_pure_intrin(maddubs, T.shift_right(xb, T.broadcast(T.uint8(7), 32)), w, dtype="int16x16")
+    return acc + T.call_llvm_pure_intrin(maddwd, low, T.broadcast(T.int16(1), 16), dtype="int32x8") \
+        + T.call_llvm_pure_intrin(maddwd, high, T.broadcast(T.int16(128), 16), dtype="int32x8")
 
 
 def _load(X, XS, m, k, smooth: bool):
@@ -94,7 +173,7 @@ def _out(v, quant):
 
 def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: int, hi: int, activation: str,
                 residual: bool, smooth: bool = False, prequantized: bool = False, out_quant=None, mb: int | None = None,
-                nb: int | None = None):
+                nb: int | None = None, isa: Isa = ISAS["avx512vnni"]):
     """(x [M, K] float32, packed [N/16, K/4, 16, 4] int8, wsum [N] int32, w_step [N], bias [N], residual
     [M, N] (or [1, 1], unread), smooth [K] (or [1], unread)) -> y [M, N] float32. With smooth, x * smooth
     (SmoothQuant's per-channel 1 / s) is quantized instead of x, through a scratch copy (so that LLVM's
@@ -102,16 +181,21 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
     become uint8 clamp(nearbyint(x * inv) + offset, lo, hi): per token symmetric (scale None; offset 128,
     [1, 255]) or affine with a fixed scale. `prequantized`: x is that uint8 already (the int8 linear
     before requantized its output with this scale). `out_quant` (scale, offset, lo, hi): y is requantized
-    to uint8 for the next int8 linear instead of stored as float."""
+    to uint8 for the next int8 linear instead of stored as float. `isa`: the dot product the GEMM is
+    generated for; where it takes x - 128 (`_x_type` int8), wsum must be (offset - 128) * sum_k w (`emit`)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"int8 linear activation={activation!r}; valid: {list(ACTIVATIONS)}")
     K4 = (K + 3) // 4
-    MB, NB = tiles(M, N)
+    VL = isa.lanes
+    MB, NB = tiles(M, N, isa)
     MB, NB = MB if mb is None else mb, NB if nb is None else nb  # the autotuner's knobs
-    if (N // LANES) % NB:
-        raise ValueError(f"int8 linear: {N // LANES} column vectors do not split into tiles of {NB}")
+    if N % LANES or (N // VL) % NB:
+        raise ValueError(f"int8 linear: {N // VL} column vectors do not split into tiles of {NB}")
+    PARTS = LANES // VL  # vectors per packed group of 16 channels
     MP = (M + MB - 1) // MB * MB
-    NT = N // LANES // NB
+    NT = N // VL // NB
+    xq_t = _x_type(isa, lo)
+    shift = 128.0 if xq_t == "int8" else 0.0
     KV = K // LANES * LANES
     dynamic = scale is None
     RM, RN = (M, N) if residual else (1, 1)
@@ -121,7 +205,6 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
         raise ValueError("a pre-quantized int8 linear input has a static scale and no smoothing")
     oq = None if out_quant is None else (_f32(1.0 / out_quant[0]), *out_quant[1:])
     x_t, y_t = ("uint8" if prequantized else "float32"), ("float32" if out_quant is None else "uint8")
-    vnni = "llvm.x86.avx512.vpdpbusd.512"
 
     @T.prim_func(private=True, s_tir=True)
     def int8_linear(x_h: T.handle, w_h: T.handle, ws_h: T.handle, s_h: T.handle, b_h: T.handle, r_h: T.handle,
@@ -136,7 +219,7 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
         SM = T.match_buffer(sm_h, (SK,), "float32")
         Y = T.match_buffer(y_h, (M, N), y_t)
         with T.sblock("root"):
-            XQ = T.alloc_buffer((MP, 4 * K4), "uint8")
+            XQ = T.alloc_buffer((MP, 4 * K4), xq_t)
             STEP = T.alloc_buffer((MP,), "float32")
             XS = T.alloc_buffer((XM, XK), "float32")
             for m in T.parallel(MP):
@@ -165,40 +248,40 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
                         STEP[m] = T.float32(step_c)
                     if prequantized:
                         for k in T.vectorized(K):
-                            XQ[m, k] = X[m, k]
+                            XQ[m, k] = T.Cast(xq_t, T.Cast("int32", X[m, k]) - T.int32(int(shift)))
                     else:
                         for k in T.vectorized(K):
-                            XQ[m, k] = T.Cast("uint8", T.max(T.min(T.nearbyint(_load(X, XS, m, k, smooth) * inv[0])
-                                                                   + T.float32(offset), T.float32(hi)), T.float32(lo)))
+                            XQ[m, k] = T.Cast(xq_t, T.max(T.min(T.nearbyint(_load(X, XS, m, k, smooth) * inv[0])
+                                                                + T.float32(offset), T.float32(hi)), T.float32(lo))
+                                              - T.float32(shift))
                     for k in range(K, 4 * K4):  # padding: its weights are 0
-                        XQ[m, k] = T.uint8(0)
+                        XQ[m, k] = T.Cast(xq_t, 0)
                 else:
                     STEP[m] = T.float32(0.0)
                     for k in range(4 * K4):
-                        XQ[m, k] = T.uint8(0)
+                        XQ[m, k] = T.Cast(xq_t, 0)
             for t in T.parallel(NT):
-                acc = T.alloc_buffer((MB, NB * LANES), "int32", scope="local")
+                acc = T.alloc_buffer((MB, NB * VL), "int32", scope="local")
                 for mb in range(MP // MB):
                     for i in T.unroll(MB):
                         for j in T.unroll(NB):
-                            for l in T.vectorized(LANES):
-                                acc[i, j * LANES + l] = T.int32(0)
+                            for l in T.vectorized(VL):
+                                acc[i, j * VL + l] = T.int32(0)
                     for k4 in range(K4):
                         for i in T.unroll(MB):
                             for j in T.unroll(NB):
-                                acc[i, T.ramp(j * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
-                                    vnni, acc[i, T.ramp(j * LANES, 1, LANES)],
-                                    T.reinterpret(T.broadcast(T.reinterpret(
-                                        XQ.vload([mb * MB + i, k4 * 4], "uint8x4"), dtype="int32"), LANES),
-                                        dtype="uint8x64"),
-                                    W.vload([t * NB + j, k4, 0, 0], "int8x64"), dtype="int32x16")
+                                acc[i, T.ramp(j * VL, 1, VL)] = _dot(
+                                    isa, lo, acc[i, T.ramp(j * VL, 1, VL)],
+                                    T.reinterpret(XQ.vload([mb * MB + i, k4 * 4], f"{xq_t}x4"), dtype="int32"),
+                                    W.vload([(t * NB + j) // PARTS, k4, (t * NB + j) % PARTS * VL, 0],
+                                            f"int8x{4 * VL}"))
                     for i in T.unroll(MB):
                         if mb * MB + i < M:
                             for j in T.unroll(NB):
-                                for l in T.vectorized(LANES):
-                                    n = T.meta_var((t * NB + j) * LANES + l)
+                                for l in T.vectorized(VL):
+                                    n = T.meta_var((t * NB + j) * VL + l)
                                     m = T.meta_var(mb * MB + i)
-                                    v = T.meta_var(T.Cast("float32", acc[i, j * LANES + l] - WSUM[n])
+                                    v = T.meta_var(T.Cast("float32", acc[i, j * VL + l] - WSUM[n])
                                                    * (STEP[m] * S[n]) + B[n])
                                     if residual:
                                         Y[m, n] = _out(_act(v, activation) + R[m, n], oq)
@@ -210,12 +293,16 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
 
 def supported(target) -> str | None:
     """Why the kernel cannot run on `target` (a tvm Target), or None."""
-    return x86_feature_missing(target, "avx512vnni", "the fused int8 kernel")
+    if isa_of(target) is not None:
+        return None
+    keys = sorted(target.keys) if target is not None else []
+    return f"the fused int8 kernel needs AVX2, AVX-VNNI, AVX-512 VNNI or aarch64 dotprod (target keys {keys})"
 
 
 def emit(bb: relax.BlockBuilder, x, packed, wsum, w_step, bias, residual, k: int, scale: float | None,
-         offset: int, lo: int, hi: int, activation: str, smooth=None, out_quant=None) -> relax.Expr:
-    """y [..., N] = int8_linear(x [..., K]) as one call of the kernel above."""
+         offset: int, lo: int, hi: int, activation: str, smooth=None, out_quant=None,
+         isa: Isa = ISAS["avx512vnni"]) -> relax.Expr:
+    """y [..., N] = int8_linear(x [..., K]) as one call of the kernel above, for `isa` (`isa_of(target)`)."""
     xs = [static(d, _OP, "every dim of x") for d in dims(x, _OP, "x")]
     m = 1
     for d in xs[:-1]:
@@ -230,15 +317,27 @@ def emit(bb: relax.BlockBuilder, x, packed, wsum, w_step, bias, residual, k: int
         relax.op.zeros(relax.ShapeExpr([1, 1]), "float32")
     sm = smooth if smooth is not None else relax.op.zeros(relax.ShapeExpr([1]), "float32")
     prequantized = str(x.ty.dtype) == "uint8"
+    if _x_type(isa, lo) == "int8" and offset != 128:  # the kernel sums (x - 128) w: (offset - 128) sum w
+        if offset == 0:  # wsum is 0 and says nothing of sum w: summed from the weights
+            sw = bb.emit(relax.op.sum(relax.op.astype(packed, "int32"), axis=[1, 3]))
+        else:
+            sw = bb.emit(relax.op.floor_divide(wsum, relax.const(offset, "int32")))
+        wsum = bb.emit(relax.op.multiply(relax.op.reshape(sw, [n]), relax.const(offset - 128, "int32")))
+    elif _x_type(isa, lo) == "int8":
+        wsum = relax.op.zeros(relax.ShapeExpr([n]), "int32")
     out = relax.TensorType([m, n], "float32" if out_quant is None else "uint8")
     fixed = (m, n, k, scale, offset, lo, hi, activation, residual is not None, smooth is not None, prequantized,
              out_quant)
-    mb, nb = tiles(m, n)
+    mb, nb = tiles(m, n, isa)
+    most = isa.registers * 3 // 4
     space = [{"mb": mb, "nb": nb}] + [{"mb": a, "nb": c} for a in (1, 2, 4, 6) for c in (1, 2, 4)
-                                      if (a, c) != (mb, nb) and (n // LANES) % c == 0 and a * c <= 24 and a <= m]
-    knobs = tunable.choose("int8_linear", {"fixed": [str(v) for v in fixed]},
+                                      if (a, c) != (mb, nb) and (n // isa.lanes) % c == 0 and a * c <= most
+                                      and a <= m]
+    params = {"fixed": [str(v) for v in fixed]} if isa.name == "avx512vnni" else \
+        {"fixed": [str(v) for v in fixed], "isa": isa.name}  # AVX-512 keys as before: tuned databases stay valid
+    knobs = tunable.choose("int8_linear", params,
                            tunable.static_shapes([bb.normalize(e) for e in (x2, packed, wsum, w_step, b, r, sm)] + [out]), space,
-                           lambda t: linear_func(*fixed, **t))
-    y = bb.emit(relax.call_tir(bb.add_func(linear_func(*fixed, **knobs), "int8_linear"),
+                           lambda t: linear_func(*fixed, **t, isa=isa))
+    y = bb.emit(relax.call_tir(bb.add_func(linear_func(*fixed, **knobs, isa=isa), "int8_linear"),
                                [x2, packed, wsum, w_step, b, r, sm], out))
     return bb.emit(relax.op.reshape(y, [*xs[:-1], n]))
