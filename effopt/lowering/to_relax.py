@@ -227,17 +227,39 @@ def memory_order(val) -> list[int] | None:
 
     Eager code after a region may rely on these strides (a `view`, or SDPA whose output layout follows
     its query's), so the kernel writes in this order and the caller gets a permuted view back."""
-    if not isinstance(val, torch.Tensor) or val.dim() < 2 or val.is_contiguous():
+    if not isinstance(val, torch.Tensor) or val.dim() < 2:
         return None
-    if any(isinstance(s, torch.SymInt) for s in (*val.shape, *val.stride())):
+    shape, stride = [_expr(s) for s in val.shape], [_expr(s) for s in val.stride()]
+    if not any(isinstance(s, torch.SymInt) for s in (*val.shape, *val.stride())) and val.is_contiguous():
         return None
-    perm = sorted(range(val.dim()), key=lambda d: (-val.stride()[d], d))
+    # with symbolic sizes (a served model's sequence length), the order is read at the traced sizes and
+    # the density then checked on the expressions, so it holds for every size
+    hint = [_hint(s) for s in val.stride()]
+    perm = sorted(range(val.dim()), key=lambda d: (-hint[d], d))
     expect = 1
     for d in reversed(perm):
-        if val.shape[d] != 1 and val.stride()[d] != expect:
+        if shape[d] != 1 and _differ(stride[d], expect):
             return None  # not dense (e.g. expanded): the runtime restrides with a copy
-        expect *= val.shape[d]
-    return perm
+        expect = expect * shape[d]
+    return None if perm == list(range(val.dim())) else perm
+
+
+def _expr(s):
+    """An int, or a symbolic size's sympy expression."""
+    return s.node.expr if isinstance(s, torch.SymInt) else int(s)
+
+
+def _hint(s) -> int:
+    if not isinstance(s, torch.SymInt):
+        return int(s)
+    h = s.node.hint
+    return int(h) if h is not None else int(s.node.shape_env.size_hint(s.node.expr))
+
+
+def _differ(a, b) -> bool:
+    import sympy
+
+    return sympy.expand(sympy.sympify(a) - sympy.sympify(b)) != 0
 
 
 def restride(val) -> tuple | None:

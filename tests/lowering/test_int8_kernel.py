@@ -1,6 +1,10 @@
 """The fused int8 linear kernel (effopt/lowering/kernels/int8.py) against plain-torch references of the same
 integer arithmetic (effopt.int8_ops): exactly, for every quantization and epilogue, and at shapes that leave
-partial register tiles; and the op's eager form (torch._int_mm) against the same reference."""
+partial register tiles, in each ISA's form this machine can execute (an AVX-512 CPU runs the AVX2 and
+AVX-VNNI kernels too); aarch64's is cross-compiled and its assembly checked; and the op's eager form
+(torch._int_mm) against the same reference."""
+import re
+
 import pytest
 import torch
 
@@ -8,8 +12,17 @@ from effopt import int8_ops
 from effopt.autotune.targets import resolve_target
 from effopt.lowering.kernels import int8
 
-pytestmark = pytest.mark.skipif(int8.supported(resolve_target("host")) is not None,
-                                reason="this CPU has no AVX-512 VNNI")
+X86 = ["avx512vnni", "avxvnni", "avx2"]
+
+
+def _target(isa):
+    why = int8.host_runs(isa)
+    if why:
+        pytest.skip(f"{why}: the {isa} kernel cannot run here")
+    host = resolve_target("host")
+    if int8.isa_of(host) is not None and int8.isa_of(host).name == isa:
+        return "host"
+    return int8.ISA_TARGETS[isa][0]
 
 
 def _case(m, n, k, seed=0):
@@ -19,48 +32,71 @@ def _case(m, n, k, seed=0):
     return x, wq, ws, torch.randn(n, generator=g), torch.randn(m, n, generator=g)
 
 
-def _build(m, n, k, scale, quant, activation, bias, residual, smooth=False, x_dtype="float32", out_quant=None):
-    from effopt.lowering.eager import build_function
-
+def _body(m, n, k, scale, quant, activation, bias, residual, smooth, x_dtype, out_quant, isa):
     def body(bb, x, p, s, st, *rest):
         rest = list(rest)
         sm = rest.pop() if smooth else None
         b = rest[0] if bias else None
         r = rest[-1] if residual else None
-        return int8.emit(bb, x, p, s, st, b, r, k, scale, *quant, activation, sm, out_quant)
+        return int8.emit(bb, x, p, s, st, b, r, k, scale, *quant, activation, sm, out_quant, isa=isa)
 
     types = [((m, k), x_dtype), ((n // 16, (k + 3) // 4, 16, 4), "int8"), ((n,), "int32"), ((n,), "float32")]
     types += [((n,), "float32")] * bias + [((m, n), "float32")] * residual + [((k,), "float32")] * smooth
-    return build_function(body, *types)
+    return body, types
+
+
+def _build(m, n, k, scale, quant, activation, bias, residual, smooth=False, x_dtype="float32", out_quant=None,
+           target="host"):
+    from effopt.lowering.eager import build_function
+
+    isa = int8.isa_of(resolve_target(target))
+    if isa is None:
+        pytest.skip("this CPU has no integer dot product the int8 kernel is generated for")
+    body, types = _body(m, n, k, scale, quant, activation, bias, residual, smooth, x_dtype, out_quant, isa)
+    return build_function(body, *types, target=target)
 
 
 QUANTS = {"dynamic": (None, int8_ops.SYMMETRIC), "static": (0.02, int8_ops.SYMMETRIC),
           "pt2e-uint8": (0.021, (3, 0, 255))}  # PT2E's affine uint8: zero point 3, [0, 255]
 
 
-@pytest.mark.parametrize("m, n, k", [(1, 16, 64), (7, 48, 50), (37, 96, 384), (256, 384, 1536)])
-@pytest.mark.parametrize("quant", list(QUANTS))
-@pytest.mark.parametrize("activation, bias, residual, smooth", [
-    ("none", True, False, False), ("relu", True, True, False), ("none", False, True, False),
-    ("none", True, False, True)])
-def test_fused_kernel_is_exact(m, n, k, quant, activation, bias, residual, smooth):
+EPILOGUES = [("none", True, False, False), ("relu", True, True, False), ("none", False, True, False),
+             ("none", True, False, True)]
+CASES = [(shape, quant, epi) for shape in [(1, 16, 64), (7, 48, 50), (37, 96, 384), (256, 384, 1536)]
+         for quant in QUANTS for epi in EPILOGUES]
+
+
+_HOST = int8.isa_of(resolve_target("host"))
+# every case on this CPU's own kernel; every third (all shapes, quantizations and epilogues still met) on
+# the other ISAs, to keep make test short
+RUNS = [(isa, case) for isa in X86 for case in range(len(CASES))
+        if (_HOST is not None and _HOST.name == isa) or case % 3 == 0]
+
+
+@pytest.mark.parametrize("isa, case", RUNS)
+def test_fused_kernel_is_exact(isa, case):
+    (m, n, k), quant, (activation, bias, residual, smooth) = CASES[case]
+    target = _target(isa)
     x, wq, ws, b, r = _case(m, n, k)
+    wq[0, : k // 2] = -128  # PT2E's weights may reach -128 (quantize_weight's stop at -127)
     scale, (offset, lo, hi) = QUANTS[quant]
     x[0, :3] = torch.tensor([1e4, -1e4, 0.03])  # clamping, and a tie at the static scale
     sm = torch.rand(k, generator=torch.Generator().manual_seed(3)) * 2 + 0.1  # SmoothQuant's 1 / s
     packed, wsum = int8_ops.pack_weight(wq, offset)
     assert torch.equal(int8_ops.unpack_weight(packed, k), wq)
     args = [x, packed, wsum, ws] + [b] * bias + [r] * residual + [sm] * smooth
-    got = torch.from_dlpack(_build(m, n, k, scale, (offset, lo, hi), activation, bias, residual, smooth)(*args))
+    got = torch.from_dlpack(_build(m, n, k, scale, (offset, lo, hi), activation, bias, residual, smooth,
+                                   target=target)(*args))
     ref = int8_ops.int8_linear_fused_ref(x, packed, wsum, ws, b if bias else None, scale, offset, lo, hi, k,
                                          activation, r if residual else None, sm if smooth else None)
     assert got.shape == ref.shape and got.dtype == ref.dtype
     assert torch.equal(got, ref), (got - ref).abs().max()
 
 
+@pytest.mark.parametrize("isa", X86)
 @pytest.mark.parametrize("m, n, k", [(7, 48, 50), (256, 384, 1536)])
 @pytest.mark.parametrize("prequantized", [False, True])
-def test_requantized_output_and_input_are_exact(m, n, k, prequantized):
+def test_requantized_output_and_input_are_exact(isa, m, n, k, prequantized):
     """A folded dequantize -> quantize pair: the kernel's output requantized to uint8 for the next int8
     linear, and a kernel that takes such a uint8 input (with its static scale) instead of quantizing."""
     x, wq, ws, b, r = _case(m, n, k, seed=4)
@@ -69,7 +105,7 @@ def test_requantized_output_and_input_are_exact(m, n, k, prequantized):
         x = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
     packed, wsum = int8_ops.pack_weight(wq, 3)
     got = torch.from_dlpack(_build(m, n, k, 0.02, (3, 0, 255), "relu", True, True, x_dtype=str(x.dtype)[6:],
-                                   out_quant=out)(x, packed, wsum, ws, b, r))
+                                   out_quant=out, target=_target(isa))(x, packed, wsum, ws, b, r))
     ref = int8_ops.int8_linear_fused_ref(x, packed, wsum, ws, b, 0.02, 3, 0, 255, k, "relu", r, None, *out)
     assert got.dtype == ref.dtype == torch.uint8 and torch.equal(got, ref)
     assert 0 < int(ref.min()) or int(ref.max()) < 255 or ref.unique().numel() > 2  # not a saturated output
@@ -106,3 +142,45 @@ def test_a_flipped_weight_bit_changes_the_result():
     bad[1, 3, 5, 2] ^= 4
     got = torch.from_dlpack(f(x, bad, wsum, ws, b))
     assert (got != base).sum() == m and (got[:, 16 + 5] != base[:, 16 + 5]).all()
+
+
+# the instructions each ISA's GEMM must be made of (and, for the 256-bit forms, no 512-bit register)
+ASM = {"avx512vnni": (["vpdpbusd"], None), "avxvnni": (["vpdpbusd"], "zmm"),
+       "avx2": (["vpmaddubsw", "vpmaddwd", "vpsignb"], "zmm"), "neon-dot": (["sdot"], None)}
+
+
+@pytest.mark.parametrize("isa", list(ASM))
+@pytest.mark.parametrize("lo", [1, 0])
+def test_each_isa_builds_with_its_dot_product_instruction(isa, lo):
+    """Built for each ISA's target whatever this machine is (aarch64 cross-compiled by TVM's LLVM): the
+    kernel's assembly holds the ISA's dot product, and the lower x86 forms stay off AVX-512 registers."""
+    from tvm import relax
+
+    from effopt.lowering.build import build_module
+
+    target = resolve_target(int8.ISA_TARGETS[isa][0])
+    found = int8.isa_of(target)
+    assert found is not None and found.name == isa
+    body, types = _body(8, 32, 64, None, (128 if lo else 3, lo, 255), "relu", True, False, False, "float32", None,
+                        found)
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"x{i}", relax.TensorType(list(shape), dt)) for i, (shape, dt) in enumerate(types)]
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(body(bb, *params))
+        bb.emit_func_output(out)
+    asm = build_module(bb.get(), target).mod.imports[0].inspect_source("asm")
+    wanted, banned = ASM[isa]
+    if lo == 0:  # the full uint8 range on AVX2 splits x instead of taking w's sign
+        wanted = [w for w in wanted if w != "vpsignb"]
+    for ins in wanted:
+        assert re.search(rf"\b{ins}\b", asm), f"{isa}: no {ins} in the kernel"
+    if banned:
+        assert banned not in asm, f"{isa}: {banned} registers in a kernel for a CPU without them"
+
+
+def test_targets_without_a_dot_product_say_why():
+    assert int8.isa_of(resolve_target({"kind": "llvm", "mcpu": "sandybridge"})) is None  # AVX, no AVX2
+    assert "needs AVX2" in int8.supported(resolve_target({"kind": "llvm", "mcpu": "sandybridge"}))
+    arm = resolve_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+    assert int8.isa_of(arm) is None and int8.supported(arm)

@@ -52,6 +52,35 @@ ISAS = {"avx512vnni": Isa("avx512vnni", 16, 32), "avxvnni": Isa("avxvnni", 8, 16
         "neon-dot": Isa("neon-dot", 4, 32)}
 
 
+# an LLVM CPU name with each dot product (for building a lower ISA's kernel on any machine that runs it), and
+# the /proc/cpuinfo flags a CPU needs to execute that kernel
+ISA_TARGETS = {"avx512vnni": ({"kind": "llvm", "mcpu": "icelake-server"}, ("avx512_vnni", "avx512bw")),
+               "avxvnni": ({"kind": "llvm", "mcpu": "alderlake"}, ("avx_vnni", "avx2")),
+               "avx2": ({"kind": "llvm", "mcpu": "haswell"}, ("avx2", "fma")),
+               "neon-dot": ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]},
+                            ("asimddp",))}
+
+
+def host_runs(isa_name: str) -> str | None:
+    """Why this machine cannot execute `isa_name`'s kernel, or None (read from /proc/cpuinfo's flags)."""
+    import platform
+
+    needed = ISA_TARGETS[isa_name][1]
+    arch = platform.machine()
+    if (isa_name == "neon-dot") != (arch in ("aarch64", "arm64")):
+        return f"this is an {arch} CPU: it cannot execute {isa_name} code"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set()
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags.update(line.split(":", 1)[1].split())
+    except OSError:
+        return "no /proc/cpuinfo to read the CPU's features from"
+    missing = [f for f in needed if f not in flags]
+    return f"this CPU has no {', '.join(missing)}" if missing else None
+
+
 def isa_of(target) -> Isa | None:
     """The best integer dot product of `target` (a tvm Target), or None where it has none worth a kernel."""
     from tvm.target import codegen
