@@ -89,7 +89,11 @@ def choose(candidate, baseline, args, force: bool, tolerances=None) -> Choice:
     with torch.no_grad():
         with reference_kernels():  # effopt's own ops as their PyTorch references, not their eager kernels
             ref = baseline(*args)
-        got = candidate(*args)
+        try:
+            got = candidate(*args)
+        except Exception as e:  # noqa: BLE001 - e.g. oneDNN has no bf16 inner product on an AVX2-only CPU
+            return Choice(False, reason=f"candidate failed on this CPU ({type(e).__name__}: "
+                                        f"{str(e).splitlines()[0][:200]})")
         why = mismatch(ref, got, tolerances)
         if why:
             return Choice(False, reason=f"result differs from eager ({why})")
