@@ -10,14 +10,29 @@ from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from . import capture
-from .lowering import EffoptFallbackWarning
-from .options import Options
+from .lowering import EffoptFallbackWarning, EffoptSlowerWarning
+from .options import KernelChoice, Options
 from .passes.approximate import AttentionConfig
 from .passes import default_pass_manager
 from .logs import log_lowering, log_record
 from .report import Report, set_last_report
 
 _warned_training = False
+# The compiled graph runs only if its median is within this factor of eager's on the example inputs: 2-core
+# timing noise between interleaved medians stays under 5% (benchmarks/backend.py's repeated runs).
+NOISE = 1.05
+
+
+def versus_eager(compiled, eager, inputs, budget_s: float = 1.5) -> dict:
+    """Interleaved medians (ms) of the compiled and the eager graph on `inputs`, and the decision."""
+    from .timing import interleaved_medians
+
+    with torch.no_grad():
+        m = interleaved_medians({"compiled": compiled, "eager": eager}, inputs, rounds=15, warmup=1,
+                                budget_s=budget_s, min_rounds=5)
+    c, e = m["compiled"] * 1e3, m["eager"] * 1e3
+    return {"compiled_ms": c, "eager_ms": e, "speedup": e / c if c > 0 else float("inf"),
+            "use_compiled": c <= e * NOISE}
 
 
 def _version(t: torch.Tensor):
@@ -47,6 +62,7 @@ class CompiledGraph:
         gm = capture.copy_graph_module(self.aten_gm)
         values = {i: args[i] for i in self.frozen}
         capture.freeze(gm, values)
+        eager_gm = capture.copy_graph_module(gm) if self._measure_whole() else None
         before = {"code": gm.code, "stats": graph_stats(gm)}
         seen: set = set()
         tag_new_nodes(gm, seen, None)
@@ -92,10 +108,36 @@ class CompiledGraph:
 
             gm, lowering = lower(gm, self.options)
             log_lowering(lowering)
+        check = None
+        if eager_gm is not None:
+            check = self._check_whole(gm, eager_gm, args)
+            if not check["use_compiled"]:
+                gm = eager_gm
         self.runtime = gm
         self.guards = [(i, t.data_ptr(), _version(t), t.shape) for i, t in values.items()]
-        self.report = Report(records, lowering, gm, before=before, after=after)
+        self.report = Report(records, lowering, gm, before=before, after=after, versus_eager=check)
         set_last_report(self.report)
+
+    def _measure_whole(self) -> bool:
+        """kernel_choice='measure' (the default) with lowering: the whole compiled graph is timed too."""
+        return self.options.lower and self.options.kernel_choice is KernelChoice.MEASURE
+
+    def _check_whole(self, gm, eager_gm, args) -> dict:
+        """The compiled graph against the captured graph in eager, on the example inputs (random stand-ins
+        where only fake ones are known); where it loses beyond noise, eager runs, with one warning."""
+        from .lowering.select import concrete
+
+        gen = torch.Generator().manual_seed(0)
+        full = self.examples if self.examples is not None else args
+        inputs = [a if isinstance(a, torch.Tensor) and not isinstance(a, torch._subclasses.FakeTensor)
+                  else concrete(a, gen) for a in (full[i] for i in self.live)]
+        check = versus_eager(gm, eager_gm, inputs)
+        if not check["use_compiled"]:
+            warnings.warn(f"effopt: the compiled graph measured slower than eager PyTorch on this CPU "
+                          f"({check['compiled_ms']:.3g} ms against {check['eager_ms']:.3g} ms on the example "
+                          "inputs): this graph runs in eager (kernel_choice='tvm' keeps the compiled one)",
+                          EffoptSlowerWarning, stacklevel=2)
+        return check
 
     def _stale(self, args) -> bool:
         for i, ptr, ver, shape in self.guards:

@@ -138,7 +138,7 @@ def int8_linear(x: Tensor, packed: Tensor, wsum: Tensor, w_step: Tensor, bias: O
     q = x where x comes as uint8 (quantized by the int8_linear before it, with this op's static scale).
     With out_scale, the result is itself quantized to uint8 (clamp(round(y / out_scale) + out_offset,
     out_lo, out_hi)) for the next int8_linear: the dequantize -> quantize pair between two int8 GEMMs
-    folded into one requantize. One kernel on AVX-512 VNNI (effopt/lowering/kernels/int8.py); this eager
+    folded into one requantize. One kernel per target ISA (effopt/lowering/kernels/int8.py); this eager
     form runs the GEMM on torch._int_mm (q - 128 as int8, corrected by 128 * sum wq - wsum)."""
     q, step = _inputs(x, scale, offset, lo, hi, smooth)
     q8 = (q - 128).to(torch.int8).reshape(-1, in_features)
@@ -172,6 +172,24 @@ def int8_linear_fused_ref(x: Tensor, packed: Tensor, wsum: Tensor, w_step: Tenso
     return _requantize(_epilogue(y, activation, residual), out_scale, out_offset, out_lo, out_hi)
 
 
+class FloatLinear(torch.nn.Module):
+    """The float32 layer an int8_linear replaced, called with the int8_linear's own arguments: what runs
+    where the target's int8 kernel measured slower (node.meta["float_form"], read by the lowering). A
+    uint8 input (handed over requantized) is dequantized first, and a requantized output quantized, so
+    its neighbours see the interface they were built for."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().to(torch.float32).contiguous(), persistent=False)
+
+    def forward(self, x, packed, wsum, w_step, bias, scale, offset, lo, hi, in_features, activation, residual=None,
+                smooth=None, out_scale=None, out_offset=128, out_lo=1, out_hi=255):
+        if x.dtype == torch.uint8:
+            x = (x.to(torch.float32) - offset) * scale
+        y = _epilogue(torch.nn.functional.linear(x, self.weight, bias), activation, residual)
+        return _requantize(y, out_scale, out_offset, out_lo, out_hi)
+
+
 def int8_linear_ref(x: Tensor, wq: Tensor, w_step: Tensor, bias: Tensor | None, scale: float | None) -> Tensor:
     """The int8 linear the quantize pass builds, in plain torch (tests)."""
     xq, step = quantize_rows_ref(x, scale)
@@ -180,5 +198,5 @@ def int8_linear_ref(x: Tensor, wq: Tensor, w_step: Tensor, bias: Tensor | None, 
     return y + bias if bias is not None else y
 
 
-__all__ = ["int8_linear", "int8_linear_fused_ref", "pack_weight", "unpack_weight", "quantize_u8", "ACTIVATIONS",
+__all__ = ["int8_linear", "FloatLinear", "int8_linear_fused_ref", "pack_weight", "unpack_weight", "quantize_u8", "ACTIVATIONS",
            "SYMMETRIC", "quantize_rows", "quantize_rows_ref", "quantize_affine", "quantize_affine_ref", "quantize_weight", "int8_linear_ref", "QMAX"]

@@ -24,6 +24,9 @@ class Report:
     images: dict[str, bytes | None] = field(default_factory=dict)  # PNGs (token merges)
     notes: list[str] = field(default_factory=list)
     compile_seconds: float | None = None
+    # the compiled graph timed against the captured graph in eager on the example inputs (kernel_choice
+    # 'measure'): {"compiled_ms", "eager_ms", "speedup", "use_compiled"}; eager ran where it lost
+    versus_eager: dict | None = None
 
     # ---- text --------------------------------------------------------------------------------------
     def __str__(self) -> str:
@@ -65,6 +68,11 @@ class Report:
             tvm = sum(k.choice == "tvm" for k in low.kernels)
             tail = (f"; {tvm} TVM kernel(s), {sum(low.library_calls.values())} library call(s), "
                     f"{sum(len(v) for v in low.fallbacks.values())} op(s) in eager")
+        v = self.versus_eager
+        if v is not None:
+            tail += (f"; {v['speedup']:.2f}x eager on the example inputs" if v["use_compiled"] else
+                     f"; runs in EAGER: the compiled graph measured {v['compiled_ms']:.3g} ms against eager's "
+                     f"{v['eager_ms']:.3g} ms")
         return f"effopt report: {rewrites} rewrite(s) by {sum(bool(r.matches) for r in self.passes)} pass(es){tail}"
 
     def rewrites(self) -> dict[str, int]:
@@ -88,6 +96,7 @@ class Report:
             "profile": self.profile,
             "notes": self.notes,
             "compile_seconds": self.compile_seconds,
+            "versus_eager": self.versus_eager,
         }
 
     def to_json(self, indent: int | None = 1) -> str:

@@ -175,6 +175,22 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"activation_bits={bits!r}; valid: {list(ACT_BITS)} (0: float path)")
 
 
+class FloatShift(torch.nn.Module):
+    """The float32 linear (or convolution) a shift_linear (shift_conv2d) replaced, called with the shift
+    op's own arguments: what runs where the target's shift kernel measured slower (node.meta["float_form"])."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().to(torch.float32).contiguous(), persistent=False)
+
+    def forward(self, x, packed, scale, bias, *rest):
+        if len(rest) == 4:  # shift_conv2d(x, packed, scale, bias, kernel, stride, padding, dilation)
+            (kh, kw), stride, padding, dilation = rest
+            w = self.weight.reshape(self.weight.shape[0], -1, kh, kw)
+            return torch.nn.functional.conv2d(x.to(torch.float32), w, bias, stride, padding, dilation).to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight, bias)
+
+
 @torch.library.custom_op("effopt::shift_linear", mutates_args=())
 def shift_linear(x: Tensor, packed: Tensor, scale: Tensor, bias: Optional[Tensor], in_features: int,
                  activation_bits: int) -> Tensor:

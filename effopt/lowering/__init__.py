@@ -25,11 +25,40 @@ from .library import LIBRARY_OPS, select_gemm_kernels
 from .partition import partition, replace_region, topological_sort, unsupported_ops
 from .kernels import tunable
 from .runtime import TVMKernel
-from .select import Choice, choose, concrete
+from .select import Choice, choose, concrete, versus_float
 
 
 class EffoptFallbackWarning(UserWarning):
     """Part of a graph runs in eager PyTorch instead of a compiled kernel."""
+
+
+class EffoptSlowerWarning(UserWarning):
+    """A rewrite (or the whole compiled graph) measured slower on this CPU than what it replaced, which runs
+    instead."""
+
+
+class FloatRegion(torch.nn.Module):
+    """A region whose rewritten ops (int8, shift, approximate attention) run as the float32 layers they
+    replaced (each node's meta["float_form"], a module taking the op's own arguments)."""
+
+    def __init__(self, region_graph: fx.Graph):
+        super().__init__()
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(region_graph, {}))  # node meta (the float forms) comes along
+        self.layers = torch.nn.ModuleList()
+        for n in graph.nodes:
+            if n.op == "call_function" and isinstance(n.meta.get("float_form"), torch.nn.Module):
+                self.layers.append(n.meta["float_form"])
+                n.op, n.target = "call_module", f"layers.{len(self.layers) - 1}"
+        self.gm = fx.GraphModule(self, graph)
+
+    def forward(self, *args):
+        return self.gm(*args)
+
+
+def _has_float_forms(graph: fx.Graph) -> list[str]:
+    return [n.target._opname if isinstance(n.target, torch._ops.OpOverload) else str(n.target)
+            for n in graph.nodes if n.op == "call_function" and isinstance(n.meta.get("float_form"), torch.nn.Module)]
 
 
 @dataclass
@@ -43,6 +72,7 @@ class KernelRecord:
     relax: str = ""  # the region as a Relax function (TVMScript), for the inspection report
     kernel: str = ""  # the compiled kernel it calls (structurally equal regions share one); the TIR kernels
     # in it that run tuned schedules or tiles are listed in LoweringRecord.tuned
+    float_us: float | None = None  # rewritten ops: the float32 layers they replaced, timed beside them
 
 
 @dataclass
@@ -177,6 +207,30 @@ def _build_all(funcs: dict, target, build_module, strict: bool = False):
         return build_module(_module(funcs.values()), target)
 
 
+def _float_instead(gm, regions, graphs: dict, record: LoweringRecord, force: bool, gen, replaced) -> None:
+    """Regions with rewritten ops that run eager (no TVM kernel for them on this target): their eager form
+    timed against the float32 layers they replaced, which run instead where faster (an int8 GEMM without a
+    fast int8 dot product, torch._int_mm's reference loop on AVX2, is 20-50x slower than float32). Then one
+    warning for every region of rewritten ops that stays float32."""
+    for i, graph in ({} if force else graphs).items():
+        region = regions[i]
+        args = [getattr(gm, a.target) if a.op == "get_attr" else concrete(a.meta.get("val"), gen)
+                for a in region.inputs]
+        eager = fx.GraphModule(torch.nn.Module(), graph)
+        c = versus_float(eager, FloatRegion(graph), args, Choice(False, reason="no TVM kernel"))
+        record.kernels.append(KernelRecord(f"eager_region{i}", _region_ops(graph), "float32" if c.use_float
+                                           else "eager", None, None, c.reason, float_us=c.float_us))
+        if c.use_float:
+            replace_region(gm, region, f"float_region{i}", FloatRegion(graph), replaced)
+    kept = [k for k in record.kernels if k.choice == "float32"]
+    if kept:
+        rewritten = [k for k in record.kernels if k.float_us is not None]
+        ops = sorted({o for k in kept for o in k.ops})
+        warnings.warn(f"effopt: on this CPU, {len(kept)} of {len(rewritten)} rewritten layer(s) ({', '.join(ops)}) "
+                      "measured slower than the float32 layers they replace, which run instead (the report's "
+                      "lowering lists them)", EffoptSlowerWarning, stacklevel=3)
+
+
 def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, LoweringRecord]:
     """Returns a GraphModule whose TVM regions call compiled kernels; raises only on internal errors."""
     from tvm import relax
@@ -215,6 +269,8 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
 
     # Convert each region; structurally equal regions (the same block repeated) share one kernel.
     funcs, region_fn, converted, script_of = {}, {}, {}, {}
+    unconverted: dict[int, fx.Graph] = {}  # regions TVM could not take that hold rewritten ops (their float forms compete)
+    force = options.kernel_choice is KernelChoice.TVM
     kernels: dict = {}  # custom PrimFuncs (effopt's own ops), shared by every region's function
     custom: dict = {}  # the same as {GlobalVar: PrimFunc}, filled as regions are converted
     for i, region in enumerate(regions):
@@ -226,6 +282,8 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
             warnings.warn(f"effopt: region {i} ({', '.join(_region_ops(graph))}) stays in eager PyTorch: {e}",
                           EffoptFallbackWarning, stacklevel=2)
             record.eager_regions.append({"region": i, "ops": _region_ops(graph), "reason": str(e)})
+            if _has_float_forms(graph):
+                unconverted[i] = graph
             continue
         custom.update({gv: f for gv, f in kernels.values()})
         script = conv.func.script()
@@ -239,7 +297,9 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     record.tir = {gv.name_hint: f.script() for gv, f in kernels.values()}
     record.modules = {entry[0]: _module([entry]) for entry in funcs.values()}
     record._tvm_target = target
+    placeholders_gen, replaced = torch.Generator().manual_seed(0), {}
     if not funcs:
+        _float_instead(gm, regions, unconverted, record, force, placeholders_gen, replaced)
         record.seconds = time.perf_counter() - t0
         return gm, record
 
@@ -277,9 +337,10 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
         threads.attach(lib_path, launch)
     vm = relax.VirtualMachine(module, tvm.cpu())
 
-    placeholders_gen, replaced = torch.Generator().manual_seed(0), {}
     for i, region in enumerate(regions):
         if i not in region_fn or region_fn[i] not in funcs:
+            if i in region_fn and _has_float_forms(converted[i][0]):  # its kernel did not build
+                unconverted[i] = converted[i][0]
             continue
         fkey = region_fn[i]
         kname = funcs[fkey][0]
@@ -290,17 +351,24 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
             args = [getattr(gm, a.target) if a.op == "get_attr" else concrete(a.meta.get("val"), placeholders_gen)
                     for a in region.inputs]
             eager = fx.GraphModule(torch.nn.Module(), graph)  # the region as torch ops: the baseline
-            choices[fkey] = choose(kernel, eager, args, options.kernel_choice is KernelChoice.TVM,
-                                   _tolerances(graph))
+            choices[fkey] = choose(kernel, eager, args, force, _tolerances(graph))
             if not choices[fkey].use_candidate and choices[fkey].reason.startswith("result differs"):
                 warnings.warn(f"effopt: kernel {kname} ({', '.join(_region_ops(graph))}) was not used: "
                               f"{choices[fkey].reason}", EffoptFallbackWarning, stacklevel=2)
+            elif not force and _has_float_forms(graph):  # rewritten ops: against the float32 layers too
+                choices[fkey] = versus_float(kernel if choices[fkey].use_candidate else eager,
+                                             FloatRegion(graph), args, choices[fkey])
         c = choices[fkey]
         name = f"tvm_region{i}"
-        record.kernels.append(KernelRecord(name, _region_ops(graph), "tvm" if c.use_candidate else "eager",
-                                           c.candidate_us, c.baseline_us, c.reason, script_of[fkey], kname))
-        if c.use_candidate:  # regions that lose stay inline in the graph, as plain torch ops
+        record.kernels.append(KernelRecord(name, _region_ops(graph),
+                                           "float32" if c.use_float else "tvm" if c.use_candidate else "eager",
+                                           c.candidate_us, c.baseline_us, c.reason, script_of[fkey], kname,
+                                           float_us=c.float_us))
+        if c.use_float:
+            replace_region(gm, region, f"float_region{i}", FloatRegion(graph), replaced)
+        elif c.use_candidate:  # regions that lose stay inline in the graph, as plain torch ops
             replace_region(gm, region, name, kernel, replaced)
+    _float_instead(gm, regions, unconverted, record, force, placeholders_gen, replaced)
     topological_sort(gm.graph)
     gm.graph.lint()
     if cache is not None and loaded is None:
@@ -314,4 +382,4 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     return gm, record
 
 
-__all__ = ["lower", "LoweringRecord", "KernelRecord", "EffoptFallbackWarning"]
+__all__ = ["lower", "LoweringRecord", "KernelRecord", "EffoptFallbackWarning", "EffoptSlowerWarning", "FloatRegion"]

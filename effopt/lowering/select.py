@@ -24,13 +24,18 @@ class Choice:
     candidate_us: float | None = None
     baseline_us: float | None = None
     reason: str = ""
+    # regions with rewritten ops (int8, shift, approximate attention): the float32 layers they replaced,
+    # timed beside them, and whether those run instead (faster on this target than either form)
+    float_us: float | None = None
+    use_float: bool = False
 
     def to_json(self) -> dict:
         return dict(vars(self))
 
     @classmethod
     def from_json(cls, d: dict) -> "Choice":
-        return cls(bool(d["use_candidate"]), d.get("candidate_us"), d.get("baseline_us"), str(d.get("reason", "")))
+        return cls(bool(d["use_candidate"]), d.get("candidate_us"), d.get("baseline_us"), str(d.get("reason", "")),
+                   d.get("float_us"), bool(d.get("use_float", False)))
 
 
 def concrete(v, gen: torch.Generator):
@@ -83,6 +88,23 @@ def measure(kernel, eager, args, rounds: int = 7, reps: int = 5, budget_s: float
     """Median microseconds of (kernel, eager), interleaved round by round, within about `budget_s`."""
     m = interleaved_medians({"kernel": kernel, "eager": eager}, args, rounds=rounds, reps=reps, budget_s=budget_s)
     return m["kernel"] * 1e6, m["eager"] * 1e6
+
+
+def versus_float(chosen, float_layers, args, choice: Choice) -> Choice:
+    """`choice` with the float32 layers timed against the form it chose; they run instead where faster."""
+    with torch.no_grad():
+        try:
+            float_layers(*args)
+        except Exception as e:  # noqa: BLE001 - the rewritten form stays
+            choice.reason += f"; float32 layers failed ({type(e).__name__})"
+            return choice
+        m = interleaved_medians({"chosen": chosen, "float": float_layers}, args, rounds=7, reps=5, budget_s=0.25)
+    choice.float_us = m["float"] * 1e6
+    if m["float"] < m["chosen"]:
+        choice.use_float = True
+        choice.reason = (f"the float32 layer measured faster ({choice.float_us:.0f} us) than the rewritten one "
+                         f"({m['chosen'] * 1e6:.0f} us, {'TVM kernel' if choice.use_candidate else 'eager op'})")
+    return choice
 
 
 def choose(candidate, baseline, args, force: bool, tolerances=None) -> Choice:

@@ -179,6 +179,7 @@ class ApproximateAttention:
                 raise ValueError(f"no approximate attention {cfg.kind!r}")
             new = graph.call_function(target, args)
         new.meta = dict(site.out.meta)
+        new.meta["float_form"] = effops.ExactAttention(site.scale)  # where the approximate kernel loses on the target
         fake = _fake(target, args)
         if fake is not None:
             new.meta["val"] = fake

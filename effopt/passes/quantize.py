@@ -267,6 +267,8 @@ class Int8Rewriter:
             added = [wq_t, ws, q, xq, step, acc, sc, *_dequantize(self.gm, acc, sc, site.bias, at)]
         y = added[-1]
         y.meta.update({k: v for k, v in site.node.meta.items() if k != "val"})
+        if fused is not None:  # where the target's int8 kernel loses to the float32 layer, that runs
+            y.meta["float_form"] = int8_ops.FloatLinear(site.weight)
         site.node.replace_all_uses_with(y, propagate_meta=False)
         site.new, site.added = y, added
         self.gm.recompile()

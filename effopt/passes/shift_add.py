@@ -262,6 +262,7 @@ class ShiftRewriter:
                 new = graph.call_function(torch.ops.effopt.shift_linear.default,
                                           (x, packed, scale_node, site.bias, int(site.weight.shape[1]), site.bits))
         new.meta = dict(site.node.meta)
+        new.meta["float_form"] = so.FloatShift(site.weight)  # where the shift kernel loses on the target
         site.node.replace_all_uses_with(new, propagate_meta=False)
         site.new, site.added = new, [packed, scale_node, *reshaped, new]
         self.gm.recompile()
