@@ -128,7 +128,7 @@ def _gemm_module(c: dict, m: int, n: int, k: int, bias: bool, target):
     from .tasks import gemm_func, normalized
 
     if c.get("packed"):
-        return normalized(packed_gemm.linear_func(m, n, k, **c["packed"]))
+        return normalized(packed_gemm.linear_func(m, n, k, **c["packed"], unit=packed_gemm.unit_of(target)))
     return apply_trace(normalized(gemm_func(m, n, k, bias)), c["best"], target)
 
 

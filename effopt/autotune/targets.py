@@ -28,13 +28,15 @@ def _physical_cores() -> int:
 
 
 def host_target_dict() -> dict[str, Any]:
-    """The CPU this process runs on, with LLVM's name for it (which carries its feature flags)."""
+    """The CPU this process runs on, with LLVM's name for it (which carries its feature flags).
+    $EFFOPT_HOST_CPU names another LLVM CPU for 'host' (e.g. znver3: AVX2 kernels on an AVX-512 machine,
+    to test or benchmark what a lower ISA gets; the CPU must be able to execute that ISA)."""
     from tvm.target import codegen
 
+    cpu = os.environ.get("EFFOPT_HOST_CPU", "").strip() or str(codegen.llvm_get_system_cpu())
     # fast-math-reassoc lets LLVM vectorize float sums and maxima (row reductions in softmax and norms);
     # it only reorders additions, within the float tolerances every kernel is checked against.
-    return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()), "num-cores": _physical_cores(),
-            "fast-math-reassoc": True}
+    return {"kind": "llvm", "mcpu": cpu, "num-cores": _physical_cores(), "fast-math-reassoc": True}
 
 
 def target_dict(spec: str | dict) -> dict[str, Any]:

@@ -8,7 +8,7 @@ and its graph is cut into regions and converted as the lowering stage does. Thre
 * `knobs`: one of effopt's hand-scheduled kernels (flash attention, int8 linear, shift linear), keyed by
   its parameters and shapes; the tuner measures its tile settings (kernels/tunable.py).
 * `gemm`: a frozen-weight linear that runs on the library (MKL/oneDNN), as a TIR matmul of its shape
-  (MetaSchedule searches it) and, on AVX-512 CPUs, effopt's packed kernel (its tiles are measured); the
+  (MetaSchedule searches it) and, on CPUs with AVX-512, AVX2 + FMA or NEON, effopt's packed kernel (its tiles are measured); the
   faster replaces the library only where it is measured faster than the library.
 
 `weight` is how many times the kernel runs per forward; kernels with symbolic sizes are listed as skipped

@@ -13,7 +13,7 @@ For each task (tasks.py), heaviest first (runs per forward x FLOPs):
 
 Then the default schedule (effopt's, as an untuned compile uses) and the best tuned one are built and
 measured side by side by the same runner (local, or the remote device over RPC), interleaved; for a GEMM
-on an AVX-512 CPU, so is every tile setting of effopt's packed kernel (lowering/kernels/gemm.py: register
+on a CPU with AVX-512, AVX2 + FMA or NEON, so is every tile setting of effopt's packed kernel (lowering/kernels/gemm.py: register
 tiles over weights packed at compile time), and the faster of it and MetaSchedule's schedule is the tuned
 candidate; the library kernel (torch's addmm on MKL, or oneDNN) is timed too, on this machine only. Local
 measurements run each kernel on torch's thread count, as a compiled model runs it. The tuned schedule is chosen
@@ -264,7 +264,8 @@ class Tuner:
         tile_names = [json.dumps(t, sort_keys=True) for t in packed]
         if packed:  # effopt's register-tiled kernel over packed weights, each tile setting (kernels/gemm.py)
             m, n, k, _ = task.gemm
-            mods += [normalized(packed_gemm.linear_func(m, n, k, **t)) for t in packed]
+            unit = packed_gemm.unit_of(self.target)
+            mods += [normalized(packed_gemm.linear_func(m, n, k, **t, unit=unit)) for t in packed]
             names += tile_names
         lib_before = _library_us(*task.gemm) if task.kind == "gemm" and local else None
         us = dict(zip(names, measure(mods, self.target, self.run)))
@@ -341,7 +342,7 @@ def _packed_space(task, target) -> list[dict]:
     if packed_gemm.supported(target) is not None:
         return []
     m, n, _, _ = task.gemm
-    return packed_gemm.space(m, n)
+    return packed_gemm.space(m, n, packed_gemm.unit_of(target))
 
 
 def library_linears(w: torch.Tensor, b: torch.Tensor | None) -> dict:

@@ -1,6 +1,8 @@
 """Helpers shared by the custom kernels' Relax entry points: shapes, static and symbolic dims, dtypes."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import tvm
 from tvm import relax, tirx
 
@@ -36,6 +38,41 @@ def batch(b):
 
 def as_float32(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
     return x if str(x.ty.dtype) == "float32" else bb.emit(relax.op.astype(x, "float32"))
+
+
+@dataclass(frozen=True)
+class VectorUnit:
+    """A target's float32 vector unit, which register-tiled kernels are generated for."""
+    name: str  # "avx512" | "avx2" | "neon"
+    lanes: int  # float32 lanes per register
+    registers: int
+
+
+VECTOR_UNITS = {"avx512": VectorUnit("avx512", 16, 32), "avx2": VectorUnit("avx2", 8, 16),
+                "neon": VectorUnit("neon", 4, 32)}
+
+
+def vector_unit(target) -> VectorUnit | None:
+    """The widest float32 FMA unit of `target` (a tvm Target), or None (not a CPU, or no FMA)."""
+    from tvm.target import codegen
+
+    keys = set(target.keys) if target is not None else set()
+    if "cpu" not in keys:
+        return None
+
+    def has(feature: str) -> bool:
+        try:
+            return bool(codegen.target_has_features(feature, target))
+        except Exception:  # noqa: BLE001 - an LLVM without that query
+            return False
+
+    if "arm_cpu" in keys:
+        return VECTOR_UNITS["neon"] if has("neon") else None
+    if has("avx512f"):
+        return VECTOR_UNITS["avx512"]
+    if has("avx2") and has("fma"):
+        return VECTOR_UNITS["avx2"]
+    return None
 
 
 def x86_feature_missing(target, feature: str, what: str) -> str | None:
