@@ -271,8 +271,9 @@ def main():
     ap.add_argument("--ops-only", action="store_true", help="only the attention op alone (a minute), no models")
     args = ap.parse_args()
     torch.manual_seed(0)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    from effopt.testing import machine
+
+    print(f"{machine.describe()['line']}, {torch.get_num_threads()} threads")
     os.makedirs("bench-results", exist_ok=True)
     print("\n== the attention op alone, compiled by effopt, against torch's SDPA in eager")
     with open("bench-results/approximate_ops.json", "w") as f:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import warnings
 
 import torch
+
+from effopt.testing.machine import describe as describe_machine
 
 warnings.filterwarnings("ignore")
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench-results")
@@ -91,8 +92,7 @@ def main():
                    "fused_matches": matches}
             rows.append(row)
             print(json.dumps(row))
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                         f"torch {torch.__version__}", "shape": f"1 x {HEADS} heads x seq x {DIM}", "rows": rows}
+    result = {"machine": describe_machine()["line"], "shape": f"1 x {HEADS} heads x seq x {DIM}", "rows": rows}
     with open(os.path.join(OUT, "attention.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nmachine: {result['machine']}; q, k, v: {result['shape']}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 import warnings
@@ -40,7 +39,9 @@ def main():
 
     torch.set_grad_enabled(False)
     model, (x,) = effopt_model()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}")
+    from effopt.testing import machine
+
+    print(machine.describe()["line"])
     t0 = time.time()
     report = autotune(model, (x,), target="host", trials=args.trials, time_budget=args.time_budget,
                       cache_dir=args.cache_dir, kinds=tuple(args.kinds.split(",")), remeasure=args.remeasure)
@@ -73,7 +74,7 @@ def main():
     for k, v in med.items():
         print(f"  {k:15s} {v * 1e3:8.2f} ms  {med['eager'] / v:5.2f}x eager")
     gemms = gemm_table(report, args.rounds)
-    out = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "tune_seconds": tune_s,
+    out = {"machine": machine.describe()["line"], "tune_seconds": tune_s,
            "tuning": report.to_json(), "end_to_end_ms": {k: v * 1e3 for k, v in med.items()},
            "tuned_in_compile": rec.tuned, "gemms_in_process": gemms}
     os.makedirs("bench-results", exist_ok=True)

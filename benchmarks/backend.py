@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,8 @@ import time
 import warnings
 
 import torch
+
+from effopt.testing.machine import describe as describe_machine
 
 warnings.filterwarnings("ignore")
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench-results")
@@ -97,8 +98,7 @@ def main():
     torch._dynamo.reset()
     second = second_process_compile_s()
     cold = rows[0]["compile_s"].get("effopt")
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                         f"torch {torch.__version__}", "rows": rows,
+    result = {"machine": describe_machine()["line"], "rows": rows,
               "effopt_vit_cold_compile_s": cold, "effopt_vit_second_process": second}
     with open(os.path.join(OUT, "backend.json"), "w") as f:
         json.dump(result, f, indent=1)

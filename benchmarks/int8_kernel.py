@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 
 import torch
@@ -85,8 +84,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    from effopt.testing import machine
+
+    print(f"{machine.describe()['line']}, {torch.get_num_threads()} threads")
     merge_results("bench-results/int8_kernel.json", run(args.rounds), lambda r: (r["model"], r["layer"]))
 
 

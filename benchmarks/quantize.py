@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import sys
 import time
 import warnings
@@ -137,8 +136,9 @@ def main():
     ap.add_argument("--models", default="minilm,dinov2")
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    from effopt.testing import machine
+
+    print(f"{machine.describe()['line']}, {torch.get_num_threads()} threads")
     for key in args.models.split(","):
         merge_results("bench-results/quantize.json", run_task(key, args.rounds), lambda r: (r["model"], r["variant"]))
 

@@ -12,7 +12,6 @@ instructions. Writes bench-results/shift.json. Part of `make bench`.
 from __future__ import annotations
 
 import os
-import platform
 import sys
 
 import torch
@@ -28,8 +27,9 @@ PATHS = [(1, 0), (2, 0), (1, 8)]  # (terms, activation bits): float path, float 
 
 def main():
     tokens = [int(t) for t in sys.argv[1:]] or [1, 197]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    from effopt.testing import machine
+
+    print(f"{machine.describe()['line']}, {torch.get_num_threads()} threads")
     rows = []
     for n, k, name in SHAPES:
         g = torch.Generator().manual_seed(0)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 import warnings
@@ -145,8 +144,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--variants", default="", help="comma-separated substrings of the variants to run (default all)")
     args = ap.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    from effopt.testing import machine
+
+    print(f"{machine.describe()['line']}, {torch.get_num_threads()} threads")
     rows = []
     for key in args.models.split(","):
         lr = args.lr if args.lr is not None else {"minilm": 1e-4, "dinov2": 1e-5}[key]

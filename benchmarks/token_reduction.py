@@ -182,8 +182,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args()
     torch.manual_seed(0)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    from effopt.testing import machine
+
+    print(f"{machine.describe()['line']}, {torch.get_num_threads()} threads")
     rows = []
     for key in args.models.split(","):
         rows += run_task(key, args.rounds)

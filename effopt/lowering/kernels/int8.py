@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tvm import relax, tirx
+from tvm import relax
 from tvm.script import tirx as T
 
 from . import tunable
