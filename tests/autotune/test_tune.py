@@ -149,10 +149,10 @@ def test_a_tuned_gemm_replaces_the_library_kernel_exactly(tuned_dir, tmp_path, k
     if gemm.supported(resolve_target("host")) is None:
         assert "packed" in c  # the packed kernel's tiles were measured (None: the MetaSchedule schedule won)
     elif kernel == "packed":
-        pytest.skip("this CPU has no AVX-512")
+        pytest.skip(f"{gemm.supported(resolve_target('host'))}: this CPU cannot execute the packed kernel")
     if kernel == "trace" and not c.get("best"):
         pytest.skip("no MetaSchedule candidate built")
-    tile = gemm.space(16, 64)[-1] if kernel == "packed" else None
+    tile = gemm.space(16, 64, gemm.unit_of(resolve_target("host")))[-1] if kernel == "packed" else None
     db.append([dict(c, use_tuned=True, tuned_us=0.5 * c["library_us"], packed=tile)])
     torch.manual_seed(0)
     model, inputs = Tiny().eval(), _inputs()
