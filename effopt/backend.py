@@ -23,13 +23,13 @@ _warned_training = False
 NOISE = 1.05
 
 
-def versus_eager(compiled, eager, inputs, budget_s: float = 1.5) -> dict:
+def versus_eager(compiled, eager, inputs, budget_s: float = 1.0) -> dict:
     """Interleaved medians (ms) of the compiled and the eager graph on `inputs`, and the decision."""
     from .timing import interleaved_medians
 
     with torch.no_grad():
         m = interleaved_medians({"compiled": compiled, "eager": eager}, inputs, rounds=15, warmup=1,
-                                budget_s=budget_s, min_rounds=5)
+                                budget_s=budget_s, min_rounds=3)
     c, e = m["compiled"] * 1e3, m["eager"] * 1e3
     return {"compiled_ms": c, "eager_ms": e, "speedup": e / c if c > 0 else float("inf"),
             "use_compiled": c <= e * NOISE}
@@ -111,9 +111,8 @@ class CompiledGraph:
         check = None
         if eager_gm is not None:
             check = self._check_whole(gm, eager_gm, args)
-            if not check["use_compiled"]:
-                gm = eager_gm
-        self.runtime = gm
+        # the report keeps the compiled graph (what effopt built, for inspection) even where eager runs
+        self.runtime = eager_gm if check is not None and not check["use_compiled"] else gm
         self.guards = [(i, t.data_ptr(), _version(t), t.shape) for i, t in values.items()]
         self.report = Report(records, lowering, gm, before=before, after=after, versus_eager=check)
         set_last_report(self.report)

@@ -6,10 +6,15 @@
         both clamped to [-127, 127] (symmetric).
     quantize_weight(w)        w [N, K] -> (wq int8 [N, K], per-output-channel step [N]), symmetric.
 
-An int8 linear is then torch._int_mm(xq, wq^T) (int32 accumulation) times step * w_step, plus bias: the
+An int8 linear is then int_mm(xq, wq^T) (int32 accumulation) times step * w_step, plus bias: the
 quantizer has a TVM kernel (the MatShift path's, effopt/lowering/kernels/shift.py, bit-exact against this
-reference), the GEMM runs on torch's int8 GEMM (oneDNN VNNI), and the dequantization fuses with what
-follows it in a TVM region.
+reference), the GEMM runs on torch's int8 GEMM (oneDNN VNNI) where that is exact and fast on this CPU
+(`int_mm_usable`), and the dequantization fuses with what follows it in a TVM region.
+
+torch._int_mm is not trusted blindly: without VNNI it is a reference loop (3 GOPS on a Zen 3, against
+70-150 GFLOPS for float32), and oneDNN limited to AVX2 on a VNNI CPU (ONEDNN_MAX_CPU_ISA=AVX2) returns
+saturated, wrong sums. `int_mm` falls back to an exact float64 GEMM (every int8 x int8 sum of K < 2^37 terms
+is exact in float64), and the quantize pass uses the library GEMM only where `int_mm_usable()`.
 """
 from __future__ import annotations
 
@@ -21,6 +26,42 @@ from .shift_ops import act_quantize
 
 Tensor = torch.Tensor
 QMAX = 127
+
+
+_INT_MM: list = []  # [why torch._int_mm is unusable, or None], found once per process
+
+
+def int_mm_usable() -> str | None:
+    """Why torch._int_mm must not run int8 GEMMs on this CPU (wrong sums, or slower than the float32 GEMM
+    of the same shape), or None."""
+    if not _INT_MM:
+        from .timing import interleaved_medians
+
+        g = torch.Generator().manual_seed(0)
+        a = torch.randint(-128, 128, (128, 512), dtype=torch.int8, generator=g)
+        b = torch.randint(-128, 128, (512, 256), dtype=torch.int8, generator=g)
+        try:
+            wrong = not torch.equal(torch._int_mm(a, b).to(torch.int64), a.to(torch.int64) @ b.to(torch.int64))
+        except RuntimeError as e:
+            _INT_MM.append(f"torch._int_mm fails here ({str(e).splitlines()[0][:120]})")
+            return _INT_MM[0]
+        if wrong:
+            _INT_MM.append("torch._int_mm returns wrong (saturated) sums on this CPU")
+        else:
+            af, bf = a.to(torch.float32), b.to(torch.float32)
+            t = interleaved_medians({"int8": lambda: torch._int_mm(a, b), "float32": lambda: af @ bf}, [],
+                                    rounds=5, budget_s=0.5)
+            _INT_MM.append(None if t["int8"] <= t["float32"] else
+                           f"torch._int_mm is slower than the float32 GEMM on this CPU ({t['int8'] * 1e6:.0f} us "
+                           f"against {t['float32'] * 1e6:.0f} us at 128x512x256: no fast int8 dot product)")
+    return _INT_MM[0]
+
+
+def int_mm(a: Tensor, b: Tensor) -> Tensor:
+    """a [M, K] int8 @ b [K, N] int8 -> int32, exactly: torch._int_mm where usable, else in float64."""
+    if int_mm_usable() is None:
+        return torch._int_mm(a, b)
+    return (a.to(torch.float64) @ b.to(torch.float64)).to(torch.int32)
 
 
 def quantize_rows_ref(x: Tensor, scale: float | None) -> tuple[Tensor, Tensor]:
@@ -139,11 +180,11 @@ def int8_linear(x: Tensor, packed: Tensor, wsum: Tensor, w_step: Tensor, bias: O
     With out_scale, the result is itself quantized to uint8 (clamp(round(y / out_scale) + out_offset,
     out_lo, out_hi)) for the next int8_linear: the dequantize -> quantize pair between two int8 GEMMs
     folded into one requantize. One kernel per target ISA (effopt/lowering/kernels/int8.py); this eager
-    form runs the GEMM on torch._int_mm (q - 128 as int8, corrected by 128 * sum wq - wsum)."""
+    form runs the GEMM on int_mm (q - 128 as int8, corrected by 128 * sum wq - wsum)."""
     q, step = _inputs(x, scale, offset, lo, hi, smooth)
     q8 = (q - 128).to(torch.int8).reshape(-1, in_features)
     wq = unpack_weight(packed, in_features)
-    acc = torch._int_mm(q8, wq.t()) + (128 * wq.to(torch.int32).sum(dim=1) - wsum)
+    acc = int_mm(q8, wq.t()) + (128 * wq.to(torch.int32).sum(dim=1) - wsum)
     y = acc.to(torch.float32).reshape(*x.shape[:-1], -1) * (step * w_step)
     y = _epilogue(y + bias if bias is not None else y, activation, residual)
     return _requantize(y, out_scale, out_offset, out_lo, out_hi)
@@ -193,10 +234,10 @@ class FloatLinear(torch.nn.Module):
 def int8_linear_ref(x: Tensor, wq: Tensor, w_step: Tensor, bias: Tensor | None, scale: float | None) -> Tensor:
     """The int8 linear the quantize pass builds, in plain torch (tests)."""
     xq, step = quantize_rows_ref(x, scale)
-    acc = torch._int_mm(xq.reshape(-1, xq.shape[-1]), wq.t()).reshape(*x.shape[:-1], -1)
+    acc = int_mm(xq.reshape(-1, xq.shape[-1]), wq.t()).reshape(*x.shape[:-1], -1)
     y = acc.to(torch.float32) * (step * w_step)
     return y + bias if bias is not None else y
 
 
-__all__ = ["int8_linear", "FloatLinear", "int8_linear_fused_ref", "pack_weight", "unpack_weight", "quantize_u8", "ACTIVATIONS",
+__all__ = ["int8_linear", "FloatLinear", "int_mm", "int_mm_usable", "int8_linear_fused_ref", "pack_weight", "unpack_weight", "quantize_u8", "ACTIVATIONS",
            "SYMMETRIC", "quantize_rows", "quantize_rows_ref", "quantize_affine", "quantize_affine_ref", "quantize_weight", "int8_linear_ref", "QMAX"]

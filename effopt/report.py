@@ -17,7 +17,8 @@ WIDTH = 100  # the text form's line width
 class Report:
     passes: list
     lowering: Any
-    graph: Any  # the compiled GraphModule (TVM regions as submodules)
+    graph: Any  # the compiled GraphModule (TVM regions as submodules); eager runs instead where
+    # versus_eager says it lost
     before: dict | None = None  # {"code", "stats"} of the captured ATen graph
     after: dict | None = None  # {"code", "stats", "graph"} after the passes, before lowering
     profile: list[dict] | None = None  # effopt.explain: median ms per TVM region / library call / eager op

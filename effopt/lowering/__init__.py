@@ -355,7 +355,7 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
             if not choices[fkey].use_candidate and choices[fkey].reason.startswith("result differs"):
                 warnings.warn(f"effopt: kernel {kname} ({', '.join(_region_ops(graph))}) was not used: "
                               f"{choices[fkey].reason}", EffoptFallbackWarning, stacklevel=2)
-            elif not force and _has_float_forms(graph):  # rewritten ops: against the float32 layers too
+            if not force and _has_float_forms(graph):  # rewritten ops: against the float32 layers too
                 choices[fkey] = versus_float(kernel if choices[fkey].use_candidate else eager,
                                              FloatRegion(graph), args, choices[fkey])
         c = choices[fkey]

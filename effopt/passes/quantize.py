@@ -7,7 +7,8 @@
 layer by layer under the accuracy guard, weights int8 per output channel (symmetric). It lowers to one TVM
 kernel on AVX-512 VNNI (lowering/kernels/int8.py), measured per shape against its torch form (torch's int8
 GEMM, oneDNN). Layers with a number of outputs that is not a multiple of 16, and every layer with
-fuse=False, stay as effopt::quantize_rows (TVM) -> aten._int_mm (library) -> dequantize (TVM).
+fuse=False, stay as effopt::quantize_rows (TVM) -> aten._int_mm (library) -> dequantize (TVM), where
+torch's int8 GEMM is exact and fast on this CPU (int8_ops.int_mm_usable); elsewhere they stay float32.
 
     mode    'dynamic' ("int8-dynamic"): activation scales per token at run time;
             'static' ("int8"): one scale per layer input, max|x| / 127 over the calibration inputs.
@@ -315,6 +316,9 @@ def quantize(gm: fx.GraphModule, config: QuantConfig, calibration, budget, metri
     if config.smooth is not None and not calibration:
         raise ValueError("quantize smooth (SmoothQuant) needs calibration data for the activation ranges: pass "
                          "options={'calibration': [inputs, ...]}")
+    library = int8_ops.int_mm_usable()
+    unfusable = [s for s in sites if not config.fuse or s.weight.shape[0] % 16] if library else []
+    sites = [s for s in sites if s not in unfusable]
     stats = calibrate(gm, sites, calibration) if config.mode == "static" or config.smooth is not None else None
     rewriter = Int8Rewriter(gm, stats, config.fuse, config.smooth, config.mode == "static")
     guard = guarded_apply(lambda args: gm(*args), sites, rewriter.apply, rewriter.revert, calibration, budget,
@@ -328,6 +332,10 @@ def quantize(gm: fx.GraphModule, config: QuantConfig, calibration, budget, metri
     before = sum(4 * s.weight.numel() for s in kept)
     after = sum(s.weight.numel() + 4 * s.weight.shape[0] for s in kept)
     record.notes.append(guard.summary())
+    if unfusable:
+        record.notes.append(f"{len(unfusable)} layer(s) stay float32 ({', '.join(s.name for s in unfusable[:4])}"
+                            f"{', ...' if len(unfusable) > 4 else ''}): their int8 form is torch's int8 GEMM "
+                            f"({'fuse=False' if not config.fuse else 'outputs not a multiple of 16'}), and {library}")
     if kept:
         one = sum(1 for n in gm.graph.nodes if n.target is INT8_LINEAR)
         record.notes.append(f"{len(kept)} int8 layer(s); weights {before / 2 ** 20:.2f} -> {after / 2 ** 20:.2f} MB; "
@@ -400,6 +408,9 @@ def pt2e_int8(gm: fx.GraphModule) -> PassRecord:
                             (zp + 128 - shift, qmin + 128 - shift, qmax + 128 - shift), node)
         if fused is not None:
             y = fused[-1]
+        elif int8_ops.int_mm_usable() is not None:  # PT2E's own dequantize + float GEMM stays
+            record.notes.append(f"{node.name} stays as PT2E's float form: {int8_ops.int_mm_usable()}")
+            continue
         else:
             xi = _call(gm, torch.ops.effopt.quantize_affine.default, (xf, scale, zp, qmin, qmax), node)
             acc = _call(gm, aten._int_mm.default, (xi, add_constant(gm, wq.t().contiguous(), node, "pt2e_w")), node)

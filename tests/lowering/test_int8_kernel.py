@@ -96,20 +96,23 @@ def test_fused_kernel_is_exact(isa, case):
 @pytest.mark.parametrize("isa", X86)
 @pytest.mark.parametrize("m, n, k", [(7, 48, 50), (256, 384, 1536)])
 @pytest.mark.parametrize("prequantized", [False, True])
-def test_requantized_output_and_input_are_exact(isa, m, n, k, prequantized):
+@pytest.mark.parametrize("quant", [(3, 0, 255), (128, 1, 255)])  # PT2E-style affine; effopt's symmetric
+def test_requantized_output_and_input_are_exact(isa, m, n, k, prequantized, quant):
     """A folded dequantize -> quantize pair: the kernel's output requantized to uint8 for the next int8
-    linear, and a kernel that takes such a uint8 input (with its static scale) instead of quantizing."""
+    linear, and a kernel that takes such a uint8 input (with its static scale) instead of quantizing: any
+    byte, 0 included (outside [1, 255], as the lowering's self-check feeds it)."""
     x, wq, ws, b, r = _case(m, n, k, seed=4)
-    out = (0.05, 3, 0, 255)  # PT2E-style affine uint8 output: scale, zero point, range
+    out = (0.05, *quant)  # the next layer's scale, zero point, range
     if prequantized:
         x = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
-    packed, wsum = int8_ops.pack_weight(wq, 3)
-    got = torch.from_dlpack(_build(m, n, k, 0.02, (3, 0, 255), "relu", True, True, x_dtype=str(x.dtype)[6:],
+        x[0, :8] = 0
+    packed, wsum = int8_ops.pack_weight(wq, quant[0])
+    got = torch.from_dlpack(_build(m, n, k, 0.02, quant, "relu", True, True, x_dtype=str(x.dtype)[6:],
                                    out_quant=out, target=_target(isa))(x, packed, wsum, ws, b, r))
-    ref = int8_ops.int8_linear_fused_ref(x, packed, wsum, ws, b, 0.02, 3, 0, 255, k, "relu", r, None, *out)
+    ref = int8_ops.int8_linear_fused_ref(x, packed, wsum, ws, b, 0.02, *quant, k, "relu", r, None, *out)
     assert got.dtype == ref.dtype == torch.uint8 and torch.equal(got, ref)
     assert 0 < int(ref.min()) or int(ref.max()) < 255 or ref.unique().numel() > 2  # not a saturated output
-    eager = int8_ops.int8_linear(x, packed, wsum, ws, b, 0.02, 3, 0, 255, k, "relu", r, None, *out)
+    eager = int8_ops.int8_linear(x, packed, wsum, ws, b, 0.02, *quant, k, "relu", r, None, *out)
     off = (eager.int() - ref.int()).abs()
     assert int(off.max()) <= 1 and off.float().mean() < 0.01  # the eager form rounds the multiply-add twice
 

@@ -19,6 +19,12 @@ LINEARS = ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.0", "blocks.
            "blocks.1.attn.proj", "blocks.1.mlp.0", "blocks.1.mlp.2", "head"]
 
 
+def quantizable():
+    """The linears the pass quantizes: all, or all but the 10-class head (whose int8 form is torch's int8
+    GEMM) where that GEMM is not exact and fast on this CPU."""
+    return LINEARS if int8_ops.int_mm_usable() is None else LINEARS[:-1]
+
+
 class _Int8(torch.nn.Module):
     def __init__(self, lin, scale):
         super().__init__()
@@ -86,13 +92,19 @@ def test_dynamic_int8_matches_the_integer_oracle_and_runs_int8_gemms():
         exact = model(x)
     report = effopt.last_report()
     rec = next(r for r in report.passes if r.name == "quantize_int8")
-    assert rec.matches == len(LINEARS)
     # one fused kernel per layer with a multiple of 16 outputs; the 10-class head: quantizer + torch's GEMM
+    # where that is exact and fast here, else it stays float32 and the record says why
     fused = [k for k in report.lowering.kernels if "int8_linear" in k.ops]
     assert len(fused) == len(LINEARS) - 1 and all(k.choice == "tvm" for k in fused)
-    assert report.lowering.library_calls.get("_int_mm") == 1
     quantizers = [k for k in report.lowering.kernels if "quantize_rows" in k.ops]
-    assert len(quantizers) == 1 and quantizers[0].choice == "tvm"
+    if int8_ops.int_mm_usable() is None:
+        assert rec.matches == len(LINEARS) and report.lowering.library_calls.get("_int_mm") == 1
+        assert len(quantizers) == 1 and quantizers[0].choice == "tvm"
+    else:
+        assert rec.matches == len(LINEARS) - 1 and not report.lowering.library_calls.get("_int_mm")
+        assert not quantizers and "1 layer(s) stay float32 (head)" in str(rec), str(rec)
+        with torch.no_grad():
+            ref = quantized(model, LINEARS[:-1])(x)
     # each MLP's GELU, and the residual add after attn.proj and mlp.2, are in their kernels
     assert "8 as one quantize-GEMM-dequantize kernel with 2 activation(s) and 4 residual add(s) fused in; 0 " \
         "dequantize-quantize pair(s) folded" in str(rec)  # dynamic scales: nothing to fold
@@ -133,7 +145,7 @@ def test_guard_keeps_layers_with_activation_outliers_in_float():
         every = [quantized(model, LINEARS, scales)(c) for c in cal]
         loss_all = sum(1 - F.cosine_similarity(e.flatten(1), model(c).flatten(1)).mean().item()
                        for e, c in zip(every, cal)) / len(cal)
-        ref = quantized(model, [n for n in LINEARS if n not in rolled], scales)(x)
+        ref = quantized(model, [n for n in quantizable() if n not in rolled], scales)(x)
     assert loss_all > 0.002 and rolled and rec.guard.loss <= 0.002, (loss_all, rolled)
     assert any(n.startswith("blocks.1.") for n in rolled)  # where the outlier is
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
@@ -170,7 +182,7 @@ def test_smoothquant_keeps_the_layer_with_activation_outliers_in_int8():
     assert rec.guard.loss <= 0.002
     # the oracle: per-channel ranges from hooks, smoothed layers as _SmoothInt8, the others plain static int8
     amax = input_ranges(model, LINEARS, cal)
-    kept = [n for n in LINEARS if n not in {m for m, _ in rec.guard.rolled_back}]
+    kept = [n for n in quantizable() if n not in {m for m, _ in rec.guard.rolled_back}]
     ref = quantized(model, [n for n in kept if n not in smoothed], {n: float(a.max()) / 127 for n, a in amax.items()})
     for name in smoothed:
         parent, _, child = name.rpartition(".")

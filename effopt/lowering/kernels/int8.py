@@ -223,7 +223,10 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
     PARTS = LANES // VL  # vectors per packed group of 16 channels
     MP = (M + MB - 1) // MB * MB
     NT = N // VL // NB
-    xq_t = _x_type(isa, lo)
+    # a uint8 input handed over by the kernel before may hold any byte (the lowering's self-check feeds
+    # zeros; [lo, hi] holds only for what a kernel wrote): the full-range form is exact for all of them
+    dot_lo = 0 if prequantized else lo
+    xq_t = _x_type(isa, dot_lo)
     shift = 128.0 if xq_t == "int8" else 0.0
     KV = K // LANES * LANES
     dynamic = scale is None
@@ -300,7 +303,7 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
                         for i in T.unroll(MB):
                             for j in T.unroll(NB):
                                 acc[i, T.ramp(j * VL, 1, VL)] = _dot(
-                                    isa, lo, acc[i, T.ramp(j * VL, 1, VL)],
+                                    isa, dot_lo, acc[i, T.ramp(j * VL, 1, VL)],
                                     T.reinterpret(XQ.vload([mb * MB + i, k4 * 4], f"{xq_t}x4"), dtype="int32"),
                                     W.vload([(t * NB + j) // PARTS, k4, (t * NB + j) % PARTS * VL, 0],
                                             f"int8x{4 * VL}"))
@@ -346,13 +349,14 @@ def emit(bb: relax.BlockBuilder, x, packed, wsum, w_step, bias, residual, k: int
         relax.op.zeros(relax.ShapeExpr([1, 1]), "float32")
     sm = smooth if smooth is not None else relax.op.zeros(relax.ShapeExpr([1]), "float32")
     prequantized = str(x.ty.dtype) == "uint8"
-    if _x_type(isa, lo) == "int8" and offset != 128:  # the kernel sums (x - 128) w: (offset - 128) sum w
+    dot_lo = 0 if prequantized else lo  # as linear_func decides
+    if _x_type(isa, dot_lo) == "int8" and offset != 128:  # the kernel sums (x - 128) w: (offset - 128) sum w
         if offset == 0:  # wsum is 0 and says nothing of sum w: summed from the weights
             sw = bb.emit(relax.op.sum(relax.op.astype(packed, "int32"), axis=[1, 3]))
         else:
             sw = bb.emit(relax.op.floor_divide(wsum, relax.const(offset, "int32")))
         wsum = bb.emit(relax.op.multiply(relax.op.reshape(sw, [n]), relax.const(offset - 128, "int32")))
-    elif _x_type(isa, lo) == "int8":
+    elif _x_type(isa, dot_lo) == "int8":
         wsum = relax.op.zeros(relax.ShapeExpr([n]), "int32")
     out = relax.TensorType([m, n], "float32" if out_quant is None else "uint8")
     fixed = (m, n, k, scale, offset, lo, hi, activation, residual is not None, smooth is not None, prequantized,

@@ -1,0 +1,102 @@
+"""Never slower than eager: a rewritten layer that measures slower than the float32 layer it replaced runs
+as that float32 layer, and a compiled graph that measures slower than eager runs eager. The decisions are
+driven here by stubbed timings (timing itself is for benchmarks), so each branch is taken for certain."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import effopt
+import importlib
+import effopt.lowering.select as select
+from effopt import int8_ops
+from effopt.lowering import EffoptSlowerWarning
+from effopt.testing.compare import assert_same_as_eager
+from effopt.testing.models import vit_tiny_test
+from tests.conftest import compile_effopt
+from tests.passes.test_quantize import LINEARS, quantized
+
+BACKEND = importlib.import_module("effopt.backend")  # the module (effopt.backend is also a function)
+
+
+def _model():
+    torch.manual_seed(0)
+    return vit_tiny_test().eval(), torch.randn(2, 3, 32, 32)
+
+
+def _stub(monkeypatch, float_faster: bool):
+    real = select.interleaved_medians
+
+    def medians(fns, args, **kw):
+        if set(fns) == {"chosen", "float"}:
+            return {"chosen": 2e-3, "float": 1e-3} if float_faster else {"chosen": 1e-3, "float": 2e-3}
+        return real(fns, args, **kw)
+
+    monkeypatch.setattr(select, "interleaved_medians", medians)
+
+
+@pytest.mark.parametrize("float_faster", [True, False])
+def test_int8_layers_slower_than_float32_run_as_float32(monkeypatch, float_faster):
+    model, x = _model()
+    _stub(monkeypatch, float_faster)
+    monkeypatch.setattr(BACKEND, "NOISE", float("inf"))  # the whole graph is kept: this test is per layer
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            got = compile_effopt(model, quantize="int8-dynamic")(x)
+    slower = [str(w.message) for w in caught if issubclass(w.category, EffoptSlowerWarning)]
+    layers = [k for k in effopt.last_report().lowering.kernels if "int8_linear" in k.ops]
+    assert len(layers) == 8 and all(k.float_us is not None for k in layers)
+    with torch.no_grad():
+        if float_faster:  # every int8 layer runs as the float32 layer it replaced: the head alone is int8
+            assert {k.choice for k in layers} == {"float32"} and len(slower) == 1 and "8 of 8" in slower[0]
+            ref = quantized(model, LINEARS[-1:])(x) if int8_ops.int_mm_usable() is None else model(x)
+        else:
+            assert {k.choice for k in layers} <= {"tvm", "eager"} and not slower
+            ref = quantized(model, LINEARS if int8_ops.int_mm_usable() is None else LINEARS[:-1])(x)
+    assert_same_as_eager(got, ref)
+
+
+def test_the_float_form_keeps_the_int8_interface():
+    """A float32 layer standing in for an int8 linear inside a folded pair takes the uint8 input the one
+    before hands it and hands the next one uint8 in its scale."""
+    g = torch.Generator().manual_seed(0)
+    w, b, r = torch.randn(32, 64, generator=g), torch.randn(32, generator=g), torch.randn(5, 32, generator=g)
+    f = int8_ops.FloatLinear(w)
+    x = torch.randn(5, 64, generator=g)
+    args = (None, None, None, b, 0.05, 3, 0, 255, 64, "gelu", r)
+    torch.testing.assert_close(f(x, *args), F.gelu(F.linear(x, w, b)) + r)
+    xq = torch.randint(0, 256, (5, 64), dtype=torch.uint8, generator=g)
+    y = f(xq, *args, None, 0.1, 7, 0, 255)
+    expect = F.gelu(F.linear((xq.float() - 3) * 0.05, w, b)) + r
+    assert y.dtype == torch.uint8
+    assert torch.equal(y, torch.clamp(torch.round(expect / 0.1) + 7, 0, 255).to(torch.uint8))
+
+
+@pytest.mark.parametrize("noise, compiled", [(0.0, False), (float("inf"), True)])
+def test_a_graph_slower_than_eager_runs_eager(monkeypatch, noise, compiled):
+    """NOISE 0: the compiled graph would have to take no time at all to be kept; inf: it is always kept."""
+    model, x = _model()
+    monkeypatch.setattr(BACKEND, "NOISE", noise)
+    f = compile_effopt(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            got, ref = f(x), model(x)
+    rep = effopt.last_report()
+    slower = [w for w in caught if issubclass(w.category, EffoptSlowerWarning)]
+    assert rep.versus_eager["use_compiled"] is compiled and len(slower) == (0 if compiled else 1)
+    assert ("runs in EAGER" in rep.headline()) is not compiled
+    assert_same_as_eager(got, ref)
+    if not compiled:  # eager's own kernels: the very same values
+        assert torch.equal(got, ref)
+    with torch.no_grad():  # and the decision holds for later calls
+        assert_same_as_eager(f(x * 2), model(x * 2))
+
+
+def test_forced_kernels_skip_the_check():
+    model, x = _model()
+    with torch.no_grad():
+        compile_effopt(model, kernel_choice="tvm")(x)
+    assert effopt.last_report().versus_eager is None
