@@ -11,6 +11,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from . import capture
 from .lowering import EffoptFallbackWarning, EffoptSlowerWarning
+from .guard import CalibrationSet
 from .options import KernelChoice, Options
 from .passes.approximate import AttentionConfig
 from .passes import default_pass_manager
@@ -87,7 +88,9 @@ class CompiledGraph:
 
             live = lambda full: [full[i] for i in self.live]  # noqa: E731
             examples = live(self.examples if self.examples is not None else args)
-            cal = [live(c) for c in self.calibration] if self.calibration else None
+            # the original model's outputs (the graph after the exact passes) are every guard's reference
+            cal = CalibrationSet.of([live(c) for c in self.calibration], lambda a: gm(*a)) \
+                if self.calibration else None
             if self.options.tokens is not None:
                 gm, rec = token_reduction(gm, self.options.tokens, examples, cal, self.options.accuracy_budget,
                                           self.options.metric)

@@ -169,14 +169,31 @@ def metric_name(metric) -> str:
     return metric if isinstance(metric, str) else getattr(metric, "__name__", "callable")
 
 
+class CalibrationSet(list):
+    """The calibration inputs (argument lists) with the original model's outputs on them: every guarded
+    pass measures its loss against `reference`, not against the graph an earlier pass left, so one
+    accuracy budget bounds all approximate rewrites together (their losses do not add up past it)."""
+
+    reference: list | None = None
+
+    @classmethod
+    def of(cls, inputs: list[list], run: Callable[[list], Any]) -> "CalibrationSet":
+        out = cls(inputs)
+        with torch.no_grad():
+            out.reference = [run(args) for args in inputs]
+        return out
+
+
 class Calibrated:
-    """The reference outputs of `run` on the calibration inputs, and the metric loss of a candidate against
-    them (averaged over the inputs; inf if not finite). Counts its evaluations in `result`."""
+    """The reference outputs on the calibration inputs (the original model's where the calibration is a
+    CalibrationSet, else `run`'s), and the metric loss of a candidate against them (averaged over the
+    inputs; inf if not finite). Counts its evaluations in `result`."""
 
     def __init__(self, run: Callable[[list], Any], calibration: list[list], metric, result: GuardResult):
         self.calibration, self.loss_of, self.result = calibration, metric_fn(metric), result
+        shared = getattr(calibration, "reference", None)
         with torch.no_grad():
-            self.refs = [run(args) for args in calibration]
+            self.refs = shared if shared is not None else [run(args) for args in calibration]
 
     def loss(self, run: Callable[[list], Any]) -> float:
         self.result.evaluations += 1
@@ -230,6 +247,9 @@ def guarded_apply(run: Callable[[list], Any], layers: list, apply: Callable, rev
                 result.rolled_back.append((name, trial))
             log.info("effopt: %s: layer %d/%d %s (%s loss %.4g)", what, i + 1, len(layers),
                      "kept" if trial <= budget else "rolled back", mname, trial)
-        result.loss = loss if result.kept else 0.0
+        if result.kept:
+            result.loss = loss
+        else:  # against the original model, the earlier passes' loss remains
+            result.loss = cal.loss(run) if getattr(calibration, "reference", None) is not None else 0.0
     result.seconds = time.perf_counter() - t0
     return result
