@@ -11,7 +11,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from . import capture
 from .lowering import EffoptFallbackWarning, EffoptSlowerWarning
-from .guard import CalibrationSet
+from .guard import DEFAULT_BUDGET, Calibrated, CalibrationSet, GuardResult
 from .options import KernelChoice, Options
 from .passes.approximate import AttentionConfig
 from .passes import default_pass_manager
@@ -22,6 +22,9 @@ _warned_training = False
 # The compiled graph runs only if its median is within this factor of eager's on the example inputs: 2-core
 # timing noise between interleaved medians stays under 5% (benchmarks/backend.py's repeated runs).
 NOISE = 1.05
+# held-out validation over budget: the approximate passes run again at most this many times, each with the
+# guards' budget scaled down, the last time with none (no approximate rewrite)
+MAX_BACKOFFS = 3
 
 
 def versus_eager(compiled, eager, inputs, budget_s: float = 1.0) -> dict:
@@ -50,11 +53,11 @@ class CompiledGraph:
     _boxed_call = True
 
     def __init__(self, aten_gm: fx.GraphModule, frozen: list[int], real_inputs, options: Options,
-                 examples=None, calibration=None):
+                 examples=None, calibration=None, validation=None):
         self.aten_gm, self.frozen, self.options = aten_gm, frozen, options
         self.live = [i for i in range(len(real_inputs)) if i not in set(frozen)]
         # real example inputs and calibration inputs (full argument lists), for approximate passes
-        self.examples, self.calibration = examples, calibration
+        self.examples, self.calibration, self.validation = examples, calibration, validation
         self._build(real_inputs)
 
     def _build(self, args) -> None:
@@ -69,8 +72,8 @@ class CompiledGraph:
         tag_new_nodes(gm, seen, None)
         records = []
 
-        def tagged(record):  # the nodes this pass added carry its name (the report highlights them)
-            record.added = tag_new_nodes(gm, seen, record.name)
+        def tagged(record, graph=None):  # the nodes this pass added carry its name (the report highlights them)
+            record.added = tag_new_nodes(gm if graph is None else graph, seen, record.name)
             record.removed = record.nodes_before + record.added - record.nodes_after
             log_record(record)
             records.append(record)
@@ -81,29 +84,33 @@ class CompiledGraph:
 
         if has_pt2e_ops(gm):  # a model quantized with PT2E: its int8 linears run as int8
             tagged(pt2e_int8(gm))
+        notes = []
         if self.options.approximate or _has_trained_shift(gm):
-            from .passes.approximate import approximate_attention
-            from .passes.shift_add import shift_add
-            from .passes.token_reduction import token_reduction
-
             live = lambda full: [full[i] for i in self.live]  # noqa: E731
             examples = live(self.examples if self.examples is not None else args)
             # the original model's outputs (the graph after the exact passes) are every guard's reference
             cal = CalibrationSet.of([live(c) for c in self.calibration], lambda a: gm(*a)) \
                 if self.calibration else None
-            if self.options.tokens is not None:
-                gm, rec = token_reduction(gm, self.options.tokens, examples, cal, self.options.accuracy_budget,
-                                          self.options.metric)
-                tagged(rec)
-            if str(self.options.attention) != "exact":
-                tagged(approximate_attention(gm, AttentionConfig.parse(self.options.attention), examples,
-                                             cal, self.options.accuracy_budget, self.options.metric))
-            if self.options.shift_add is not None or _has_trained_shift(gm):
-                tagged(shift_add(gm, self.options.shift_add, cal, self.options.accuracy_budget, self.options.metric))
-            if self.options.quantize is not None:
-                from .passes.quantize import quantize
-
-                tagged(quantize(gm, self.options.quantize, cal, self.options.accuracy_budget, self.options.metric))
+            val = CalibrationSet.of([live(c) for c in self.validation], lambda a: gm(*a)) \
+                if self.validation and cal else None
+            base, kept_records = capture.copy_graph_module(gm), len(records)
+            budget = self.options.accuracy_budget if self.options.accuracy_budget is not None else DEFAULT_BUDGET
+            decide = budget
+            for attempt in range(MAX_BACKOFFS + 1):
+                gm = self._approximate(gm, examples, cal, decide, tagged)
+                if val is None:
+                    break
+                held = Calibrated(None, val, self.options.metric, GuardResult("", budget)).loss(lambda a: gm(*a))
+                notes.append(f"accuracy on {len(val)} held-out validation input(s): loss {held:.4g} (budget "
+                             f"{budget:g}; the guards decided at {decide:.4g} on the calibration inputs)")
+                if held <= budget:
+                    break
+                # back off: the passes again from the graph before them, with the budget scaled down
+                del records[kept_records:]
+                gm = capture.copy_graph_module(base)
+                decide = decide * min(0.5, budget / held) if attempt < MAX_BACKOFFS - 1 else 0.0
+            else:
+                notes.append("the held-out loss stayed over the budget: no approximate rewrite is kept")
         after = {"code": gm.code, "stats": graph_stats(gm), "graph": capture.copy_graph_module(gm)}
         lowering = None
         if self.options.lower:
@@ -117,8 +124,31 @@ class CompiledGraph:
         # the report keeps the compiled graph (what effopt built, for inspection) even where eager runs
         self.runtime = eager_gm if check is not None and not check["use_compiled"] else gm
         self.guards = [(i, t.data_ptr(), _version(t), t.shape) for i, t in values.items()]
-        self.report = Report(records, lowering, gm, before=before, after=after, versus_eager=check)
+        self.report = Report(records, lowering, gm, before=before, after=after, versus_eager=check, notes=notes)
         set_last_report(self.report)
+
+    def _approximate(self, gm, examples, cal, budget, tagged):
+        """The approximate passes in their order (tokens, attention, shift/add, int8) under `budget`."""
+        from .passes.approximate import approximate_attention
+        from .passes.shift_add import shift_add
+        from .passes.token_reduction import token_reduction
+
+        metric = self.options.metric
+        if cal is None:
+            budget = None  # no calibration: the passes warn that their accuracy is unverified
+        if self.options.tokens is not None:
+            gm, rec = token_reduction(gm, self.options.tokens, examples, cal, budget, metric)
+            tagged(rec, gm)
+        if str(self.options.attention) != "exact":
+            tagged(approximate_attention(gm, AttentionConfig.parse(self.options.attention), examples, cal, budget,
+                                         metric), gm)
+        if self.options.shift_add is not None or _has_trained_shift(gm):
+            tagged(shift_add(gm, self.options.shift_add, cal, budget, metric), gm)
+        if self.options.quantize is not None:
+            from .passes.quantize import quantize
+
+            tagged(quantize(gm, self.options.quantize, cal, budget, metric), gm)
+        return gm
 
     def _measure_whole(self) -> bool:
         """kernel_choice='measure' (the default) with lowering: the whole compiled graph is timed too."""
@@ -163,7 +193,7 @@ def _has_trained_shift(gm) -> bool:
     return has_trained_layers(gm)
 
 
-def _inference_compiler(real_inputs, frozen, options, calibration=None):
+def _inference_compiler(real_inputs, frozen, options, calibration=None, validation=None):
     def fw_compiler(gm: fx.GraphModule, fake_inputs):
         same = len(fake_inputs) == len(real_inputs)
         # AOT added or removed inputs (input mutation, aliasing): freeze nothing rather than guess.
@@ -174,7 +204,8 @@ def _inference_compiler(real_inputs, frozen, options, calibration=None):
         # AOT calls us inside its fake mode; freezing and measuring kernels need real tensors.
         with unset_fake_temporarily():
             compiled = CompiledGraph(gm, frozen_here, list(real_inputs) if frozen_here else list(fake_inputs), options,
-                                     examples=list(real_inputs) if same else None, calibration=calibration)
+                                     examples=list(real_inputs) if same else None, calibration=calibration,
+                                     validation=validation)
         return compiled
     return fw_compiler
 
@@ -210,11 +241,13 @@ def effopt_backend(gm: fx.GraphModule, example_inputs, options: dict | Options |
     opts = Options.from_dict({**(options if isinstance(options, dict) else {}), **kw}) \
         if not isinstance(options, Options) else options
     global _warned_training
-    calibration = None
+    calibration = validation = None
     if opts.approximate and opts.calibration is not None:
         from .guard import calibration_arguments
 
         calibration = calibration_arguments(gm, example_inputs, opts.calibration)  # ValueError: the user's to fix
+        if opts.validation is not None:
+            validation = calibration_arguments(gm, example_inputs, opts.validation)
     try:
         if _needs_grad(example_inputs):
             if opts.approximate:
@@ -232,7 +265,8 @@ def effopt_backend(gm: fx.GraphModule, example_inputs, options: dict | Options |
                                          bw_compiler=lambda g, _: make_boxed_func(g.forward))
         frozen = capture.frozen_input_indices(gm, example_inputs)
         return aot_module_simplified(gm, example_inputs,
-                                     fw_compiler=_inference_compiler(example_inputs, frozen, opts, calibration))
+                                     fw_compiler=_inference_compiler(example_inputs, frozen, opts, calibration,
+                                                                     validation))
     except Exception as e:  # noqa: BLE001 - any failure in TVM or our passes must not break the user's model
         if opts.strict:
             raise

@@ -74,6 +74,11 @@ class Options:
     calibration: Any = None
     """A list of example inputs (each a tuple of positional arguments, a dict of keyword arguments, or one
     tensor), with the same shapes as the inputs the model is compiled for."""
+    validation: Any = None
+    """Held-out inputs, in calibration's form, that the guards never decide on: after the approximate passes
+    the loss against the original model is measured on them too (the report gives both), and where it
+    exceeds the budget the passes run again with the guards' budget scaled down, until it holds or no
+    approximate rewrite is left. Needs calibration."""
     metric: Any = "cosine"
     """'cosine' (1 - cosine similarity of outputs), 'top1' (fraction of changed argmax predictions), or a
     callable (reference_output, optimized_output) -> loss (a float, 0 = no loss)."""
@@ -149,14 +154,18 @@ class Options:
             if kw.get("calibration") is None:
                 raise ValueError("accuracy_budget needs calibration data to be measured on: pass "
                                  "options={'calibration': [example inputs, ...]} as well")
-        if kw.get("calibration") is not None:
-            cal = kw["calibration"]
-            if isinstance(cal, (torch.Tensor, dict, str)) or not hasattr(cal, "__iter__"):
-                raise ValueError("calibration must be a list of example inputs (each a tuple of arguments, "
-                                 f"a dict of keyword arguments or one tensor), got {type(cal).__name__}")
-            kw["calibration"] = list(cal)
-            if not kw["calibration"]:
-                raise ValueError("calibration is an empty list")
+        if kw.get("validation") is not None and kw.get("calibration") is None:
+            raise ValueError("validation (held-out inputs) checks what the guards decided on calibration data: pass "
+                             "options={'calibration': [inputs, ...]} as well")
+        for name in ("calibration", "validation"):
+            if kw.get(name) is not None:
+                cal = kw[name]
+                if isinstance(cal, (torch.Tensor, dict, str)) or not hasattr(cal, "__iter__"):
+                    raise ValueError(f"{name} must be a list of example inputs (each a tuple of arguments, "
+                                     f"a dict of keyword arguments or one tensor), got {type(cal).__name__}")
+                kw[name] = list(cal)
+                if not kw[name]:
+                    raise ValueError(f"{name} is an empty list")
         if "target" in kw:
             from .autotune.targets import target_dict
 

@@ -57,3 +57,34 @@ def test_a_later_pass_gets_only_what_the_earlier_ones_left():
     assert both["attention_hamming"].guard.loss > 0  # the first pass used part of the budget
     assert both["shift_add"].guard.loss <= 0.01
     assert len(both["shift_add"].guard.kept) < len(alone.guard.kept)
+
+
+def test_held_out_validation_backs_the_guards_off_until_it_holds():
+    """Decided on 2 calibration inputs at 0.01, shift/add + int8 cost 0.013 on 2 held-out inputs from the
+    same distribution: the passes run again at a lower budget until the held-out loss holds, and the
+    report gives both losses."""
+    torch.manual_seed(0)
+    model = vit_tiny_test().eval()
+    cal = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    val = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(10 + i)) for i in range(2)]
+    options = dict(shift_add="all", quantize="int8", calibration=cal, accuracy_budget=0.01, lower=False)
+    with torch.no_grad():
+        unchecked = compile_effopt(model, **options)
+        unchecked(cal[0])
+        assert _loss(unchecked, model, val) > 0.01  # the in-sample decision does not hold out of sample
+        torch._dynamo.reset()
+        f = compile_effopt(model, **options, validation=val)
+        f(cal[0])
+    rep = effopt.last_report()
+    held = [n for n in rep.notes if n.startswith("accuracy on 2 held-out")]
+    assert len(held) >= 2 and "decided at 0.01 " in held[0] and "decided at 0.01 " not in held[-1], held
+    final = _loss(f, model, val)
+    assert final <= 0.01 and f"loss {final:.4g}" in held[-1], (final, held)
+    names = [r.name for r in rep.passes if r.guard is not None]
+    assert names == ["shift_add", "quantize_int8"]  # the records of the attempts that failed are gone
+    assert sum(r.matches for r in rep.passes if r.guard is not None) > 0  # something is still rewritten
+
+
+def test_validation_needs_calibration():
+    with pytest.raises(ValueError, match="validation .* calibration"):
+        effopt.Options.from_dict({"shift_add": "all", "validation": [torch.randn(1, 3, 32, 32)]})
