@@ -262,7 +262,10 @@ class ShiftRewriter:
                 new = graph.call_function(torch.ops.effopt.shift_linear.default,
                                           (x, packed, scale_node, site.bias, int(site.weight.shape[1]), site.bits))
         new.meta = dict(site.node.meta)
-        new.meta["float_form"] = so.FloatShift(site.weight)  # where the shift kernel loses on the target
+        if not site.trained:  # where the shift kernel loses on the target, the float32 layer it replaced runs
+            # (a layer trained for shift weights has no such layer: its eager form, a GEMM on the dequantized
+            # power-of-two weights, is the float32 alternative the lowering already measures)
+            new.meta["float_form"] = so.FloatShift(site.weight)
         site.node.replace_all_uses_with(new, propagate_meta=False)
         site.new, site.added = new, [packed, scale_node, *reshaped, new]
         self.gm.recompile()

@@ -187,6 +187,10 @@ def test_reparameterized_shift_layers_fine_tune_and_compile_to_the_shift_kernels
     rec = next(r for r in effopt.last_report().passes if r.name == "shift_add")
     assert rec.matches == 4 and rec.guard is None and all(d["activation_bits"] == bits for d in rec.layers)
     assert len([k for k in effopt.last_report().lowering.kernels if "shift_linear" in k.ops]) == 4
+    # trained layers have no float32 stand-in (their latent weights are not the model that was trained)
+    graph = effopt.last_report().after["graph"].graph
+    shift = [n for n in graph.nodes if n.target is torch.ops.effopt.shift_linear.default]
+    assert len(shift) == 4 and not any("float_form" in n.meta for n in shift)
 
 
 def test_reparameterize_shift_guard_keeps_costly_layers_exact():
