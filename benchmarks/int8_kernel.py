@@ -32,6 +32,11 @@ SHAPES = [("MiniLM", "q / k / v", 1024, 384, 384, "none"),
 
 
 def run(rounds: int):
+    from effopt.autotune.targets import resolve_target
+
+    isa = int8.isa_of(resolve_target("host"))
+    if isa is None:
+        raise SystemExit(f"{int8.supported(resolve_target('host'))}: no int8 kernel to measure on this CPU")
     rows = []
     for model, layer, m, k, n, epi in SHAPES:
         g = torch.Generator().manual_seed(0)
@@ -43,7 +48,8 @@ def run(rounds: int):
         res = r if epi == "residual" else None
 
         def body(bb, xv, p, s, st, bv, *rest):
-            return int8.emit(bb, xv, p, s, st, bv, rest[0] if rest else None, k, None, *int8_ops.SYMMETRIC, act)
+            return int8.emit(bb, xv, p, s, st, bv, rest[0] if rest else None, k, None, *int8_ops.SYMMETRIC, act,
+                             isa=isa)
 
         types = [((m, k), "float32"), (tuple(packed.shape), "int8"), ((n,), "int32"), ((n,), "float32"),
                  ((n,), "float32")] + ([((m, n), "float32")] if res is not None else [])

@@ -202,7 +202,7 @@ def _out(v, quant):
 
 def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: int, hi: int, activation: str,
                 residual: bool, smooth: bool = False, prequantized: bool = False, out_quant=None, mb: int | None = None,
-                nb: int | None = None, isa: Isa = ISAS["avx512vnni"]):
+                nb: int | None = None, *, isa: Isa):
     """(x [M, K] float32, packed [N/16, K/4, 16, 4] int8, wsum [N] int32, w_step [N], bias [N], residual
     [M, N] (or [1, 1], unread), smooth [K] (or [1], unread)) -> y [M, N] float32. With smooth, x * smooth
     (SmoothQuant's per-channel 1 / s) is quantized instead of x, through a scratch copy (so that LLVM's
@@ -332,9 +332,10 @@ def supported(target) -> str | None:
 
 
 def emit(bb: relax.BlockBuilder, x, packed, wsum, w_step, bias, residual, k: int, scale: float | None,
-         offset: int, lo: int, hi: int, activation: str, smooth=None, out_quant=None,
-         isa: Isa = ISAS["avx512vnni"]) -> relax.Expr:
-    """y [..., N] = int8_linear(x [..., K]) as one call of the kernel above, for `isa` (`isa_of(target)`)."""
+         offset: int, lo: int, hi: int, activation: str, smooth=None, out_quant=None, *,
+         isa: Isa) -> relax.Expr:
+    """y [..., N] = int8_linear(x [..., K]) as one call of the kernel above, for `isa`: `isa_of(target)` of
+    the target it is built for (another ISA's instructions abort LLVM's code generation)."""
     xs = [static(d, _OP, "every dim of x") for d in dims(x, _OP, "x")]
     m = 1
     for d in xs[:-1]:
