@@ -52,19 +52,24 @@ VECTOR_UNITS = {"avx512": VectorUnit("avx512", 16, 32), "avx2": VectorUnit("avx2
                 "neon": VectorUnit("neon", 4, 32)}
 
 
-def vector_unit(target) -> VectorUnit | None:
-    """The widest float32 FMA unit of `target` (a tvm Target), or None (not a CPU, or no FMA)."""
+def has_feature(target, feature: str) -> bool:
+    """Whether LLVM's description of `target` (a tvm Target) has `feature` (an LLVM feature name)."""
     from tvm.target import codegen
 
+    try:
+        return bool(codegen.target_has_features(feature, target))
+    except Exception:  # noqa: BLE001 - an LLVM without that query, or a feature it does not know
+        return False
+
+
+def vector_unit(target) -> VectorUnit | None:
+    """The widest float32 FMA unit of `target` (a tvm Target), or None (not a CPU, or no FMA)."""
     keys = set(target.keys) if target is not None else set()
     if "cpu" not in keys:
         return None
 
     def has(feature: str) -> bool:
-        try:
-            return bool(codegen.target_has_features(feature, target))
-        except Exception:  # noqa: BLE001 - an LLVM without that query
-            return False
+        return has_feature(target, feature)
 
     if "arm_cpu" in keys:
         return VECTOR_UNITS["neon"] if has("neon") else None
@@ -73,17 +78,3 @@ def vector_unit(target) -> VectorUnit | None:
     if has("avx2") and has("fma"):
         return VECTOR_UNITS["avx2"]
     return None
-
-
-def x86_feature_missing(target, feature: str, what: str) -> str | None:
-    """Why `what` cannot run on `target` (a tvm Target): not a CPU, or no LLVM feature `feature`; else None."""
-    keys = set(target.keys) if target is not None else set()
-    if "cpu" not in keys:
-        return f"{what} is for x86 CPUs (target keys {sorted(keys)})"
-    from tvm.target import codegen
-
-    try:
-        ok = codegen.target_has_features(feature, target)
-    except Exception:  # noqa: BLE001 - an LLVM without that query
-        ok = False
-    return None if ok else f"{what} needs {feature}"

@@ -35,7 +35,7 @@ from tvm import relax
 from tvm.script import tirx as T
 
 from . import tunable
-from .common import dims, static
+from .common import dims, has_feature, static
 
 LANES = 16  # output channels per packed weight group (the layout of effopt.int8_ops.pack_weight)
 
@@ -83,16 +83,11 @@ def host_runs(isa_name: str) -> str | None:
 
 def isa_of(target) -> Isa | None:
     """The best integer dot product of `target` (a tvm Target), or None where it has none worth a kernel."""
-    from tvm.target import codegen
-
     if target is None or "cpu" not in set(target.keys):
         return None
 
     def has(feature: str) -> bool:
-        try:
-            return bool(codegen.target_has_features(feature, target))
-        except Exception:  # noqa: BLE001 - an LLVM without that query, or a feature it does not know
-            return False
+        return has_feature(target, feature)
 
     if "arm_cpu" in set(target.keys):
         return ISAS["neon-dot"] if has("dotprod") else None
