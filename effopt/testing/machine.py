@@ -8,7 +8,8 @@ import platform
 # the /proc/cpuinfo flags of each ISA level a table names, best first
 LEVELS = [("AMX", ("amx_tile", "amx_int8")), ("AVX-512 VNNI", ("avx512_vnni",)), ("AVX-VNNI", ("avx_vnni",)),
           ("AVX2", ("avx2", "fma")), ("NEON dotprod", ("asimddp",))]
-ISA_NAMES = {"avx512vnni": "AVX-512 VNNI", "avxvnni": "AVX-VNNI", "avx2": "AVX2", "neon-dot": "NEON dotprod"}
+ISA_NAMES = {"avx512vnni": "AVX-512 VNNI", "avxvnni": "AVX-VNNI", "avx2": "AVX2", "neon-dot": "NEON dotprod",
+             "neon-i8mm": "NEON i8mm"}
 
 
 def _cpuinfo() -> tuple[str, set]:

@@ -1,8 +1,10 @@
 """The fused int8 linear kernel (effopt/lowering/kernels/int8.py) against plain-torch references of the same
 integer arithmetic (effopt.int8_ops): exactly, for every quantization and epilogue, and at shapes that leave
 partial register tiles, in each ISA's form this machine can execute (an AVX-512 CPU runs the AVX2 and
-AVX-VNNI kernels too); aarch64's is cross-compiled and its assembly checked; and the op's eager form
+AVX-VNNI kernels too); aarch64's are cross-compiled and their assembly checked, and the i8mm kernel's layout,
+zips and epilogue run here with smmla written out in vector arithmetic; and the op's eager form
 (torch._int_mm) against the same reference."""
+import dataclasses
 import re
 
 import pytest
@@ -13,9 +15,12 @@ from effopt.autotune.targets import resolve_target
 from effopt.lowering.kernels import int8
 
 X86 = ["avx512vnni", "avxvnni", "avx2"]
+EMULATED = "neon-i8mm-emulated"  # i8mm's kernel with smmla in plain vector arithmetic: runs on any CPU
 
 
 def _target(isa):
+    if isa == EMULATED:
+        return EMULATED
     why = int8.host_runs(isa)
     if why:
         pytest.skip(f"{why}: the {isa} kernel cannot run here")
@@ -49,7 +54,10 @@ def _build(m, n, k, scale, quant, activation, bias, residual, smooth=False, x_dt
            target="host"):
     from effopt.lowering.eager import build_function
 
-    isa = int8.isa_of(resolve_target(target))
+    if target == EMULATED:
+        target, isa = "host", dataclasses.replace(int8.ISAS["neon-i8mm"], emulated=True)
+    else:
+        isa = int8.isa_of(resolve_target(target))
     if isa is None:
         pytest.skip("this CPU has no integer dot product the int8 kernel is generated for")
     body, types = _body(m, n, k, scale, quant, activation, bias, residual, smooth, x_dtype, out_quant, isa)
@@ -69,7 +77,7 @@ CASES = [(shape, quant, epi) for shape in [(1, 16, 64), (7, 48, 50), (37, 96, 38
 _HOST = int8.isa_of(resolve_target("host"))
 # every case on this CPU's own kernel; every third (all shapes, quantizations and epilogues still met) on
 # the other ISAs, to keep make test short
-RUNS = [(isa, case) for isa in X86 for case in range(len(CASES))
+RUNS = [(isa, case) for isa in X86 + [EMULATED] for case in range(len(CASES))
         if (_HOST is not None and _HOST.name == isa) or case % 3 == 0]
 
 
@@ -93,7 +101,7 @@ def test_fused_kernel_is_exact(isa, case):
     assert torch.equal(got, ref), (got - ref).abs().max()
 
 
-@pytest.mark.parametrize("isa", X86)
+@pytest.mark.parametrize("isa", X86 + [EMULATED])
 @pytest.mark.parametrize("m, n, k", [(7, 48, 50), (256, 384, 1536)])
 @pytest.mark.parametrize("prequantized", [False, True])
 @pytest.mark.parametrize("quant", [(3, 0, 255), (128, 1, 255)])  # PT2E-style affine; effopt's symmetric
@@ -149,7 +157,8 @@ def test_a_flipped_weight_bit_changes_the_result():
 
 # the instructions each ISA's GEMM must be made of (and, for the 256-bit forms, no 512-bit register)
 ASM = {"avx512vnni": (["vpdpbusd"], None), "avxvnni": (["vpdpbusd"], "zmm"),
-       "avx2": (["vpmaddubsw", "vpmaddwd", "vpsignb"], "zmm"), "neon-dot": (["sdot"], None)}
+       "avx2": (["vpmaddubsw", "vpmaddwd", "vpsignb"], "zmm"), "neon-dot": (["sdot"], None),
+       "neon-i8mm": (["smmla", "zip1", "zip2"], None)}
 
 
 @pytest.mark.parametrize("isa", list(ASM))

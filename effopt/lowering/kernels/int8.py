@@ -1,5 +1,5 @@
 """The fused int8 linear (`effopt::int8_linear`, effopt/int8_ops.py) as one TIR kernel, generated for the
-target's integer dot product (`Isa`: AVX-512 VNNI, AVX-VNNI, AVX2, aarch64 NEON sdot):
+target's integer dot product (`Isa`: AVX-512 VNNI, AVX-VNNI, AVX2, aarch64 NEON sdot and i8mm smmla):
 
     quantize   q[m, k] = clamp(nearbyint(x[m, k] * inv[m]) + offset, lo, hi)       uint8
                per token (inv = 127 / max|x[m]|, offset 128, [1, 255]: symmetric int8 + 128), or with a
@@ -18,7 +18,9 @@ int16 pair sums, which saturate (255 * 127 * 2 > 32767). Two exact forms: with a
 vpmaddubsw(|w|, sign(x, w)) sums products of at most 128 * 127 (no saturation); with the full [0, 255]
 (PT2E's uint8) x is split into 128 * (x >> 7) + (x & 127), two vpmaddubsw each within range. vpmaddwd
 with ones (or 128) then sums the int16 pairs into the int32 lanes. NEON's sdot multiplies signed bytes:
-x - 128 there too. Where x - 128 is used, the offset's term changes: acc = sum (x - 128) w - (offset - 128)
+x - 128 there too. i8mm's smmla multiplies a 2 x 8 block of activations (two rows) by an 8 x 2 block of
+weights into a 2 x 2 int32 tile: two packed k-groups of four channels, zipped by 32-bit words, are two such
+weight blocks (zip1/zip2, no repacking). Where x - 128 is used, the offset's term changes: acc = sum (x - 128) w - (offset - 128)
 sum w, so wsum is rescaled (exactly: wsum / offset is sum w).
 
 Stage 1 quantizes each row once into a uint8 buffer (parallel over rows); stage 2 runs tiles of MB rows x
@@ -43,13 +45,21 @@ LANES = 16  # output channels per packed weight group (the layout of effopt.int8
 @dataclass(frozen=True)
 class Isa:
     """The integer dot product a target has, and what the kernel generated for it looks like."""
-    name: str  # "avx512vnni" | "avxvnni" | "avx2" | "neon-dot"
-    lanes: int  # int32 accumulator lanes per vector register
+    name: str  # "avx512vnni" | "avxvnni" | "avx2" | "neon-dot" | "neon-i8mm"
+    lanes: int  # int32 accumulator lanes per vector register (i8mm: output channels per 2 x 2 tile pair)
     registers: int  # vector registers (register tiles use at most about 3/4 of them)
+    # i8mm only: smmla written out in plain vector arithmetic, so that an x86 machine runs (and the tests
+    # check) the kernel's layout, zips and epilogue exactly; never chosen for a target
+    emulated: bool = False
+
+    @property
+    def pairs(self) -> bool:
+        """Whether the GEMM works on pairs of rows (i8mm's 2 x 2 tiles): register tiles have even rows."""
+        return self.name == "neon-i8mm"
 
 
 ISAS = {"avx512vnni": Isa("avx512vnni", 16, 32), "avxvnni": Isa("avxvnni", 8, 16), "avx2": Isa("avx2", 8, 16),
-        "neon-dot": Isa("neon-dot", 4, 32)}
+        "neon-dot": Isa("neon-dot", 4, 32), "neon-i8mm": Isa("neon-i8mm", 4, 32)}
 
 
 # an LLVM CPU name with each dot product (for building a lower ISA's kernel on any machine that runs it), and
@@ -58,7 +68,9 @@ ISA_TARGETS = {"avx512vnni": ({"kind": "llvm", "mcpu": "icelake-server"}, ("avx5
                "avxvnni": ({"kind": "llvm", "mcpu": "alderlake"}, ("avx_vnni", "avx2")),
                "avx2": ({"kind": "llvm", "mcpu": "haswell"}, ("avx2", "fma")),
                "neon-dot": ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]},
-                            ("asimddp",))}
+                            ("asimddp",)),
+               "neon-i8mm": ({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                              "mattr": ["+neon", "+dotprod", "+i8mm"]}, ("asimddp", "i8mm"))}
 
 
 def host_runs(isa_name: str) -> str | None:
@@ -67,7 +79,7 @@ def host_runs(isa_name: str) -> str | None:
 
     needed = ISA_TARGETS[isa_name][1]
     arch = platform.machine()
-    if (isa_name == "neon-dot") != (arch in ("aarch64", "arm64")):
+    if isa_name.startswith("neon") != (arch in ("aarch64", "arm64")):
         return f"this is an {arch} CPU: it cannot execute {isa_name} code"
     try:
         with open("/proc/cpuinfo") as f:
@@ -90,6 +102,8 @@ def isa_of(target) -> Isa | None:
         return has_feature(target, feature)
 
     if "arm_cpu" in set(target.keys):
+        if has("i8mm"):
+            return ISAS["neon-i8mm"]
         return ISAS["neon-dot"] if has("dotprod") else None
     for name, features in (("avx512vnni", ("avx512vnni", "avx512bw")), ("avxvnni", ("avxvnni", "avx2")),
                            ("avx2", ("avx2",))):
@@ -141,13 +155,15 @@ def tiles(m: int, n: int, isa: Isa = ISAS["avx512vnni"]) -> tuple[int, int]:
     registers, 8 of AVX2's 16 (the rest hold the weights, the broadcast activations and the pair sums)."""
     most = isa.registers // 2
     nb = next(b for b in (4, 2, 1) if (n // isa.lanes) % b == 0)
+    if isa.pairs:  # rows in pairs (a single row pads its partner with zeros)
+        return (2 if m <= 2 else max(2, min(4, most // nb) // 2 * 2)), nb
     mb = 1 if m == 1 else max(1, min(4, most // nb))
     return mb, nb
 
 
 def _x_type(isa: Isa, lo: int) -> str:
     """The dtype of the kernel's quantized activations: uint8 as quantized, or int8 x - 128."""
-    return "int8" if (isa.name == "neon-dot" or (isa.name == "avx2" and lo >= 1)) else "uint8"
+    return "int8" if (isa.name.startswith("neon") or (isa.name == "avx2" and lo >= 1)) else "uint8"
 
 
 def _dot(isa: Isa, lo: int, acc, xword, w):
@@ -173,6 +189,28 @@ def _dot(isa: Isa, lo: int, acc, xword, w):
     high = T.call_llvm_pure_intrin(maddubs, T.shift_right(xb, T.broadcast(T.uint8(7), 32)), w, dtype="int16x16")
     return acc + T.call_llvm_pure_intrin(maddwd, low, T.broadcast(T.int16(1), 16), dtype="int32x8") \
         + T.call_llvm_pure_intrin(maddwd, high, T.broadcast(T.int16(128), 16), dtype="int32x8")
+
+
+def _smmla(isa: Isa, acc, a, b):
+    """acc (int32x4, the 2 x 2 tile [r0c0, r0c1, r1c0, r1c1]) + a (int8x16: two rows of 8) times b (int8x16:
+    two columns of 8), as aarch64's smmla computes it; written out in vector arithmetic where emulated."""
+    if not isa.emulated:
+        return T.call_llvm_pure_intrin("llvm.aarch64.neon.smmla.v4i32.v16i8", acc, a, b, dtype="int32x4")
+    order = [(o, k) for o in range(4) for k in range(8)]  # lane o * 8 + k: output o = 2 i + j, term k
+    pa = T.Cast("int32x32", T.Shuffle([a, a], [8 * (o // 2) + k for o, k in order]))
+    pb = T.Cast("int32x32", T.Shuffle([b, b], [8 * (o % 2) + k for o, k in order]))
+    v, n = pa * pb, 32
+    while n > 4:  # sum adjacent lanes: 32 -> 16 -> 8 -> 4
+        v = T.Shuffle([v], list(range(0, n, 2))) + T.Shuffle([v], list(range(1, n, 2)))
+        n //= 2
+    return acc + v
+
+
+def _result(acc, m, n, bufs, activation: str, residual: bool, quant):
+    """The epilogue's value y[m, n] from the int32 accumulator; bufs: (WSUM, STEP, S, B, R)."""
+    wsum, step, s, b, r = bufs
+    y = _act(T.Cast("float32", acc - wsum[n]) * (step[m] * s[n]) + b[n], activation)
+    return _out(y + r[m, n] if residual else y, quant)
 
 
 def _load(X, XS, m, k, smooth: bool):
@@ -210,11 +248,15 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
     if activation not in ACTIVATIONS:
         raise ValueError(f"int8 linear activation={activation!r}; valid: {list(ACTIVATIONS)}")
     K4 = (K + 3) // 4
+    K8 = (K4 + 1) // 2  # i8mm's k groups of 8 (an odd last group of 4 pairs with zero weights)
+    XW = 8 * K8 if isa.pairs else 4 * K4  # the quantized row's width, zero padded
     VL = isa.lanes
     MB, NB = tiles(M, N, isa)
     MB, NB = MB if mb is None else mb, NB if nb is None else nb  # the autotuner's knobs
     if N % LANES or (N // VL) % NB:
         raise ValueError(f"int8 linear: {N // VL} column vectors do not split into tiles of {NB}")
+    if isa.pairs and MB % 2:
+        raise ValueError(f"int8 linear ({isa.name}): register tiles take rows in pairs, not {MB}")
     PARTS = LANES // VL  # vectors per packed group of 16 channels
     MP = (M + MB - 1) // MB * MB
     NT = N // VL // NB
@@ -246,7 +288,7 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
         SM = T.match_buffer(sm_h, (SK,), "float32")
         Y = T.match_buffer(y_h, (M, N), y_t)
         with T.sblock("root"):
-            XQ = T.alloc_buffer((MP, 4 * K4), xq_t)
+            XQ = T.alloc_buffer((MP, XW), xq_t)
             STEP = T.alloc_buffer((MP,), "float32")
             XS = T.alloc_buffer((XM, XK), "float32")
             for m in T.parallel(MP):
@@ -281,39 +323,72 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
                             XQ[m, k] = T.Cast(xq_t, T.max(T.min(T.nearbyint(_load(X, XS, m, k, smooth) * inv[0])
                                                                 + T.float32(offset), T.float32(hi)), T.float32(lo))
                                               - T.float32(shift))
-                    for k in range(K, 4 * K4):  # padding: its weights are 0
+                    for k in range(K, XW):  # padding: its weights are 0
                         XQ[m, k] = T.Cast(xq_t, 0)
                 else:
                     STEP[m] = T.float32(0.0)
-                    for k in range(4 * K4):
+                    for k in range(XW):
                         XQ[m, k] = T.Cast(xq_t, 0)
-            for t in T.parallel(NT):
-                acc = T.alloc_buffer((MB, NB * VL), "int32", scope="local")
-                for mb in range(MP // MB):
-                    for i in T.unroll(MB):
-                        for j in T.unroll(NB):
-                            for l in T.vectorized(VL):
-                                acc[i, j * VL + l] = T.int32(0)
-                    for k4 in range(K4):
+            if isa.pairs:
+                for t in T.parallel(NT):
+                    # acc[row pair, 2 x 2 tile, lane]: tile 2 j + h holds channels (t NB + j) 4 + 2 h + {0, 1}
+                    pacc = T.alloc_buffer((MB // 2, NB * 2, 4), "int32", scope="local")
+                    for mb in range(MP // MB):
+                        for i in T.unroll(MB // 2):
+                            for j in T.unroll(NB * 2):
+                                for l in T.vectorized(4):
+                                    pacc[i, j, l] = T.int32(0)
+                        for k8 in range(K8):
+                            for j in T.unroll(NB):
+                                c = T.meta_var((t * NB + j) * VL)
+                                lo4 = T.meta_var(T.reinterpret(W.vload([c // LANES, 2 * k8, c % LANES, 0], "int8x16"),
+                                                               dtype="int32x4"))
+                                hi4 = T.meta_var(T.if_then_else(
+                                    2 * k8 + 1 < K4,
+                                    T.reinterpret(W.vload([c // LANES, T.min(2 * k8 + 1, K4 - 1), c % LANES, 0],
+                                                          "int8x16"), dtype="int32x4"),
+                                    T.broadcast(T.int32(0), 4)))
+                                for h in T.unroll(2):
+                                    for i in T.unroll(MB // 2):
+                                        pacc[i, j * 2 + h, T.ramp(0, 1, 4)] = _smmla(
+                                            isa, pacc[i, j * 2 + h, T.ramp(0, 1, 4)],
+                                            T.Shuffle([XQ.vload([mb * MB + 2 * i, k8 * 8], "int8x8"),
+                                                       XQ.vload([mb * MB + 2 * i + 1, k8 * 8], "int8x8")],
+                                                      list(range(16))),
+                                            T.reinterpret(T.Shuffle([lo4, hi4], [2 * h, 2 * h + 4, 2 * h + 1, 2 * h + 5]),
+                                                          dtype="int8x16"))
+                        for i in T.unroll(MB):
+                            if mb * MB + i < M:
+                                for j in T.unroll(NB):
+                                    for l in T.unroll(VL):
+                                        n = T.meta_var((t * NB + j) * VL + l)
+                                        m = T.meta_var(mb * MB + i)
+                                        Y[m, n] = _result(pacc[i // 2, j * 2 + l // 2, i % 2 * 2 + l % 2], m, n,
+                                                          (WSUM, STEP, S, B, R), activation, residual, oq)
+            else:
+                for t in T.parallel(NT):
+                    acc = T.alloc_buffer((MB, NB * VL), "int32", scope="local")
+                    for mb in range(MP // MB):
                         for i in T.unroll(MB):
                             for j in T.unroll(NB):
-                                acc[i, T.ramp(j * VL, 1, VL)] = _dot(
-                                    isa, dot_lo, acc[i, T.ramp(j * VL, 1, VL)],
-                                    T.reinterpret(XQ.vload([mb * MB + i, k4 * 4], f"{xq_t}x4"), dtype="int32"),
-                                    W.vload([(t * NB + j) // PARTS, k4, (t * NB + j) % PARTS * VL, 0],
-                                            f"int8x{4 * VL}"))
-                    for i in T.unroll(MB):
-                        if mb * MB + i < M:
-                            for j in T.unroll(NB):
                                 for l in T.vectorized(VL):
-                                    n = T.meta_var((t * NB + j) * VL + l)
-                                    m = T.meta_var(mb * MB + i)
-                                    v = T.meta_var(T.Cast("float32", acc[i, j * VL + l] - WSUM[n])
-                                                   * (STEP[m] * S[n]) + B[n])
-                                    if residual:
-                                        Y[m, n] = _out(_act(v, activation) + R[m, n], oq)
-                                    else:
-                                        Y[m, n] = _out(_act(v, activation), oq)
+                                    acc[i, j * VL + l] = T.int32(0)
+                        for k4 in range(K4):
+                            for i in T.unroll(MB):
+                                for j in T.unroll(NB):
+                                    acc[i, T.ramp(j * VL, 1, VL)] = _dot(
+                                        isa, dot_lo, acc[i, T.ramp(j * VL, 1, VL)],
+                                        T.reinterpret(XQ.vload([mb * MB + i, k4 * 4], f"{xq_t}x4"), dtype="int32"),
+                                        W.vload([(t * NB + j) // PARTS, k4, (t * NB + j) % PARTS * VL, 0],
+                                                f"int8x{4 * VL}"))
+                        for i in T.unroll(MB):
+                            if mb * MB + i < M:
+                                for j in T.unroll(NB):
+                                    for l in T.vectorized(VL):
+                                        n = T.meta_var((t * NB + j) * VL + l)
+                                        m = T.meta_var(mb * MB + i)
+                                        Y[m, n] = _result(acc[i, j * VL + l], m, n, (WSUM, STEP, S, B, R), activation,
+                                                          residual, oq)
 
     return int8_linear
 
@@ -361,7 +436,7 @@ def emit(bb: relax.BlockBuilder, x, packed, wsum, w_step, bias, residual, k: int
     most = isa.registers * 3 // 4
     space = [{"mb": mb, "nb": nb}] + [{"mb": a, "nb": c} for a in (1, 2, 4, 6) for c in (1, 2, 4)
                                       if (a, c) != (mb, nb) and (n // isa.lanes) % c == 0 and a * c <= most
-                                      and a <= m]
+                                      and (a <= m if not isa.pairs else a % 2 == 0 and a <= max(m, 2))]
     params = {"fixed": [str(v) for v in fixed]} if isa.name == "avx512vnni" else \
         {"fixed": [str(v) for v in fixed], "isa": isa.name}  # AVX-512 keys as before: tuned databases stay valid
     knobs = tunable.choose("int8_linear", params,
