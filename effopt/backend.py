@@ -13,7 +13,6 @@ from . import capture
 from .lowering import EffoptFallbackWarning, EffoptSlowerWarning
 from .guard import DEFAULT_BUDGET, Calibrated, CalibrationSet, GuardResult
 from .options import KernelChoice, Options
-from .passes.approximate import AttentionConfig
 from .passes import default_pass_manager
 from .logs import log_lowering, log_record
 from .report import Report, set_last_report
@@ -128,26 +127,12 @@ class CompiledGraph:
         set_last_report(self.report)
 
     def _approximate(self, gm, examples, cal, budget, tagged):
-        """The approximate passes in their order (tokens, attention, shift/add, int8) under `budget`."""
-        from .passes.approximate import approximate_attention
-        from .passes.shift_add import shift_add
-        from .passes.token_reduction import token_reduction
+        """The approximate passes as one pipeline (effopt.passes.approximate_passes) under `budget`."""
+        from .passes import GuardContext, PassManager, approximate_passes
 
-        metric = self.options.metric
-        if cal is None:
-            budget = None  # no calibration: the passes warn that their accuracy is unverified
-        if self.options.tokens is not None:
-            gm, rec = token_reduction(gm, self.options.tokens, examples, cal, budget, metric)
-            tagged(rec, gm)
-        if str(self.options.attention) != "exact":
-            tagged(approximate_attention(gm, AttentionConfig.parse(self.options.attention), examples, cal, budget,
-                                         metric), gm)
-        if self.options.shift_add is not None or _has_trained_shift(gm):
-            tagged(shift_add(gm, self.options.shift_add, cal, budget, metric), gm)
-        if self.options.quantize is not None:
-            from .passes.quantize import quantize
-
-            tagged(quantize(gm, self.options.quantize, cal, budget, metric), gm)
+        ctx = GuardContext(examples, cal, budget if cal is not None else None, self.options.metric)
+        pm = PassManager(approximate_passes(self.options, ctx, trained_shift=_has_trained_shift(gm)))
+        gm, _ = pm.run(gm, on_record=tagged)
         return gm
 
     def _measure_whole(self) -> bool:

@@ -142,6 +142,7 @@ class GuardResult:
     kept: list[str] = field(default_factory=list)
     rolled_back: list[tuple[str, float]] = field(default_factory=list)  # (layer, metric loss with it applied)
     loss: float | None = None  # the final metric loss on the calibration data (None: unverified)
+    retried: list[float] = field(default_factory=list)  # losses over budget of forms a retry replaced
     evaluations: int = 0
     seconds: float = 0.0
 
@@ -208,48 +209,74 @@ def guarded_apply(run: Callable[[list], Any], layers: list, apply: Callable, rev
                   retry: Callable[[Any], bool] | None = None) -> GuardResult:
     """Apply each layer's rewrite, keeping those that hold the metric within budget on the calibration data.
 
-    `run(args)` evaluates the graph as it currently is; `apply(layer)`/`revert(layer)` change it. A layer
-    over budget is offered to `retry(layer)`, which may replace its rewrite by the next, more careful form
-    and return True (then it is measured again), or return False (then it is rolled back)."""
+    `run(args)` evaluates the graph as it currently is; `apply(layer)`/`revert(layer)` change it. All layers
+    at once first (one evaluation); over budget, each layer's own loss is measured, and the layers are
+    added back cheapest first, each kept while the whole stays within budget, so that what is rolled back
+    is what costs most. A layer over budget is offered to `retry(layer)`, which may replace its rewrite by
+    the next, more careful form and return True (then it is measured again), or return False (then it is
+    rolled back). A layer's name is read when it is kept or rolled back (a retry may rename it)."""
     t0 = time.perf_counter()
     mname = metric_name(metric)
-    names = [getattr(l, "name", str(l)) for l in layers]
+
+    def name(layer) -> str:
+        return getattr(layer, "name", str(layer))
+
     if not calibration:
         warn_unverified(what, stacklevel=4)
         for l in layers:
             apply(l)
-        return GuardResult(mname, None, kept=names, seconds=time.perf_counter() - t0)
+        return GuardResult(mname, None, kept=[name(l) for l in layers], seconds=time.perf_counter() - t0)
     budget = DEFAULT_BUDGET if budget is None else budget
     result = GuardResult(mname, budget)
     cal = Calibrated(run, calibration, metric, result)
 
-    # the common case first: every layer at once within budget costs one evaluation
-    for l in layers:
-        apply(l)
-    loss = cal.loss(run)
-    if loss <= budget:
-        result.kept, result.loss = names, loss
-        log.info("effopt: %s: all %d layers kept (%s loss %.4g)", what, len(layers), mname, loss)
-    else:
+    def measured(layer) -> float:
+        """The loss with `layer` applied, retried in more careful forms while over budget."""
+        trial = cal.loss(run)
+        while trial > budget and retry is not None:
+            before = trial
+            if not retry(layer):
+                break
+            result.retried.append(before)
+            trial = cal.loss(run)
+        return trial
+
+    order = list(range(len(layers)))
+    if len(layers) > 1:  # the common case first: every layer at once within budget costs one evaluation
+        for l in layers:
+            apply(l)
+        loss = cal.loss(run)
+        if loss <= budget:
+            result.kept, result.loss = [name(l) for l in layers], loss
+            log.info("effopt: %s: all %d layers kept (%s loss %.4g)", what, len(layers), mname, loss)
+            result.seconds = time.perf_counter() - t0
+            return result
         for l in layers:
             revert(l)
-        loss = 0.0
-        for i, (l, name) in enumerate(zip(layers, names)):
+        alone = []
+        for l in layers:  # each layer's own cost (in its most careful form needed): the order they are added in
             apply(l)
-            trial = cal.loss(run)
-            while trial > budget and retry is not None and retry(l):
-                trial = cal.loss(run)
-            if trial <= budget:
-                result.kept.append(name)
-                loss = trial
-            else:
-                revert(l)
-                result.rolled_back.append((name, trial))
-            log.info("effopt: %s: layer %d/%d %s (%s loss %.4g)", what, i + 1, len(layers),
-                     "kept" if trial <= budget else "rolled back", mname, trial)
-        if result.kept:
-            result.loss = loss
-        else:  # against the original model, the earlier passes' loss remains
-            result.loss = cal.loss(run) if getattr(calibration, "reference", None) is not None else 0.0
+            alone.append(measured(l))
+            revert(l)
+        order.sort(key=lambda i: alone[i])
+    loss, kept, rolled = None, {}, {}
+    for step, i in enumerate(order):
+        l = layers[i]
+        apply(l)
+        trial = measured(l)
+        if trial <= budget:
+            kept[i] = name(l)
+            loss = trial
+        else:
+            revert(l)
+            rolled[i] = (name(l), trial)
+        log.info("effopt: %s: layer %d/%d (%s) %s (%s loss %.4g)", what, step + 1, len(layers), name(l),
+                 "kept" if trial <= budget else "rolled back", mname, trial)
+    result.kept = [kept[i] for i in sorted(kept)]
+    result.rolled_back = [rolled[i] for i in sorted(rolled)]
+    if loss is not None:
+        result.loss = loss
+    else:  # nothing kept: against the original model, the earlier passes' loss remains
+        result.loss = cal.loss(run) if getattr(calibration, "reference", None) is not None else 0.0
     result.seconds = time.perf_counter() - t0
     return result

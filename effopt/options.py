@@ -48,7 +48,8 @@ class Options:
     kernel_choice: KernelChoice = KernelChoice.MEASURE
     """'measure' keeps a TVM kernel only where it is measured faster than eager; 'tvm' always uses it."""
     disable_passes: tuple[str, ...] = field(default_factory=tuple)
-    """Names of graph passes to skip (see effopt.passes.PASSES)."""
+    """Names of graph passes to skip: the exact passes (effopt.passes.PASSES) and the approximate ones
+    ('tokens', 'attention', 'shift_add', 'quantize'; effopt.passes.GUARDED_ORDER)."""
     lower: bool = True
     """Lower to TVM at all; False runs the rewritten graph in eager PyTorch."""
     attention: Any = "exact"
@@ -108,14 +109,14 @@ class Options:
         if "cache_dir" in kw and kw["cache_dir"] is not None and not isinstance(kw["cache_dir"], str):
             raise ValueError(f"cache_dir must be a path string, got {kw['cache_dir']!r}")
         if "disable_passes" in kw:
-            from .passes import PASSES
+            from .passes import pass_names
 
-            dp = kw["disable_passes"]
+            dp, names = kw["disable_passes"], pass_names()
             if isinstance(dp, str) or not all(isinstance(p, str) for p in dp):
-                raise ValueError(f"disable_passes must be a list of pass names from {sorted(PASSES)}")
-            bad = sorted(set(dp) - set(PASSES))
+                raise ValueError(f"disable_passes must be a list of pass names from {names}")
+            bad = sorted(set(dp) - set(names))
             if bad:
-                raise ValueError(f"unknown pass(es) {bad} in disable_passes; valid: {sorted(PASSES)}")
+                raise ValueError(f"unknown pass(es) {bad} in disable_passes; valid: {names}")
             kw["disable_passes"] = tuple(dp)
         if "attention" in kw:
             from .passes.approximate import AttentionConfig

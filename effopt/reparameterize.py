@@ -21,9 +21,9 @@ import warnings
 import torch
 import torch.fx as fx
 
-from .guard import guarded_apply
-from .passes.approximate import ApproximateAttention, attention_sites
+from .passes.approximate import AttentionPass, attention_sites
 from .passes.attention import FuseAttention
+from .passes.guarded import GuardContext
 from .passes.records import PassRecord
 
 
@@ -90,26 +90,20 @@ def reparameterize(model: torch.nn.Module, example_inputs, attention=None, *, sh
     return gm
 
 
+def _context(opts, example_leaves, cal, run) -> GuardContext:
+    return GuardContext(example_leaves, cal, opts.accuracy_budget, opts.metric, run=lambda g, ak: run(ak))
+
+
 def _attention(gm, opts, example_leaves, cal, run) -> PassRecord:
     config = opts.attention
     FuseAttention()(gm)
-    record = PassRecord(f"reparameterize_{config.kind}")
     sites, skipped = attention_sites(gm)
     if not sites:
         raise ValueError(f"reparameterize: no attention layer of this model can take attention={config}"
                          + (f" ({'; '.join(skipped)})" if skipped else " (no softmax attention found)"))
-    rewriter = ApproximateAttention(gm, config)
-    fits = []
-    if config.kind == "hamming":
-        fits = rewriter.prepare_hamming(sites, example_leaves, trainable=True)
-    guard = guarded_apply(run, sites, rewriter.apply, rewriter.revert, cal, opts.accuracy_budget, opts.metric,
-                          f"reparameterize({config})")
-    rewriter.finish(sites)  # also drops the projections of rolled-back layers
-    for s in sites:
-        if s.new is not None:
-            record.add_match(s.node)
-    record.notes = [guard.summary()] + [f"skipped {w}" for w in skipped] + fits
-    record.guard = guard
+    p = AttentionPass(config, _context(opts, example_leaves, cal, run), trainable=True,
+                      record_name=f"reparameterize_{config.kind}")
+    _, record = p.run(gm)
     if not record.matches:
         warnings.warn("effopt.reparameterize: every attention layer was rolled back by the accuracy guard; the "
                       "module computes exact attention", UserWarning, stacklevel=3)
@@ -117,24 +111,13 @@ def _attention(gm, opts, example_leaves, cal, run) -> PassRecord:
 
 
 def _shift(gm, opts, cal, run) -> PassRecord:
-    from .passes.shift_add import TrainableShift, layer_savings, linear_sites, savings_summary
+    from .passes.shift_add import ShiftAddPass, linear_sites
 
     config = opts.shift_add
-    record = PassRecord("reparameterize_shift_add")
-    sites = linear_sites(gm, config)
-    if not sites:
+    if not linear_sites(gm, config):
         raise ValueError(f"reparameterize: no linear layer of this model matches shift_add={config}")
-    rewriter = TrainableShift(gm)
-    guard = guarded_apply(run, sites, rewriter.apply, rewriter.revert, cal, opts.accuracy_budget, opts.metric,
-                          f"reparameterize(shift_add={config})")
-    kept = [s for s in sites if s.new is not None]
-    for s in kept:
-        record.add_match(s.node)
-    record.layers = [layer_savings(s) for s in kept]
-    record.notes = [guard.summary(), savings_summary(record.layers)]
-    record.guard = guard
-    gm.graph.lint()
-    gm.recompile()
+    _, record = ShiftAddPass(config, _context(opts, [], cal, run), trainable=True,
+                             record_name="reparameterize_shift_add").run(gm)
     return record
 
 

@@ -19,7 +19,8 @@ import torch.fx as fx
 
 from .. import ops as effops
 from .attention import FLASH_CPU, _erase_dead_chain, sdpa_arguments
-from .records import PassRecord, source_location
+from .guarded import GuardContext, GuardedPass
+from .records import source_location
 from ..options import check_parameters
 
 aten = torch.ops.aten
@@ -256,34 +257,44 @@ def fit_beta(q, k, v, mask, exact, proj) -> tuple[float, float]:
     return best[1], best[0]
 
 
-def approximate_attention(gm: fx.GraphModule, config: AttentionConfig, examples: list, calibration,
-                          budget, metric) -> PassRecord:
-    """The `attention` option: rewrite gm's attention sites, guarded on the calibration inputs (lists of
-    gm's arguments). Hamming's temperature is fitted per layer on the first calibration input, or on the
-    example inputs without calibration."""
-    import time
+class AttentionPass(GuardedPass):
+    """The `attention` option: gm's attention sites as the configured approximate attention, guarded.
+    Hamming's temperature is fitted per layer on the first calibration input (or the example inputs
+    without calibration). `trainable` (effopt.reparameterize): Hamming's projections become parameters."""
 
-    from ..guard import guarded_apply
-    from .manager import count_nodes
+    name = "attention"
 
-    t0 = time.perf_counter()
-    record = PassRecord(f"attention_{config.kind}", nodes_before=count_nodes(gm))
-    sites, skipped = attention_sites(gm)
-    rewriter = ApproximateAttention(gm, config)
-    if config.kind == "hamming" and sites:
-        record.notes += rewriter.prepare_hamming(sites, calibration[0] if calibration else examples)
-    guard = guarded_apply(lambda args: gm(*args), sites, rewriter.apply, rewriter.revert, calibration, budget,
-                          metric, f"attention={config}")
-    rewriter.finish(sites)
-    for s in sites:
-        if s.new is not None:
-            record.add_match(s.node)
-    record.notes[:0] = [guard.summary()] + [f"skipped {w}" for w in skipped]
-    record.guard = guard
-    record.seconds = time.perf_counter() - t0
-    record.nodes_after = count_nodes(gm)
-    return record
+    def __init__(self, config: AttentionConfig, ctx: GuardContext, trainable: bool = False,
+                 record_name: str | None = None):
+        super().__init__(config, ctx)
+        self.trainable, self._record_name = trainable, record_name
+
+    def record_name(self) -> str:
+        return self._record_name or f"attention_{self.config.kind}"
+
+    def what(self) -> str:
+        return f"attention={self.config}"
+
+    def sites(self, gm, record):
+        sites, self.skipped = attention_sites(gm)
+        return sites
+
+    def rewriter(self, gm, sites, record):
+        rewriter = ApproximateAttention(gm, self.config)
+        if self.config.kind == "hamming" and sites:
+            ctx = self.ctx
+            args = ctx.calibration[0] if ctx.calibration and not self.trainable else ctx.examples
+            record.notes += rewriter.prepare_hamming(sites, args, trainable=self.trainable)
+        return rewriter
+
+    def finish(self, gm, sites, rewriter, guard, record):
+        rewriter.finish(sites)  # also drops the projections of rolled-back layers
+        for s in sites:
+            if s.new is not None:
+                record.add_match(s.node)
+        record.notes[:0] = [guard.summary()] + [f"skipped {w}" for w in self.skipped]
+        return gm
 
 
-__all__ = ["AttentionConfig", "AttentionSite", "ApproximateAttention", "approximate_attention", "attention_sites",
+__all__ = ["AttentionConfig", "AttentionSite", "ApproximateAttention", "AttentionPass", "attention_sites",
            "fit_beta", "record_site_inputs", "KINDS"]

@@ -22,6 +22,10 @@ class GraphPass:
     def apply(self, gm: fx.GraphModule, record: PassRecord) -> None:
         raise NotImplementedError
 
+    def run(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, PassRecord]:
+        """The pass manager's entry: the graph after the pass (this one, rewritten in place) and its record."""
+        return gm, self(gm)
+
     def __call__(self, gm: fx.GraphModule) -> PassRecord:
         record = PassRecord(self.name, nodes_before=count_nodes(gm))
         t0 = time.perf_counter()
@@ -34,8 +38,18 @@ class GraphPass:
 
 
 class PassManager:
-    def __init__(self, passes: list[GraphPass]):
+    """Runs passes in order. A pass is anything with `run(gm) -> (gm, record)`: the exact GraphPasses, and
+    the guarded approximate passes (effopt.passes.guarded.GuardedPass), which may return a new graph.
+    `on_record(record, gm)` is called after each pass with the graph as it left it."""
+
+    def __init__(self, passes: list):
         self.passes = list(passes)
 
-    def run(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, list[PassRecord]]:
-        return gm, [p(gm) for p in self.passes]
+    def run(self, gm: fx.GraphModule, on_record=None) -> tuple[fx.GraphModule, list[PassRecord]]:
+        records = []
+        for p in self.passes:
+            gm, record = p.run(gm)
+            records.append(record)
+            if on_record is not None:
+                on_record(record, gm)
+        return gm, records

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from .. import int8_ops
+from .guarded import GuardedPass
 from .records import PassRecord
 from ..options import check_parameters
 
@@ -300,57 +301,70 @@ def calibrate(gm: fx.GraphModule, sites, calibration) -> dict[str, torch.Tensor]
     return amax
 
 
-def quantize(gm: fx.GraphModule, config: QuantConfig, calibration, budget, metric) -> PassRecord:
-    """The `quantize` option: gm's linear layers as int8, guarded on the calibration inputs."""
-    from ..guard import guarded_apply
-    from .dce import DeadCodeElimination
-    from .manager import count_nodes
-    from .shift_add import ShiftConfig, linear_sites
+class QuantizePass(GuardedPass):
+    """The `quantize` option: gm's linear layers as int8, guarded; a layer over budget is retried as
+    SmoothQuant where configured."""
 
-    t0 = time.perf_counter()
-    record = PassRecord("quantize_int8", nodes_before=count_nodes(gm))
-    sites = [s for s in linear_sites(gm, ShiftConfig(config.layers)) if s.conv is None and not s.trained]
-    if config.mode == "static" and not calibration:
-        raise ValueError("quantize='int8' (static activation scales) needs calibration data: pass "
-                         "options={'calibration': [inputs, ...]}, or use quantize='int8-dynamic'")
-    if config.smooth is not None and not calibration:
-        raise ValueError("quantize smooth (SmoothQuant) needs calibration data for the activation ranges: pass "
-                         "options={'calibration': [inputs, ...]}")
-    library = int8_ops.int_mm_usable()
-    unfusable = [s for s in sites if not config.fuse or s.weight.shape[0] % 16] if library else []
-    sites = [s for s in sites if s not in unfusable]
-    stats = calibrate(gm, sites, calibration) if config.mode == "static" or config.smooth is not None else None
-    rewriter = Int8Rewriter(gm, stats, config.fuse, config.smooth, config.mode == "static")
-    guard = guarded_apply(lambda args: gm(*args), sites, rewriter.apply, rewriter.revert, calibration, budget,
-                          metric, f"quantize={config}", retry=rewriter.retry)
-    DeadCodeElimination()(gm)
-    kept = [s for s in sites if s.new is not None]
-    fused = fuse_epilogues(gm)
-    fused["requantize"] = fold_requantize(gm)
-    for s in kept:
-        record.add_match(s.node)
-    before = sum(4 * s.weight.numel() for s in kept)
-    after = sum(s.weight.numel() + 4 * s.weight.shape[0] for s in kept)
-    record.notes.append(guard.summary())
-    if unfusable:
-        record.notes.append(f"{len(unfusable)} layer(s) stay float32 ({', '.join(s.name for s in unfusable[:4])}"
-                            f"{', ...' if len(unfusable) > 4 else ''}): their int8 form is torch's int8 GEMM "
-                            f"({'fuse=False' if not config.fuse else 'outputs not a multiple of 16'}), and {library}")
-    if kept:
-        one = sum(1 for n in gm.graph.nodes if n.target is INT8_LINEAR)
-        record.notes.append(f"{len(kept)} int8 layer(s); weights {before / 2 ** 20:.2f} -> {after / 2 ** 20:.2f} MB; "
-                            f"{one} as one quantize-GEMM-dequantize kernel"
-                            + (f" with {fused['activation']} activation(s) and {fused['residual']} residual add(s) "
-                               f"fused in; {fused['requantize']} dequantize-quantize pair(s) folded into a requantize"
-                               if config.fuse else " (fuse off)"))
-    smoothed = [s.name for s in kept if s.name in rewriter.smoothed]
-    if smoothed:
-        record.notes.append(f"SmoothQuant (alpha {config.smooth:g}) on {len(smoothed)} layer(s) over budget as plain "
-                            f"int8: {', '.join(smoothed)}")
-    record.guard = guard
-    record.seconds = time.perf_counter() - t0
-    record.nodes_after = count_nodes(gm)
-    return record
+    name = "quantize"
+
+    def record_name(self) -> str:
+        return "quantize_int8"
+
+    def what(self) -> str:
+        return f"quantize={self.config}"
+
+    def sites(self, gm, record):
+        from .shift_add import ShiftConfig, linear_sites
+
+        config, calibration = self.config, self.ctx.calibration
+        if config.mode == "static" and not calibration:
+            raise ValueError("quantize='int8' (static activation scales) needs calibration data: pass "
+                             "options={'calibration': [inputs, ...]}, or use quantize='int8-dynamic'")
+        if config.smooth is not None and not calibration:
+            raise ValueError("quantize smooth (SmoothQuant) needs calibration data for the activation ranges: pass "
+                             "options={'calibration': [inputs, ...]}")
+        sites = [s for s in linear_sites(gm, ShiftConfig(config.layers)) if s.conv is None and not s.trained]
+        self.library = int8_ops.int_mm_usable()
+        self.unfusable = [s for s in sites if not config.fuse or s.weight.shape[0] % 16] if self.library else []
+        return [s for s in sites if s not in self.unfusable]
+
+    def rewriter(self, gm, sites, record):
+        config = self.config
+        stats = calibrate(gm, sites, self.ctx.calibration) if config.mode == "static" or config.smooth is not None \
+            else None
+        return Int8Rewriter(gm, stats, config.fuse, config.smooth, config.mode == "static")
+
+    def finish(self, gm, sites, rewriter, guard, record):
+        from .dce import DeadCodeElimination
+
+        config = self.config
+        DeadCodeElimination()(gm)
+        kept = [s for s in sites if s.new is not None]
+        fused = fuse_epilogues(gm)
+        fused["requantize"] = fold_requantize(gm)
+        for s in kept:
+            record.add_match(s.node)
+        before = sum(4 * s.weight.numel() for s in kept)
+        after = sum(s.weight.numel() + 4 * s.weight.shape[0] for s in kept)
+        record.notes.append(guard.summary())
+        unfusable = self.unfusable
+        if unfusable:
+            record.notes.append(f"{len(unfusable)} layer(s) stay float32 ({', '.join(s.name for s in unfusable[:4])}"
+                                f"{', ...' if len(unfusable) > 4 else ''}): their int8 form is torch's int8 GEMM "
+                                f"({'fuse=False' if not config.fuse else 'outputs not a multiple of 16'}), and "
+                                f"{self.library}")
+        if kept:
+            one = sum(1 for n in gm.graph.nodes if n.target is INT8_LINEAR)
+            record.notes.append(f"{len(kept)} int8 layer(s); weights {before / 2 ** 20:.2f} -> {after / 2 ** 20:.2f} MB; "
+                                f"{one} as one quantize-GEMM-dequantize kernel"
+                                + (f" with {fused['activation']} activation(s) and {fused['residual']} residual add(s) "
+                                   f"fused in; {fused['requantize']} dequantize-quantize pair(s) folded into a "
+                                   "requantize" if config.fuse else " (fuse off)"))
+        smoothed = [s.name for s in kept if s.name in rewriter.smoothed]
+        if smoothed:
+            record.notes.append(f"SmoothQuant (alpha {config.smooth:g}) on {len(smoothed)} layer(s) over budget as "
+                                f"plain int8: {', '.join(smoothed)}")
+        return gm
 
 
 # ---- graphs already quantized with PT2E (torchao prepare_pt2e / convert_pt2e) ------------------------------
@@ -438,4 +452,4 @@ def pt2e_int8(gm: fx.GraphModule) -> PassRecord:
 def has_pt2e_ops(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and getattr(n.target, "namespace", None) == "quantized_decomposed"
                for n in gm.graph.nodes)
-__all__ = ["QuantConfig", "Int8Rewriter", "quantize", "calibrate", "pt2e_int8", "has_pt2e_ops", "fold_requantize", "fuse_epilogues", "MODES"]
+__all__ = ["QuantConfig", "Int8Rewriter", "QuantizePass", "calibrate", "pt2e_int8", "has_pt2e_ops", "fold_requantize", "fuse_epilogues", "MODES"]

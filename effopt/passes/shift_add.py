@@ -22,14 +22,14 @@ and an int32 add. Memory traffic is not counted (it favours the packed weights f
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
 from .. import shift_ops as so
-from .records import PassRecord, source_location
+from .guarded import GuardContext, GuardedPass
+from .records import source_location
 from ..options import check_parameters
 
 aten = torch.ops.aten
@@ -358,49 +358,63 @@ def has_trained_layers(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and n.target is SHIFT_WEIGHT for n in gm.graph.nodes)
 
 
-def shift_add(gm: fx.GraphModule, config: ShiftConfig | None, calibration, budget, metric) -> PassRecord:
-    """The `shift_add` option: rewrite gm's linear layers, the untrained ones guarded on the calibration
-    inputs (lists of gm's arguments); config None converts only the layers trained for it."""
-    from ..guard import guarded_apply
-    from .manager import count_nodes
+class ShiftAddPass(GuardedPass):
+    """The `shift_add` option: gm's linear layers with power-of-two weights, the untrained ones guarded;
+    config None converts only the layers trained for it (effopt.reparameterize). `trainable`
+    (reparameterize itself): the layers become TrainableShift's straight-through forms instead."""
 
-    t0 = time.perf_counter()
-    record = PassRecord("shift_add", nodes_before=count_nodes(gm))
-    skipped: list[str] = []
-    sites = linear_sites(gm, config, skipped)
-    rewriter = ShiftRewriter(gm)
-    trained = [s for s in sites if s.trained]
-    for s in trained:
-        rewriter.apply(s)
-    rest = [s for s in sites if not s.trained]
-    guard = None
-    if rest:
-        guard = guarded_apply(lambda args: gm(*args), rest, rewriter.apply, rewriter.revert, calibration, budget,
-                              metric, f"shift_add={config}")
-    rewriter.finish()
-    kept = [s for s in sites if s.new is not None]
-    for s in kept:
-        record.add_match(s.node)
-    record.layers = [layer_savings(s) for s in kept]
-    if trained:
-        record.notes.append(f"{len(trained)} layer(s) trained by effopt.reparameterize converted")
-    if guard is not None:
-        record.notes.append(guard.summary())
-        record.guard = guard
-    elif not sites:
-        record.notes.append("no linear layer with a frozen float32 weight matches "
-                            f"layers={config.layers!r}")
-        import warnings
+    name = "shift_add"
+    guard_without_sites = False
 
-        warnings.warn(f"effopt: shift_add={config}: no linear layer with a frozen float32 weight matches; nothing "
-                      "was rewritten (layers='all' takes every linear; training graphs keep live weights)",
-                      UserWarning, stacklevel=2)
-    record.notes.append(savings_summary(record.layers))
-    record.notes += [f"skipped {w}" for w in skipped]
-    record.seconds = time.perf_counter() - t0
-    record.nodes_after = count_nodes(gm)
-    return record
+    def __init__(self, config: ShiftConfig | None, ctx: GuardContext, trainable: bool = False,
+                 record_name: str | None = None):
+        super().__init__(config, ctx)
+        self.trainable, self._record_name = trainable, record_name
+
+    def record_name(self) -> str:
+        return self._record_name or "shift_add"
+
+    def sites(self, gm, record):
+        self.skipped: list[str] = []
+        self.all_sites = linear_sites(gm, self.config, self.skipped)
+        if self.trainable:
+            return self.all_sites
+        return [s for s in self.all_sites if not s.trained]
+
+    def rewriter(self, gm, sites, record):
+        if self.trainable:
+            return TrainableShift(gm)
+        rewriter = ShiftRewriter(gm)
+        for s in self.all_sites:  # trained for shift weights: converted without a guard
+            if s.trained:
+                rewriter.apply(s)
+        return rewriter
+
+    def finish(self, gm, sites, rewriter, guard, record):
+        if not self.trainable:
+            rewriter.finish()
+        kept = [s for s in self.all_sites if s.new is not None]
+        for s in kept:
+            record.add_match(s.node)
+        record.layers = [layer_savings(s) for s in kept]
+        trained = [s for s in self.all_sites if s.trained] if not self.trainable else []
+        if trained:
+            record.notes.append(f"{len(trained)} layer(s) trained by effopt.reparameterize converted")
+        if guard is not None:
+            record.notes.append(guard.summary())
+        elif not self.all_sites:
+            record.notes.append(f"no linear layer with a frozen float32 weight matches layers={self.config.layers!r}")
+            import warnings
+
+            warnings.warn(f"effopt: shift_add={self.config}: no linear layer with a frozen float32 weight matches; "
+                          "nothing was rewritten (layers='all' takes every linear; training graphs keep live "
+                          "weights)", UserWarning, stacklevel=2)
+        record.notes.append(savings_summary(record.layers))
+        record.notes += [f"skipped {w}" for w in self.skipped]
+        gm.graph.lint()
+        gm.recompile()
+        return gm
 
 
 __all__ = ["ShiftConfig", "LinearSite", "ShiftRewriter", "TrainableShift", "undo_rewrite", "attr", "linear_sites", "layer_savings", "savings_summary",
-           "shift_add", "has_trained_layers", "module_path", "ENERGY_PJ", "LAYERS"]
+           "ShiftAddPass", "has_trained_layers", "module_path", "ENERGY_PJ", "LAYERS"]

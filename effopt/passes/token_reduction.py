@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import operator
-import time
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -30,7 +29,8 @@ import torch.fx as fx
 
 from .. import token_ops  # noqa: F401 - registers effopt::tome_merge and friends
 from .attention import FLASH_CPU, sdpa_arguments
-from .records import PassRecord, source_location
+from .guarded import GuardedPass
+from .records import source_location
 from ..options import check_parameters
 
 aten = torch.ops.aten
@@ -456,80 +456,112 @@ def _warn_not_applied(config: TokenConfig, why: str) -> None:
                   UserWarning, stacklevel=4)
 
 
-def token_reduction(gm: fx.GraphModule, config: TokenConfig, examples: list, calibration, budget,
-                    metric) -> tuple[fx.GraphModule, PassRecord]:
+class TokenSchedule:
+    """The token pass's one site: the whole schedule, applied as a rewritten copy of the graph (`current`);
+    `retry` backs it off to r (or the pruned fraction) times 3/4, 1/2, 1/4 before the guard rolls it back."""
+
+    FACTORS = (1.0, 0.75, 0.5, 0.25)
+
+    def __init__(self, gm: fx.GraphModule, config: TokenConfig, blocks: list):
+        self.gm, self.config, self.blocks = gm, config, blocks
+        self.current, self.step, self.tried = gm, 0, []
+        self.built: dict = {}  # step -> (graph, plan, rewritten blocks)
+
+    @property
+    def name(self) -> str:
+        return str(self.config.scaled(self.FACTORS[self.step]))
+
+    def build(self, step: int):
+        if step not in self.built:
+            from ..capture import copy_graph_module
+
+            p = plan(self.config.scaled(self.FACTORS[step]), self.blocks)
+            new = copy_graph_module(self.gm)
+            self.built[step] = (new, p, apply_plan(new, find_blocks(new)[0], p))
+        return self.built[step]
+
+    def apply(self, site) -> None:
+        self.current = self.build(self.step)[0]
+
+    def revert(self, site) -> None:
+        self.current = self.gm
+
+    def retry(self, site) -> bool:
+        """The next milder schedule, while one rewrites anything (the loss of this one is recorded)."""
+        if self.step + 1 >= len(self.FACTORS):
+            return False
+        try:
+            if not self.build(self.step + 1)[2]:
+                return False
+        except ShapeError:
+            return False
+        self.tried.append(self.name)
+        self.step += 1
+        self.current = self.built[self.step][0]
+        return True
+
+
+class TokenReductionPass(GuardedPass):
     """The `token_merge`/`token_prune` option on gm (after the exact passes). With calibration data, the
     accuracy guard backs the schedule off (r, or the pruned fraction, times 3/4, 1/2, 1/4, then none) until
-    the metric holds within budget. Returns the rewritten graph (gm itself when nothing was applied)."""
-    from ..capture import copy_graph_module
-    from ..guard import DEFAULT_BUDGET, Calibrated, GuardResult, metric_name, warn_unverified
-    from .manager import count_nodes
+    the metric holds within budget. The pass returns a rewritten copy of the graph (gm itself when nothing
+    was applied)."""
 
-    t0 = time.perf_counter()
-    record = PassRecord(f"token_{config.method}", nodes_before=count_nodes(gm))
-    blocks, skipped = find_blocks(gm)
-    record.notes += [f"skipped {s}" for s in skipped]
-    if not blocks:
-        record.notes.insert(0, "no encoder block found: nothing reduced")
-        _warn_not_applied(config, "no transformer encoder block (fused attention followed by a residual add) "
-                          "in this graph" + (f"; skipped {'; '.join(skipped)}" if skipped else ""))
-        record.nodes_after = record.nodes_before
-        return gm, record
+    name = "tokens"
 
-    def build(cfg: TokenConfig):
-        p = plan(cfg, blocks)
-        new = copy_graph_module(gm)
-        n = apply_plan(new, find_blocks(new)[0], p)
-        return new, p, n
+    def record_name(self) -> str:
+        return f"token_{self.config.method}"
 
-    name = str(config)
-    try:
-        if not calibration:
-            warn_unverified(name)
-            new, p, n = build(config)
-            guard = GuardResult(metric_name(metric), None, kept=[name])
+    def what(self) -> str:
+        return str(self.config)
+
+    def _not_applied(self, record, why: str, note: str) -> None:
+        record.notes.insert(0, note)
+        _warn_not_applied(self.config, why)
+
+    def sites(self, gm, record):
+        blocks, skipped = find_blocks(gm)
+        record.notes += [f"skipped {s}" for s in skipped]
+        if not blocks:
+            self._not_applied(record, "no transformer encoder block (fused attention followed by a residual add) "
+                              "in this graph" + (f"; skipped {'; '.join(skipped)}" if skipped else ""),
+                              "no encoder block found: nothing reduced")
+            return None
+        self.schedule = TokenSchedule(gm, self.config, blocks)
+        try:
+            self.schedule.build(0)
+        except ShapeError as e:
+            self._not_applied(record, str(e), f"not applied: {e}")
+            return None
+        return [self.schedule]
+
+    def rewriter(self, gm, sites, record):
+        return self.schedule
+
+    def finish(self, gm, sites, rewriter, guard, record):
+        sched = self.schedule
+        # every milder schedule the guard went through, with the loss it measured over budget
+        guard.rolled_back[:0] = list(zip(sched.tried, guard.retried))
+        guard.retried = []
+        if sched.current is gm:  # rolled back: the graph stays as it was
+            new, p, n = gm, plan(self.config.scaled(0.0), sched.blocks), 0
+            guard.loss = guard.loss if self.ctx.calibration else 0.0
         else:
-            budget = DEFAULT_BUDGET if budget is None else budget
-            guard = GuardResult(metric_name(metric), budget)
-            cal = Calibrated(lambda args: gm(*args), calibration, metric, guard)
-            new = None
-            for factor in (1.0, 0.75, 0.5, 0.25):
-                cfg = config.scaled(factor)
-                cand, p, n = build(cfg)
-                if not n:
-                    break
-                loss = cal.loss(lambda args: cand(*args))  # noqa: B023 - called at once
-                if loss <= budget:
-                    new, guard.loss = cand, loss
-                    guard.kept = [str(cfg)]
-                    break
-                guard.rolled_back.append((str(cfg), loss))
-            if new is None:  # even a quarter of the schedule costs too much: the graph stays as it was
-                guard.loss, n, p = 0.0, 0, plan(config.scaled(0.0), blocks)
-                new = gm
-    except ShapeError as e:
-        record.notes.insert(0, f"not applied: {e}")
-        _warn_not_applied(config, str(e))
-        record.nodes_after = record.nodes_before
-        return gm, record
-    guard.seconds = time.perf_counter() - t0
-    record.guard = guard
-    for blk, amount in zip(blocks, p.amounts):
-        if amount and n:
-            record.add_match(blk.sdpa)
-    if not calibration:
-        summary = f"{name} applied, accuracy unverified (no calibration data)"
-    else:
-        tried = "; ".join(f"{c}: {guard.metric} loss {l:.3g} > budget" for c, l in guard.rolled_back)
-        summary = (f"kept {guard.kept[0]} ({guard.metric} loss {guard.loss:.4g} <= budget {guard.budget:g})"
-                   if guard.kept else f"rolled back: no schedule held the budget {guard.budget:g}")
-        summary += f"; backed off from {tried}" if tried else ""
-    record.notes.insert(0, summary)
-    record.notes.insert(1, "tokens per block: " + " -> ".join(str(t) for t in p.tokens))
-    record.tokens = p.tokens
-    record.seconds = time.perf_counter() - t0
-    record.nodes_after = count_nodes(new)
-    return new, record
+            new, p, n = sched.built[sched.step]
+        for blk, amount in zip(sched.blocks, p.amounts):
+            if amount and n:
+                record.add_match(blk.sdpa)
+        if guard.budget is None:
+            summary = f"{self.config} applied, accuracy unverified (no calibration data)"
+        else:
+            tried = "; ".join(f"{c}: {guard.metric} loss {l:.3g} > budget" for c, l in guard.rolled_back)
+            summary = (f"kept {guard.kept[0]} ({guard.metric} loss {guard.loss:.4g} <= budget {guard.budget:g})"
+                       if guard.kept else f"rolled back: no schedule held the budget {guard.budget:g}")
+            summary += f"; backed off from {tried}" if tried else ""
+        record.notes.insert(0, summary)
+        record.notes.insert(1, "tokens per block: " + " -> ".join(str(t) for t in p.tokens))
+        record.tokens = p.tokens
+        return new
 
 
-__all__ = ["TokenConfig", "find_blocks", "plan", "apply_plan", "token_reduction", "default_prune_layers"]
+__all__ = ["TokenConfig", "find_blocks", "plan", "apply_plan", "TokenReductionPass", "TokenSchedule", "default_prune_layers"]

@@ -173,13 +173,13 @@ def test_smoothquant_keeps_the_layer_with_activation_outliers_in_int8():
     cal = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     with torch.no_grad():
         got = compile_effopt(model, quantize={"mode": "static", "smooth": 0.8}, calibration=cal,
-                             accuracy_budget=0.002, lower=False)(x)
+                             accuracy_budget=0.003, lower=False)(x)
     rec = next(r for r in effopt.last_report().passes if r.name == "quantize_int8")
     notes = " ".join(rec.notes)
     smoothed = notes.split("int8: ")[-1].split(", ") if "SmoothQuant" in notes else []
-    # plain int8 costs blocks.1.mlp.2 (fed by the outlier through fc1 and GELU) 0.033, over the budget
+    # plain int8 costs blocks.1.mlp.2 (fed by the outlier through fc1 and GELU) 0.0057 alone, over the budget
     assert "blocks.1.mlp.2" in smoothed and not any(n == "blocks.1.mlp.2" for n, _ in rec.guard.rolled_back)
-    assert rec.guard.loss <= 0.002
+    assert max(rec.guard.retried) > 0.003 and rec.guard.loss <= 0.003
     # the oracle: per-channel ranges from hooks, smoothed layers as _SmoothInt8, the others plain static int8
     amax = input_ranges(model, LINEARS, cal)
     kept = [n for n in quantizable() if n not in {m for m, _ in rec.guard.rolled_back}]
