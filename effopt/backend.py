@@ -24,6 +24,8 @@ NOISE = 1.05
 # held-out validation over budget: the approximate passes run again at most this many times, each with the
 # guards' budget scaled down, the last time with none (no approximate rewrite)
 MAX_BACKOFFS = 3
+# from this many calibration inputs on (and without a validation option), a quarter of them is held out
+HOLD_OUT = 4
 
 
 def versus_eager(compiled, eager, inputs, budget_s: float = 1.0) -> dict:
@@ -88,10 +90,9 @@ class CompiledGraph:
             live = lambda full: [full[i] for i in self.live]  # noqa: E731
             examples = live(self.examples if self.examples is not None else args)
             # the original model's outputs (the graph after the exact passes) are every guard's reference
-            cal = CalibrationSet.of([live(c) for c in self.calibration], lambda a: gm(*a)) \
-                if self.calibration else None
-            val = CalibrationSet.of([live(c) for c in self.validation], lambda a: gm(*a)) \
-                if self.validation and cal else None
+            decide_on, held_out = self._split_calibration(notes)
+            cal = CalibrationSet.of([live(c) for c in decide_on], lambda a: gm(*a)) if decide_on else None
+            val = CalibrationSet.of([live(c) for c in held_out], lambda a: gm(*a)) if held_out and cal else None
             base, kept_records = capture.copy_graph_module(gm), len(records)
             budget = self.options.accuracy_budget if self.options.accuracy_budget is not None else DEFAULT_BUDGET
             decide = budget
@@ -125,6 +126,18 @@ class CompiledGraph:
         self.guards = [(i, t.data_ptr(), _version(t), t.shape) for i, t in values.items()]
         self.report = Report(records, lowering, gm, before=before, after=after, versus_eager=check, notes=notes)
         set_last_report(self.report)
+
+    def _split_calibration(self, notes: list) -> tuple[list | None, list | None]:
+        """(the inputs the guards decide on, the held-out inputs they are verified on): the validation
+        option's where given; else, from HOLD_OUT calibration inputs on, the last quarter of them (the
+        validation=False option keeps them all for deciding)."""
+        cal, val = self.calibration, self.validation
+        if not cal or val is not None or self.options.validation is False or len(cal) < HOLD_OUT:
+            return cal, val or None
+        k = len(cal) // 4
+        notes.append(f"held out the last {k} of the {len(cal)} calibration inputs: the guards decided on the "
+                     f"first {len(cal) - k} (validation=False decides on all)")
+        return cal[:-k], cal[-k:]
 
     def _approximate(self, gm, examples, cal, budget, tagged):
         """The approximate passes as one pipeline (effopt.passes.approximate_passes) under `budget`."""
@@ -231,7 +244,7 @@ def effopt_backend(gm: fx.GraphModule, example_inputs, options: dict | Options |
         from .guard import calibration_arguments
 
         calibration = calibration_arguments(gm, example_inputs, opts.calibration)  # ValueError: the user's to fix
-        if opts.validation is not None:
+        if opts.validation is not None and opts.validation is not False:
             validation = calibration_arguments(gm, example_inputs, opts.validation)
     try:
         if _needs_grad(example_inputs):

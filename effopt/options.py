@@ -79,7 +79,8 @@ class Options:
     """Held-out inputs, in calibration's form, that the guards never decide on: after the approximate passes
     the loss against the original model is measured on them too (the report gives both), and where it
     exceeds the budget the passes run again with the guards' budget scaled down, until it holds or no
-    approximate rewrite is left. Needs calibration."""
+    approximate rewrite is left. Needs calibration. Default (None): with 4 or more calibration inputs, the
+    last quarter of them is held out this way; False: the guards decide on all of them, nothing held out."""
     metric: Any = "cosine"
     """'cosine' (1 - cosine similarity of outputs), 'top1' (fraction of changed argmax predictions), or a
     callable (reference_output, optimized_output) -> loss (a float, 0 = no loss)."""
@@ -155,11 +156,13 @@ class Options:
             if kw.get("calibration") is None:
                 raise ValueError("accuracy_budget needs calibration data to be measured on: pass "
                                  "options={'calibration': [example inputs, ...]} as well")
-        if kw.get("validation") is not None and kw.get("calibration") is None:
+        if kw.get("validation") is False:  # no automatic hold-out: the guards decide on every calibration input
+            pass
+        elif kw.get("validation") is not None and kw.get("calibration") is None:
             raise ValueError("validation (held-out inputs) checks what the guards decided on calibration data: pass "
                              "options={'calibration': [inputs, ...]} as well")
         for name in ("calibration", "validation"):
-            if kw.get(name) is not None:
+            if kw.get(name) is not None and kw.get(name) is not False:
                 cal = kw[name]
                 if isinstance(cal, (torch.Tensor, dict, str)) or not hasattr(cal, "__iter__"):
                     raise ValueError(f"{name} must be a list of example inputs (each a tuple of arguments, "

@@ -92,3 +92,50 @@ def test_held_out_validation_backs_the_guards_off_until_it_holds():
 def test_validation_needs_calibration():
     with pytest.raises(ValueError, match="validation .* calibration"):
         effopt.Options.from_dict({"shift_add": "all", "validation": [torch.randn(1, 3, 32, 32)]})
+
+
+def test_a_quarter_of_the_calibration_is_held_out_by_default():
+    """8 calibration inputs and no validation option: the guards decide on the first 6 and the loss on the
+    last 2 is reported (and bounded); validation=False decides on all 8."""
+    torch.manual_seed(0)
+    model = vit_tiny_test().eval()
+    cal = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", EffoptAccuracyWarning)
+        f = compile_effopt(model, shift_add="all", calibration=cal, accuracy_budget=0.01, lower=False)
+        f(cal[0])
+        rep = effopt.last_report()
+        assert any("held out the last 2 of the 8 calibration inputs" in n for n in rep.notes), rep.notes
+        held = [n for n in rep.notes if n.startswith("accuracy on 2 held-out")]
+        assert held and _loss(f, model, cal[6:]) <= 0.01
+        assert f"loss {_loss(f, model, cal[6:]):.4g}" in held[-1]
+        guard = next(r.guard for r in rep.passes if r.guard is not None)
+        assert guard.loss == pytest.approx(_loss(f, model, cal[:6]), rel=1e-3, abs=1e-6)  # decided on the first 6
+        torch._dynamo.reset()
+        g = compile_effopt(model, shift_add="all", calibration=cal, accuracy_budget=0.01, lower=False,
+                           validation=False)
+        g(cal[0])
+        rep = effopt.last_report()
+        assert not any("held out" in n or "held-out" in n for n in rep.notes), rep.notes
+        guard = next(r.guard for r in rep.passes if r.guard is not None)
+        assert guard.loss == pytest.approx(_loss(g, model, cal), rel=1e-3, abs=1e-6)
+
+
+def test_disable_passes_names_every_pass():
+    """Every approximate pass has a name in disable_passes, and disabling it leaves that family out of the
+    pipeline (the exact passes' names stay valid too)."""
+    from effopt.passes import GUARDED_ORDER, PASSES, pass_names
+
+    assert set(pass_names()) == set(PASSES) | set(GUARDED_ORDER)
+    torch.manual_seed(0)
+    model = vit_tiny_test().eval()
+    x = torch.randn(2, 3, 32, 32)
+    families = {"tokens": "token_merge", "attention": "attention_hamming", "shift_add": "shift_add",
+                "quantize": "quantize_int8"}
+    for name, record in families.items():
+        torch._dynamo.reset()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", EffoptAccuracyWarning)
+            compile_effopt(model, **ALL, lower=False, disable_passes=[name])(x)
+        ran = [r.name for r in effopt.last_report().passes]
+        assert record not in ran and all(families[o] in ran for o in families if o != name), (name, ran)
