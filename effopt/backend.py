@@ -85,8 +85,8 @@ class CompiledGraph:
 
         if has_pt2e_ops(gm):  # a model quantized with PT2E: its int8 linears run as int8
             tagged(pt2e_int8(gm))
-        notes = []
-        if self.options.approximate or _has_trained_shift(gm):
+        notes, auto = [], None
+        if self.options.any_approximate or _has_trained_shift(gm):
             live = lambda full: [full[i] for i in self.live]  # noqa: E731
             examples = live(self.examples if self.examples is not None else args)
             # the original model's outputs (the graph after the exact passes) are every guard's reference
@@ -96,7 +96,9 @@ class CompiledGraph:
             base, kept_records = capture.copy_graph_module(gm), len(records)
             budget = self.options.accuracy_budget if self.options.accuracy_budget is not None else DEFAULT_BUDGET
             decide = budget
-            for attempt in range(MAX_BACKOFFS + 1):
+            if self.options.approximate is not None:  # approximate='auto': the search decides the options
+                gm, auto = self._auto(gm, examples, cal, val, budget, tagged, notes)
+            for attempt in range(0 if auto is not None else MAX_BACKOFFS + 1):
                 gm = self._approximate(gm, examples, cal, decide, tagged)
                 if val is None:
                     break
@@ -110,7 +112,8 @@ class CompiledGraph:
                 gm = capture.copy_graph_module(base)
                 decide = decide * min(0.5, budget / held) if attempt < MAX_BACKOFFS - 1 else 0.0
             else:
-                notes.append("the held-out loss stayed over the budget: no approximate rewrite is kept")
+                if auto is None:
+                    notes.append("the held-out loss stayed over the budget: no approximate rewrite is kept")
         after = {"code": gm.code, "stats": graph_stats(gm), "graph": capture.copy_graph_module(gm)}
         lowering = None
         if self.options.lower:
@@ -124,8 +127,68 @@ class CompiledGraph:
         # the report keeps the compiled graph (what effopt built, for inspection) even where eager runs
         self.runtime = eager_gm if check is not None and not check["use_compiled"] else gm
         self.guards = [(i, t.data_ptr(), _version(t), t.shape) for i, t in values.items()]
-        self.report = Report(records, lowering, gm, before=before, after=after, versus_eager=check, notes=notes)
+        self.report = Report(records, lowering, gm, before=before, after=after, versus_eager=check, notes=notes,
+                             auto=auto)
         set_last_report(self.report)
+
+    def _auto(self, gm, examples, cal, val, budget, tagged, notes):
+        """approximate='auto' (effopt/auto.py): the stored choice for this graph, target, budget, metric and
+        calibration, or a search; then the chosen options' passes on gm. Returns (gm, the search's record)."""
+        from .auto import digest, search, with_settings
+        from .autotune.targets import target_dict
+        from .lowering import lower
+        from .lowering.cache import DecisionStore, make_key
+        from .passes import GuardContext, PassManager, approximate_passes
+        from .timing import interleaved_medians
+
+        config, metric = self.options.approximate, self.options.metric
+        store = DecisionStore(self.options.cache_dir, target_dict(self.options.target)) if self.options.cache else None
+        key = make_key(gm.code, digest(cal, budget, metric), str(config))
+        saved = store.load("auto").get(key) if store else None
+        if isinstance(saved, dict) and isinstance(saved.get("chosen"), dict):
+            info = dict(saved, reused=True)
+        else:
+            check = val if val is not None else cal
+            inputs = self._example_inputs(examples)
+            plain = with_settings(self.options, {})
+            exact = lower(capture.copy_graph_module(gm), plain)[0] if self.options.lower else gm
+
+            def evaluate(settings: dict) -> dict:
+                opts = with_settings(self.options, settings)
+                g, recs = PassManager(approximate_passes(opts, GuardContext(examples, cal, budget, metric))).run(
+                    capture.copy_graph_module(gm))
+                held = Calibrated(None, check, metric, GuardResult("", budget)).loss(lambda a: g(*a))
+                decided = [r.guard.loss for r in recs if r.guard is not None and r.guard.loss is not None]
+                lowered = lower(g, opts)[0] if self.options.lower else g
+                with torch.no_grad():
+                    m = interleaved_medians({"candidate": lowered, "exact": exact}, inputs, rounds=9, warmup=1,
+                                            budget_s=2.0, min_rounds=3)
+                return {"ms": m["candidate"] / m["exact"], "loss": decided[-1] if decided else 0.0,
+                        "held_out": held, "within": held <= budget, "matches": sum(r.matches for r in recs),
+                        "rewrites": {r.name: r.matches for r in recs}}
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                info = dict(search(evaluate, config), reused=False)
+            if store:
+                store.save("auto", {**store.load("auto"), key: {k: info[k] for k in ("chosen", "candidates",
+                                                                                     "seconds", "speedup_over_exact")}})
+        chosen = info["chosen"]
+        notes.append(f"approximate=auto: {'applied the stored choice' if info['reused'] else 'searched'} "
+                     f"{' + '.join(f'{k}={v}' for k, v in chosen.items()) or 'no approximate option (none paid off)'}"
+                     f" ({info['speedup_over_exact']:.2f}x the exact compile; {len(info['candidates'])} "
+                     f"candidate(s) measured{' in an earlier compile' if info['reused'] else ''})")
+        opts = with_settings(self.options, chosen)
+        gm, _ = PassManager(approximate_passes(opts, GuardContext(examples, cal, budget, metric))).run(
+            gm, on_record=tagged)
+        return gm, info
+
+    def _example_inputs(self, examples):
+        from .lowering.select import concrete
+
+        gen = torch.Generator().manual_seed(0)
+        return [a if isinstance(a, torch.Tensor) and not isinstance(a, torch._subclasses.FakeTensor)
+                else concrete(a, gen) for a in examples]
 
     def _split_calibration(self, notes: list) -> tuple[list | None, list | None]:
         """(the inputs the guards decide on, the held-out inputs they are verified on): the validation
@@ -196,7 +259,7 @@ def _inference_compiler(real_inputs, frozen, options, calibration=None, validati
         same = len(fake_inputs) == len(real_inputs)
         # AOT added or removed inputs (input mutation, aliasing): freeze nothing rather than guess.
         frozen_here = frozen if options.freeze and same else []
-        if options.approximate and not same:
+        if options.any_approximate and not same:
             raise RuntimeError("approximate options need the graph's inputs to be the model's inputs, but "
                                "AOTAutograd changed them (input mutation or aliasing)")
         # AOT calls us inside its fake mode; freezing and measuring kernels need real tensors.
@@ -240,7 +303,7 @@ def effopt_backend(gm: fx.GraphModule, example_inputs, options: dict | Options |
         if not isinstance(options, Options) else options
     global _warned_training
     calibration = validation = None
-    if opts.approximate and opts.calibration is not None:
+    if opts.any_approximate and opts.calibration is not None:
         from .guard import calibration_arguments
 
         calibration = calibration_arguments(gm, example_inputs, opts.calibration)  # ValueError: the user's to fix
@@ -248,7 +311,7 @@ def effopt_backend(gm: fx.GraphModule, example_inputs, options: dict | Options |
             validation = calibration_arguments(gm, example_inputs, opts.validation)
     try:
         if _needs_grad(example_inputs):
-            if opts.approximate:
+            if opts.any_approximate:
                 warnings.warn("effopt: approximate options apply to inference graphs (no_grad/inference_mode); "
                               "to fine-tune an approximate model, use effopt.reparameterize", EffoptFallbackWarning,
                               stacklevel=2)

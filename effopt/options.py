@@ -81,6 +81,11 @@ class Options:
     exceeds the budget the passes run again with the guards' budget scaled down, until it holds or no
     approximate rewrite is left. Needs calibration. Default (None): with 4 or more calibration inputs, the
     last quarter of them is held out this way; False: the guards decide on all of them, nothing held out."""
+    approximate: Any = None
+    """'auto' (or {'kind': 'auto', 'families': [...], 'time_budget': '10m'}): search the approximate options
+    of every family ('tokens', 'attention', 'shift_add', 'quantize') for the fastest compiled model within
+    accuracy_budget on held-out inputs (effopt.auto.AutoConfig); needs calibration. The choice is stored,
+    and a later compile of the same graph, target, budget and calibration applies it without searching."""
     metric: Any = "cosine"
     """'cosine' (1 - cosine similarity of outputs), 'top1' (fraction of changed argmax predictions), or a
     callable (reference_output, optimized_output) -> loss (a float, 0 = no loss)."""
@@ -146,6 +151,18 @@ class Options:
                 kw["token_merge"] = TokenConfig.parse_merge(kw["token_merge"])
             else:
                 kw["token_prune"] = TokenConfig.parse_prune(kw["token_prune"])
+        if kw.get("approximate") is not None:
+            from .auto import AutoConfig
+
+            kw["approximate"] = AutoConfig.parse(kw["approximate"])
+            if kw["approximate"] is not None and kw.get("calibration") is None:
+                raise ValueError("approximate='auto' searches within the accuracy budget on calibration data: pass "
+                                 "options={'calibration': [inputs, ...]} as well")
+            given = [k for k in ("token_merge", "token_prune", "shift_add", "quantize") if kw.get(k) is not None]
+            given += ["attention"] if str(kw.get("attention", "exact")) != "exact" else []
+            if kw["approximate"] is not None and given:
+                raise ValueError(f"approximate='auto' chooses the approximate options itself; drop {given} (or "
+                                 "narrow the search with {'kind': 'auto', 'families': [...]})")
         if kw.get("metric", "cosine") not in METRICS and not callable(kw.get("metric")):
             raise ValueError(f"metric={kw['metric']!r} is invalid; valid: {list(METRICS)} or a callable "
                              "(reference_output, optimized_output) -> loss")
@@ -183,13 +200,14 @@ class Options:
         return json.dumps({"target": target_dict(self.target), "kernel_choice": self.kernel_choice.value,
                            "freeze": self.freeze, "tuning": self.tuning, "disable_passes": sorted(self.disable_passes),
                            "attention": str(self.attention), "tokens": str(self.tokens),
-                           "shift_add": str(self.shift_add), "quantize": str(self.quantize)}, sort_keys=True)
+                           "shift_add": str(self.shift_add), "quantize": str(self.quantize),
+                           "approximate": str(self.approximate)}, sort_keys=True)
 
     @property
-    def approximate(self) -> bool:
-        """Whether any approximate rewrite is requested."""
+    def any_approximate(self) -> bool:
+        """Whether any approximate rewrite is requested (or searched for: approximate='auto')."""
         return str(self.attention) != "exact" or self.tokens is not None or self.shift_add is not None \
-            or self.quantize is not None
+            or self.quantize is not None or self.approximate is not None
 
     @property
     def tokens(self):

@@ -28,6 +28,9 @@ class Report:
     # the compiled graph timed against the captured graph in eager on the example inputs (kernel_choice
     # 'measure'): {"compiled_ms", "eager_ms", "speedup", "use_compiled"}; eager ran where it lost
     versus_eager: dict | None = None
+    # approximate='auto': {"chosen", "candidates" (each: settings, label, ms relative to the exact compile,
+    # loss, held_out, within, matches), "speedup_over_exact", "reused"}
+    auto: dict | None = None
 
     # ---- text --------------------------------------------------------------------------------------
     def __str__(self) -> str:
@@ -98,6 +101,7 @@ class Report:
             "notes": self.notes,
             "compile_seconds": self.compile_seconds,
             "versus_eager": self.versus_eager,
+            "auto": self.auto,
         }
 
     def to_json(self, indent: int | None = 1) -> str:

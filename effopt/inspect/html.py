@@ -172,9 +172,70 @@ def _images(report) -> str:
     return "".join(out)
 
 
+def frontier(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points (speed-up, loss) that no other point beats on both (faster and lower loss),
+    by speed-up."""
+    keep = [i for i, (x, y) in enumerate(points)
+            if not any((x2 >= x and y2 <= y) and (x2, y2) != (x, y) for x2, y2 in points)]
+    return sorted(keep, key=lambda i: points[i][0])
+
+
+def _auto(report) -> str:
+    """approximate='auto': every candidate as held-out loss against speed-up over the exact compile, the
+    chosen one ringed, the frontier joined."""
+    info = report.auto
+    if not info or not info.get("candidates"):
+        return ""
+    cands = info["candidates"]
+    pts = [(1.0 / c["ms"], c["held_out"]) for c in cands] + [(1.0, 0.0)]
+    labels = [c["label"] for c in cands] + ["exact"]
+    W, H, P = 560, 300, 50
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    x0, x1 = min(xs + [1.0]) * 0.95, max(xs) * 1.05
+    y1 = max(ys + [1e-6]) * 1.1
+
+    def X(v):
+        return P + (v - x0) / max(x1 - x0, 1e-9) * (W - 2 * P)
+
+    def Y(v):
+        return H - P + 10 - v / y1 * (H - 2 * P)
+
+    chosen = info.get("speedup_over_exact")
+    dots = []
+    for (x, y), label, c in zip(pts, labels, cands + [None]):
+        colour = "#1a7f37" if c is None or c["within"] else "#cf222e"
+        ring = chosen is not None and abs(x - chosen) < 1e-9
+        dots.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="{7 if ring else 4}" fill="{colour}" '
+                    f'stroke="{"#000" if ring else "none"}" stroke-width="2"><title>{_e(label)}: {x:.2f}x, loss '
+                    f'{y:.4g}</title></circle>')
+    front = frontier(pts)
+    line = " ".join(f"{X(pts[i][0]):.1f},{Y(pts[i][1]):.1f}" for i in front)
+    budget = next((r.guard.budget for r in report.passes if r.guard is not None and r.guard.budget), None)
+    bline = (f'<line x1="{P}" x2="{W - P}" y1="{Y(budget):.1f}" y2="{Y(budget):.1f}" stroke="#888" '
+             f'stroke-dasharray="4"/><text x="{W - P}" y="{Y(budget) - 4:.1f}" font-size="11" text-anchor="end">'
+             f'budget {budget:g}</text>') if budget and budget <= y1 else ""
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}">'
+           f'<line x1="{P}" y1="{H - P + 10}" x2="{W - P}" y2="{H - P + 10}" stroke="#000"/>'
+           f'<line x1="{P}" y1="{P - 10}" x2="{P}" y2="{H - P + 10}" stroke="#000"/>'
+           f'<text x="{W / 2}" y="{H - 12}" font-size="12" text-anchor="middle">speed-up over the exact compile</text>'
+           f'<text x="14" y="{H / 2}" font-size="12" transform="rotate(-90 14 {H / 2})" text-anchor="middle">'
+           f'held-out loss</text><polyline points="{line}" fill="none" stroke="#0969da"/>{bline}'
+           + "".join(dots) + "</svg>")
+    rows = [[_e(c["label"]), f"{1 / c['ms']:.2f}x", f"{c['held_out']:.4g}", "yes" if c["within"] else "no",
+             c["matches"], _e(c["stage"])] for c in cands]
+    head = (f"<p>{'The stored choice (searched in an earlier compile)' if info.get('reused') else 'Searched'}: "
+            f"<b>{_e(' + '.join(f'{k}={v}' for k, v in info['chosen'].items()) or 'exact')}</b>, "
+            f"{info['speedup_over_exact']:.2f}x the exact compile. Green: within budget; ringed: chosen; "
+            "blue: the frontier.</p>")
+    return head + svg + _table(["candidate", "speed-up", "held-out loss", "within budget", "rewrites", "stage"],
+                               rows, {1, 2, 4})
+
+
 def render(report) -> str:
     sections = [("Passes", _passes(report)), ("Graph statistics", _stats(report)), ("Graph", _graphs(report)),
                 ("Fallbacks", _fallbacks(report)), ("Kernels", _kernels(report)), ("Profile", _profile(report))]
+    if report.auto:
+        sections.insert(1, ("Approximate search", _auto(report)))
     pictures = _images(report)
     if pictures:
         sections.append(("Token merging", pictures))

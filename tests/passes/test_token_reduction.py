@@ -31,7 +31,7 @@ def test_options_parse_and_reject():
             effopt.Options.from_dict({"token_prune": bad})
     with pytest.raises(ValueError, match="alternatives"):
         effopt.Options.from_dict({"token_merge": 4, "token_prune": 0.7})
-    assert effopt.Options.from_dict({"token_merge": 4}).approximate
+    assert effopt.Options.from_dict({"token_merge": 4}).any_approximate
 
 
 # ---- the ops ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,160 @@
+"""`approximate="auto"`: the fastest combination of approximate options whose loss stays within the budget.
+
+Each family available (tokens, attention, shift/add, quantize) has a few candidate settings. Each is first
+run alone (its guarded pass on the calibration inputs, then lowered and timed against the exact compile,
+interleaved medians); those that are faster and within budget on the held-out inputs are ordered by their
+latency gain per unit of loss, and added one at a time to the chosen set, each kept only where the whole
+compiled model gets faster than the best so far (and the held-out loss still holds). The choice is stored
+(per graph, target, budget, metric and calibration digest: the decision store beside the tuning database),
+so a second compile applies it without searching. Every candidate tried is in `report.auto`, drawn as an
+accuracy/latency scatter on the HTML page.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+FAMILIES = ("tokens", "attention", "shift_add", "quantize")
+# the settings tried per family (the option dicts they add)
+# (the guards then keep or roll back each layer of a setting on its own: per-layer choices come from them)
+CANDIDATES = {"tokens": [{"token_merge": 4}, {"token_merge": 8}, {"token_merge": {"r": 8, "inflect": -0.5}},
+                         {"token_prune": 0.7}],
+              "attention": [{"attention": "hamming"}, {"attention": "linear"}, {"attention": "lmul"}],
+              "shift_add": [{"shift_add": "mlp"}, {"shift_add": {"layers": "mlp", "terms": 2}},
+                            {"shift_add": "all"}],
+              "quantize": [{"quantize": "int8-dynamic"}, {"quantize": "int8"},
+                           {"quantize": {"mode": "static", "smooth": 0.5}}]}
+FASTER = 0.98  # a candidate is kept only where it takes at most this fraction of the best time so far
+
+
+@dataclass(frozen=True)
+class AutoConfig:
+    families: tuple[str, ...] = FAMILIES
+    time_budget_s: float = 600.0
+
+    @classmethod
+    def parse(cls, value) -> "AutoConfig | None":
+        if value is None or value is False:
+            return None
+        if value == "auto":
+            return cls()
+        if not isinstance(value, dict) or value.get("kind", "auto") != "auto":
+            raise ValueError(f"approximate={value!r} is invalid; valid: 'auto' or a dict {{'kind': 'auto', "
+                             f"'families': {list(FAMILIES)}, 'time_budget': '10m'}}")
+        bad = sorted(set(value) - {"kind", "families", "time_budget"})
+        if bad:
+            raise ValueError(f"approximate has no parameter(s) {bad}; valid: ['families', 'time_budget']")
+        fams = value.get("families", FAMILIES)
+        if isinstance(fams, str) or not fams or any(f not in FAMILIES for f in fams):
+            raise ValueError(f"approximate families={fams!r} is invalid; valid: a list from {list(FAMILIES)}")
+        return cls(tuple(f for f in FAMILIES if f in fams), _seconds(value.get("time_budget", 600)))
+
+    def __str__(self) -> str:
+        return f"auto(families={list(self.families)}, time_budget={self.time_budget_s:g}s)"
+
+
+def _seconds(v) -> float:
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+        return float(v)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([smh]?)\s*", str(v))
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"approximate time_budget={v!r} is invalid; valid: seconds (a number) or a string "
+                         "such as '90s', '10m', '1h'")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def digest(calibration, budget: float, metric) -> str:
+    """The calibration inputs, budget and metric, as one key part."""
+    h = hashlib.sha256(json.dumps([budget, str(metric)]).encode())
+    for args in calibration or []:
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                h.update(str((a.dtype, tuple(a.shape))).encode())
+                h.update(a.detach().contiguous().cpu().numpy().tobytes())
+            else:
+                h.update(repr(a).encode())
+    return h.hexdigest()
+
+
+def _label(settings: dict) -> str:
+    return " + ".join(f"{k}={v}" for k, v in settings.items()) or "exact"
+
+
+class Progress:
+    """One line on stderr, rewritten per candidate (a plain line per step where stderr is not a terminal)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.tty = total, 0, sys.stderr.isatty()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        bar = "#" * int(20 * self.done / max(self.total, 1))
+        line = f"effopt auto: [{bar:<20s}] {self.done}/{self.total} {what}"
+        print(("\r" + line[:120].ljust(120)) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr,
+              flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def search(evaluate, config: AutoConfig, available=None) -> dict:
+    """The search. `evaluate(settings)` -> {"ms", "loss", "held_out", "within", "matches"} runs the options
+    `settings` (a dict) through the guarded passes, lowers, and times the result against the exact compile
+    in the same process ("ms" relative: the exact compile's time is 1.0 there). Returns {"chosen": settings,
+    "candidates": [every evaluation, with its settings and figures]}."""
+    t0 = time.perf_counter()
+    cands = [(f, s) for f in config.families for s in CANDIDATES[f] if available is None or f in available]
+    progress = Progress(len(cands) + max(len(config.families) - 1, 0))
+    tried = []
+
+    def run(settings: dict, stage: str) -> dict:
+        r = dict(evaluate(settings), settings=settings, label=_label(settings), stage=stage)
+        tried.append(r)
+        progress.step(f"{r['label']}: {1 / r['ms']:.2f}x exact, loss {r['held_out']:.4g}")
+        return r
+
+    alone = []
+    for fam, s in cands:
+        if time.perf_counter() - t0 > config.time_budget_s:
+            break
+        r = run(s, "alone")
+        if r["matches"] and r["within"] and r["ms"] < FASTER:
+            alone.append((fam, r))
+    # best gain per unit of loss first; one setting per family (the first, best-ranked one that fits)
+    alone.sort(key=lambda fr: -(1 - fr[1]["ms"]) / max(fr[1]["held_out"], 1e-6))
+    chosen, best, used = {}, 1.0, set()
+    first = next(iter(alone), None)
+    if first is not None:
+        chosen, best = dict(first[1]["settings"]), first[1]["ms"]
+        used.add(first[0])
+    for fam, r in alone[1:]:
+        if fam in used or time.perf_counter() - t0 > config.time_budget_s:
+            continue
+        both = run({**chosen, **r["settings"]}, "combined")
+        if both["within"] and both["ms"] < best * FASTER:
+            chosen, best = dict(both["settings"]), both["ms"]
+            used.add(fam)
+    progress.close()
+    return {"chosen": chosen, "candidates": tried, "seconds": time.perf_counter() - t0,
+            "speedup_over_exact": 1 / best}
+
+
+def with_settings(options, settings: dict):
+    """`options` with the approximate options of `settings` (parsed as the backend options parse them)."""
+    from .options import Options
+
+    parsed = Options.from_dict({**settings, "calibration": [()]})  # static int8 needs calibration: the search has it
+    return dataclasses.replace(options, attention=parsed.attention, token_merge=parsed.token_merge,
+                               token_prune=parsed.token_prune, shift_add=parsed.shift_add, quantize=parsed.quantize,
+                               approximate=None)
+
+
+__all__ = ["AutoConfig", "CANDIDATES", "FAMILIES", "digest", "search", "with_settings"]
