@@ -51,6 +51,7 @@ bench: setup
 	$(PY) benchmarks/shift_add.py
 	$(PY) benchmarks/int8_kernel.py
 	$(PY) benchmarks/quantize.py
+	$(PY) benchmarks/compose.py
 	$(PY) benchmarks/autotune.py
 
 clean:

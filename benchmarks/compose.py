@@ -5,7 +5,8 @@ compiled with calibration data (4 batches: the guards decide on 3, the 4th is he
 accuracy_budget 0.01 (cosine loss against the original model's outputs), timed against eager and the
 exact compile (interleaved medians in one process), with the task metric on the test batches (MiniLM:
 sentence-embedding cosine to the original on 32 held-out sentences; DINOv2: digits linear-probe accuracy)
-and the end-to-end losses the report gives (decided-on and held-out). Writes bench-results/compose.json.
+and the end-to-end losses the report gives (decided-on and held-out); and approximate='auto' (its search
+time is in the compile time). Writes bench-results/compose.json.
 
     python benchmarks/compose.py [--models minilm,dinov2] [--rounds 5] [--budget 0.01]
 """
@@ -30,12 +31,16 @@ COMBOS = {
                "hamming + int8": {"attention": "hamming", "quantize": "int8-dynamic"},
                "shift/add + int8": {"shift_add": "mlp", "quantize": "int8-dynamic"},
                "hamming + shift/add + int8": {"attention": "hamming", "shift_add": "mlp",
-                                              "quantize": "int8-dynamic"}},
+                                              "quantize": "int8-dynamic"},
+               # token reduction shortens the output sequence the embedding pools over: not searched here
+               "auto": {"approximate": {"kind": "auto", "families": ["attention", "shift_add", "quantize"],
+                                        "time_budget": "15m"}}},
     "dinov2": {"int8": {"quantize": "int8-dynamic"},
                "ToMe r=8 + int8": {"token_merge": 8, "quantize": "int8-dynamic"},
                "hamming + int8": {"attention": "hamming", "quantize": "int8-dynamic"},
                "all four": {"token_merge": 8, "attention": "hamming", "shift_add": "mlp",
-                            "quantize": "int8-dynamic"}},
+                            "quantize": "int8-dynamic"},
+               "auto": {"approximate": {"kind": "auto", "time_budget": "15m"}}},
 }
 
 
@@ -71,7 +76,10 @@ def run(key: str, rounds: int, budget: float) -> list[dict]:
                       "held_out_loss": held_out_loss(rep),
                       "kept": {r.name: f"{len(r.guard.kept)}/{len(r.guard.kept) + len(r.guard.rolled_back)}"
                                for r in guards},
-                      "runs": "compiled" if rep.versus_eager is None or rep.versus_eager["use_compiled"] else "eager"}
+                      "runs": "compiled" if rep.versus_eager is None or rep.versus_eager["use_compiled"] else "eager",
+                      "auto": None if rep.auto is None else {"chosen": rep.auto["chosen"],
+                                                             "candidates": len(rep.auto["candidates"]),
+                                                             "search_s": rep.auto.get("seconds")}}
         fns[name] = fn
         print(f"  compiled {name} in {info[name]['compile_s']:.0f} s", flush=True)
     with torch.no_grad():
@@ -89,7 +97,9 @@ def run(key: str, rounds: int, budget: float) -> list[dict]:
                   if i.get("decided_loss") is not None and i.get("held_out_loss") is not None else "")
         print(f"  {task.name:16s} {name:28s} {t[name] * 1e3:8.1f} ms  {t['eager'] / t[name]:5.2f}x eager  "
               f"{task.metric_name} {metrics[name]:.4f}{losses}"
-              + (f"  kept {i['kept']}" if i.get("kept") else ""), flush=True)
+              + (f"  kept {i['kept']}" if i.get("kept") else "")
+              + (f"  auto chose {i['auto']['chosen'] or 'exact'} of {i['auto']['candidates']}" if i.get("auto") else ""),
+              flush=True)
     return rows
 
 
