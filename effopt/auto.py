@@ -23,14 +23,16 @@ import torch
 
 FAMILIES = ("tokens", "attention", "shift_add", "quantize")
 # the settings tried per family (the option dicts they add)
-# (the guards then keep or roll back each layer of a setting on its own: per-layer choices come from them)
+# (the guards then keep or roll back each layer of a setting on its own; the per-layer settings retry a layer
+# over budget in the next form: attention kinds in order, 1 -> 2 -> 3 shift terms, static -> dynamic int8)
 CANDIDATES = {"tokens": [{"token_merge": 4}, {"token_merge": 8}, {"token_merge": {"r": 8, "inflect": -0.5}},
                          {"token_prune": 0.7}],
-              "attention": [{"attention": "hamming"}, {"attention": "linear"}, {"attention": "lmul"}],
-              "shift_add": [{"shift_add": "mlp"}, {"shift_add": {"layers": "mlp", "terms": 2}},
-                            {"shift_add": "all"}],
-              "quantize": [{"quantize": "int8-dynamic"}, {"quantize": "int8"},
-                           {"quantize": {"mode": "static", "smooth": 0.5}}]}
+              "attention": [{"attention": "hamming"}, {"attention": "linear"}, {"attention": "lmul"},
+                            {"attention": {"kind": "linear", "fallback": ["hamming", "lmul"]}}],
+              "shift_add": [{"shift_add": "mlp"}, {"shift_add": {"layers": "mlp", "terms": "auto"}},
+                            {"shift_add": {"layers": "all", "terms": "auto"}}],
+              "quantize": [{"quantize": "int8-dynamic"}, {"quantize": "int8"}, {"quantize": {"mode": "mixed"}},
+                           {"quantize": {"mode": "mixed", "smooth": 0.5}}]}
 FASTER = 0.98  # a candidate is kept only where it takes at most this fraction of the best time so far
 
 

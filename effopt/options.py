@@ -136,7 +136,7 @@ class Options:
             from .passes.quantize import QuantConfig
 
             kw["quantize"] = QuantConfig.parse(kw["quantize"])
-            if kw["quantize"].mode == "static" and kw.get("calibration") is None:
+            if kw["quantize"].mode in ("static", "mixed") and kw.get("calibration") is None:
                 raise ValueError("quantize='int8' (static activation scales) needs calibration data: pass "
                                  "options={'calibration': [inputs, ...]}, or use quantize='int8-dynamic'")
             if kw["quantize"].smooth is not None and kw.get("calibration") is None:

@@ -42,6 +42,9 @@ class AttentionConfig:
     """linear: 'elu' (elu + 1) or 'relu'."""
     mantissa_bits: int = 3
     """lmul: mantissa bits kept by L-Mul (0..23); the paper's 3-bit L-Mul matches fp8 e4m3 accuracy."""
+    fallback: tuple[str, ...] = ()
+    """other approximate kinds, in order, for a layer whose `kind` exceeds the budget (per layer: each layer
+    keeps the first kind that holds, or stays exact); their parameters are this config's."""
 
     @classmethod
     def parse(cls, value) -> "AttentionConfig":
@@ -54,8 +57,14 @@ class AttentionConfig:
             raise ValueError(f"attention={given!r} is invalid; valid: {list(KINDS)} or a dict "
                              "{'kind': ..., parameters}, e.g. {'kind': 'hamming', 'bits': 128}")
         kind = value["kind"]
-        check_parameters(f"attention {kind!r}", value, _PARAMS[kind], implicit=("kind",))
-        cfg = cls(**value)
+        check_parameters(f"attention {kind!r}", value, _PARAMS[kind] + (("fallback",) if kind != "exact" else ()),
+                         implicit=("kind",))
+        fb = value.get("fallback", ())
+        fb = (fb,) if isinstance(fb, str) else tuple(fb)
+        if any(k not in KINDS[1:] or k == kind for k in fb) or len(set(fb)) != len(fb):
+            raise ValueError(f"attention fallback={value.get('fallback')!r}; valid: other approximate kinds from "
+                             f"{[k for k in KINDS[1:] if k != kind]}")
+        cfg = cls(**{**value, "fallback": fb})
         if kind == "hamming" and (not isinstance(cfg.bits, int) or cfg.bits <= 0 or cfg.bits % 64):
             raise ValueError(f"hamming bits must be a positive multiple of 64, got {cfg.bits!r}")
         if kind == "hamming" and cfg.beta is not None and not (isinstance(cfg.beta, (int, float)) and cfg.beta > 0):
@@ -70,7 +79,13 @@ class AttentionConfig:
         if self.kind == "exact":
             return "exact"
         params = ", ".join(f"{p}={getattr(self, p)}" for p in _PARAMS[self.kind])
-        return f"{self.kind}({params})"
+        fallback = f", fallback={'/'.join(self.fallback)}" if self.fallback else ""
+        return f"{self.kind}({params}{fallback})"
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The kinds a layer may take, in order of preference."""
+        return (self.kind, *self.fallback)
 
 
 # ---- the attention layers of a graph -----------------------------------------------------------------------
@@ -163,21 +178,33 @@ class ApproximateAttention:
             s.extra["proj"] = self.constant(proj, f"effopt_hamming_proj_{s.index}" if trainable else None)
         return notes
 
+    def retry(self, site: AttentionSite) -> bool:
+        """A layer over budget as the next fallback kind, if any."""
+        kinds = self.config.kinds
+        i = kinds.index(site.extra.get("kind", kinds[0]))
+        if i + 1 >= len(kinds):
+            return False
+        self.revert(site)
+        site.extra["kind"] = kinds[i + 1]
+        self.apply(site)
+        return True
+
     def apply(self, site: AttentionSite) -> None:
         cfg, graph = self.config, self.gm.graph
+        kind = site.extra.get("kind", cfg.kind)
         with graph.inserting_after(site.out):
-            if cfg.kind == "hamming":  # prepare_hamming made the projection
+            if kind == "hamming":  # prepare_hamming made the projection
                 beta = site.extra.get("beta", cfg.beta)
                 args = (site.q, site.k, site.v, site.mask, site.extra["proj"], float(beta))
                 target = torch.ops.effopt.hamming_attention.default
-            elif cfg.kind == "linear":
+            elif kind == "linear":
                 args = (site.q, site.k, site.v, site.mask, site.scale, cfg.feature_map)
                 target = torch.ops.effopt.linear_attention.default
-            elif cfg.kind == "lmul":
+            elif kind == "lmul":
                 args = (site.q, site.k, site.v, site.mask, site.scale, cfg.mantissa_bits)
                 target = torch.ops.effopt.lmul_attention.default
             else:
-                raise ValueError(f"no approximate attention {cfg.kind!r}")
+                raise ValueError(f"no approximate attention {kind!r}")
             new = graph.call_function(target, args)
         new.meta = dict(site.out.meta)
         new.meta["float_form"] = effops.ExactAttention(site.scale)  # where the approximate kernel loses on the target
@@ -200,7 +227,7 @@ class ApproximateAttention:
                 _erase_dead_chain(self.gm, s.node if s.out is s.node else s.out)
         for s in sites:
             proj = s.extra.get("proj")
-            if s.new is None and proj is not None and not proj.users:
+            if proj is not None and not proj.users:  # rolled back, or another kind took the layer
                 delattr(self.gm, proj.target)
                 self.gm.graph.erase_node(proj)
         self.gm.graph.lint()
@@ -281,7 +308,7 @@ class AttentionPass(GuardedPass):
 
     def rewriter(self, gm, sites, record):
         rewriter = ApproximateAttention(gm, self.config)
-        if self.config.kind == "hamming" and sites:
+        if "hamming" in self.config.kinds and sites:
             ctx = self.ctx
             args = ctx.calibration[0] if ctx.calibration and not self.trainable else ctx.examples
             record.notes += rewriter.prepare_hamming(sites, args, trainable=self.trainable)
@@ -293,6 +320,9 @@ class AttentionPass(GuardedPass):
             if s.new is not None:
                 record.add_match(s.node)
         record.notes[:0] = [guard.summary()] + [f"skipped {w}" for w in self.skipped]
+        if self.config.fallback:
+            kinds = [f"{s.name.split(' ')[0]}: {s.extra.get('kind', self.config.kind)}" for s in sites if s.new is not None]
+            record.notes.append("per layer: " + (", ".join(kinds) or "none kept"))
         return gm
 
 

@@ -30,14 +30,15 @@ from .records import PassRecord
 from ..options import check_parameters
 
 aten = torch.ops.aten
-MODES = ("static", "dynamic")
+MODES = ("static", "dynamic", "mixed")
 _ALIASES = {"int8": "static", "int8-dynamic": "dynamic"}
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     mode: str = "dynamic"
-    """'dynamic' (per-token activation scales) or 'static' (calibrated per-tensor scales)."""
+    """'dynamic' (per-token activation scales), 'static' (calibrated per-tensor scales), or 'mixed' (static
+    per layer where it holds the budget, dynamic where it does not)."""
     layers: str = "all"
     """'all' or 'mlp'."""
     fuse: bool = True
@@ -55,7 +56,7 @@ class QuantConfig:
             value = {"mode": _ALIASES.get(value, value)} if value in _ALIASES else None
         if not isinstance(value, dict):
             raise ValueError(f"quantize={given!r} is invalid; valid: {list(_ALIASES)} or a dict {{'mode': "
-                             "'static'|'dynamic', 'layers': 'all'|'mlp'}")
+                             "'static'|'dynamic'|'mixed', 'layers': 'all'|'mlp'}")
         check_parameters("quantize", value, ("mode", "layers", "fuse", "smooth"))
         cfg = cls(**value)
         if cfg.mode not in MODES:
@@ -226,9 +227,11 @@ class Int8Rewriter:
     SmoothQuant configured, `retry` turns a site over budget into its smoothed form."""
 
     def __init__(self, gm: fx.GraphModule, stats: dict | None, fuse: bool = True, smooth: float | None = None,
-                 static: bool = False):
+                 static: bool = False, mixed: bool = False):
         self.gm, self.stats, self.fuse, self.alpha, self.static = gm, stats or {}, fuse, smooth, static
+        self.mixed = mixed  # static layers over budget are retried with dynamic (per-token) scales
         self.smoothed: set[str] = set()
+        self.dynamic: set[str] = set()  # mixed: the layers that went dynamic
 
     def _weights(self, site):
         """(wq, w_step, smooth, scale) of the site, in its plain or smoothed form."""
@@ -239,14 +242,20 @@ class Int8Rewriter:
             w, smooth = w * s, (1.0 / s).to(torch.float32)
             amax = amax * smooth  # max|x_j / s_j|: the maximum commutes with a positive factor
         wq, w_step = int8_ops.quantize_weight(w)
-        scale = max(float(amax.max()), 1e-12) / int8_ops.QMAX if self.static else None
+        static = self.static and site.name not in self.dynamic
+        scale = max(float(amax.max()), 1e-12) / int8_ops.QMAX if static else None
         return wq, w_step, smooth, scale
 
     def retry(self, site) -> bool:
-        if self.alpha is None or site.name in self.smoothed or site.weight.shape[0] % 16 or not self.fuse:
+        """A layer over budget in a more careful form: SmoothQuant (where configured), then (mode 'mixed')
+        dynamic activation scales."""
+        smooth = self.alpha is not None and site.name not in self.smoothed and not site.weight.shape[0] % 16 \
+            and self.fuse
+        dynamic = self.mixed and site.name not in self.dynamic
+        if not (smooth or dynamic):
             return False
         self.revert(site)
-        self.smoothed.add(site.name)
+        (self.smoothed if smooth else self.dynamic).add(site.name)
         self.apply(site)
         return True
 
@@ -317,7 +326,7 @@ class QuantizePass(GuardedPass):
         from .shift_add import ShiftConfig, linear_sites
 
         config, calibration = self.config, self.ctx.calibration
-        if config.mode == "static" and not calibration:
+        if config.mode in ("static", "mixed") and not calibration:
             raise ValueError("quantize='int8' (static activation scales) needs calibration data: pass "
                              "options={'calibration': [inputs, ...]}, or use quantize='int8-dynamic'")
         if config.smooth is not None and not calibration:
@@ -330,9 +339,9 @@ class QuantizePass(GuardedPass):
 
     def rewriter(self, gm, sites, record):
         config = self.config
-        stats = calibrate(gm, sites, self.ctx.calibration) if config.mode == "static" or config.smooth is not None \
+        stats = calibrate(gm, sites, self.ctx.calibration) if config.mode != "dynamic" or config.smooth is not None \
             else None
-        return Int8Rewriter(gm, stats, config.fuse, config.smooth, config.mode == "static")
+        return Int8Rewriter(gm, stats, config.fuse, config.smooth, config.mode != "dynamic", config.mode == "mixed")
 
     def finish(self, gm, sites, rewriter, guard, record):
         from .dce import DeadCodeElimination
@@ -364,6 +373,10 @@ class QuantizePass(GuardedPass):
         if smoothed:
             record.notes.append(f"SmoothQuant (alpha {config.smooth:g}) on {len(smoothed)} layer(s) over budget as "
                                 f"plain int8: {', '.join(smoothed)}")
+        if config.mode == "mixed":
+            dyn = [s.name for s in kept if s.name in rewriter.dynamic]
+            record.notes.append(f"mixed: {len(kept) - len(dyn)} layer(s) with static activation scales, {len(dyn)} "
+                                f"dynamic (over budget as static){': ' + ', '.join(dyn) if dyn else ''}")
         return gm
 
 

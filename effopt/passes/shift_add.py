@@ -48,8 +48,8 @@ ACT_QUANT = torch.ops.effopt.act_quant.default
 class ShiftConfig:
     layers: str = "mlp"
     """'mlp' (the MLP linears) or 'all' (every frozen linear)."""
-    terms: int = 1
-    """powers of two per weight: 1, 2 or 3."""
+    terms: int | str = 1
+    """powers of two per weight: 1, 2 or 3; 'auto': per layer, the fewest (from 1) that hold the budget."""
     activation_bits: int = 0
     """0: the float path; 8 or 4: the integer (MatShift) path with activations quantized per token."""
 
@@ -66,11 +66,11 @@ class ShiftConfig:
             value = {"layers": value}
         if not isinstance(value, dict) or value.get("layers", "mlp") not in LAYERS:
             raise ValueError(f"shift_add={given!r} is invalid; valid: {list(LAYERS)} or a dict {{'layers': "
-                             "'mlp'|'all', 'terms': 1|2|3, 'activation_bits': 0|4|8}")
+                             "'mlp'|'all', 'terms': 1|2|3|'auto', 'activation_bits': 0|4|8}")
         check_parameters("shift_add", value, ("layers", "terms", "activation_bits"))
         cfg = cls(**value)
-        if cfg.terms not in so.TERMS:
-            raise ValueError(f"shift_add terms={cfg.terms!r}; valid: {list(so.TERMS)}")
+        if cfg.terms not in so.TERMS and cfg.terms != "auto":
+            raise ValueError(f"shift_add terms={cfg.terms!r}; valid: {list(so.TERMS)} or 'auto' (per layer)")
         if cfg.activation_bits not in so.ACT_BITS:
             raise ValueError(f"shift_add activation_bits={cfg.activation_bits!r}; valid: {list(so.ACT_BITS)} "
                              "(0: float path)")
@@ -78,6 +78,11 @@ class ShiftConfig:
 
     def __str__(self) -> str:
         return f"{self.layers}(terms={self.terms}, activation_bits={self.activation_bits})"
+
+    @property
+    def first_terms(self) -> int:
+        """The terms every layer starts with (with 'auto', a layer over budget is retried with more)."""
+        return min(so.TERMS) if self.terms == "auto" else self.terms
 
 
 @dataclass
@@ -181,7 +186,7 @@ def _conv_site(gm, node: fx.Node, config: ShiftConfig | None, skipped: list) -> 
         return None
     conv = (tuple(int(k) for k in weight.shape[2:]), tuple(stride), tuple(padding), tuple(dilation))
     return LinearSite(node, x, w, weight.detach().reshape(weight.shape[0], -1), b, name,
-                      int(w.args[1]) if trained else config.terms, 0, trained, conv=conv)
+                      int(w.args[1]) if trained else config.first_terms, 0, trained, conv=conv)
 
 
 def linear_sites(gm: fx.GraphModule, config: ShiftConfig | None, skipped: list | None = None) -> list[LinearSite]:
@@ -221,7 +226,7 @@ def linear_sites(gm: fx.GraphModule, config: ShiftConfig | None, skipped: list |
             continue
         name = module_path(node) or source_location(node) or node.name
         sites.append(LinearSite(node, x, wt, w.detach(), bias, name,
-                                trained_terms if trained else config.terms,
+                                trained_terms if trained else config.first_terms,
                                 trained_bits if trained_bits is not None else 0 if trained else config.activation_bits,
                                 trained))
     return sites
@@ -230,8 +235,17 @@ def linear_sites(gm: fx.GraphModule, config: ShiftConfig | None, skipped: list |
 class ShiftRewriter:
     """Applies and reverts the shift linear of each site; `finish()` erases what the rewrites left dead."""
 
-    def __init__(self, gm: fx.GraphModule):
-        self.gm = gm
+    def __init__(self, gm: fx.GraphModule, escalate: bool = False):
+        self.gm, self.escalate = gm, escalate
+
+    def retry(self, site: LinearSite) -> bool:
+        """terms='auto': a layer over budget again with one more power of two per weight (up to 3)."""
+        if not self.escalate or site.trained or site.terms >= max(so.TERMS):
+            return False
+        self.revert(site)
+        site.terms += 1
+        self.apply(site)
+        return True
 
     def _x(self, site: LinearSite) -> fx.Node:
         """The GEMM's input without a trained act_quant (the integer path quantizes itself)."""
@@ -384,7 +398,7 @@ class ShiftAddPass(GuardedPass):
     def rewriter(self, gm, sites, record):
         if self.trainable:
             return TrainableShift(gm)
-        rewriter = ShiftRewriter(gm)
+        rewriter = ShiftRewriter(gm, escalate=self.config is not None and self.config.terms == "auto")
         for s in self.all_sites:  # trained for shift weights: converted without a guard
             if s.trained:
                 rewriter.apply(s)

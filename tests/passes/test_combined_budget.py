@@ -139,3 +139,47 @@ def test_disable_passes_names_every_pass():
             compile_effopt(model, **ALL, lower=False, disable_passes=[name])(x)
         ran = [r.name for r in effopt.last_report().passes]
         assert record not in ran and all(families[o] in ran for o in families if o != name), (name, ran)
+
+
+def _per_layer(model, cal, budget, **options):
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", EffoptAccuracyWarning)
+        f = compile_effopt(model, **options, calibration=cal, accuracy_budget=budget, lower=False, validation=False)
+        f(cal[0])
+    return f, next(r for r in effopt.last_report().passes if r.guard is not None)
+
+
+def test_per_layer_forms_retry_a_layer_over_budget_in_the_next_form():
+    """Attention kinds in order, shift terms 1 -> 2 -> 3, int8 static -> dynamic: a layer that exceeds the
+    budget in its first form is measured again in the next; the records say which layer took which form,
+    and the end-to-end loss holds."""
+    torch.manual_seed(0)
+    model = vit_tiny_test().eval()
+    cal = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    # shift terms: at a budget between what 1 and 3 terms cost, some layer needs more than 1
+    _, one = _per_layer(model, cal, 0.004, shift_add="all")
+    f, auto_terms = _per_layer(model, cal, 0.004, shift_add={"layers": "all", "terms": "auto"})
+    terms = {d["layer"]: d["terms"] for d in auto_terms.layers}
+    assert len(auto_terms.guard.kept) > len(one.guard.kept) and max(terms.values()) > 1, (terms, one.guard)
+    assert auto_terms.guard.retried and _loss(f, model, cal) <= 0.004 * (1 + 1e-6)
+    # attention: hamming first, linear where hamming costs too much
+    f, att = _per_layer(model, cal, 0.003, attention={"kind": "hamming", "fallback": ["linear"]})
+    per_layer = next(n for n in att.notes if n.startswith("per layer: "))
+    assert att.guard.retried and _loss(f, model, cal) <= 0.003 * (1 + 1e-6), att.notes
+    assert "linear" in per_layer or len(att.guard.kept) < 2, per_layer
+    # int8 mixed: static where it holds, dynamic where not (static on all 9 layers costs 2.3e-4 here)
+    f, q = _per_layer(model, cal, 0.0001, quantize={"mode": "mixed"})
+    mixed = next(n for n in q.notes if n.startswith("mixed: "))
+    assert q.guard.retried and "1 dynamic (over budget as static): " in mixed, q.notes
+    assert _loss(f, model, cal) <= 0.0001 * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"attention": {"kind": "hamming", "fallback": ["hamming"]}}, r"fallback=\['hamming'\]; valid: other"),
+    ({"attention": {"kind": "linear", "fallback": "exact"}}, r"fallback='exact'"),
+    ({"shift_add": {"layers": "mlp", "terms": "many"}}, r"terms='many'; valid: \[1, 2, 3\] or 'auto'"),
+    ({"quantize": {"mode": "mixed"}}, r"needs calibration data"),
+])
+def test_invalid_per_layer_forms(bad, match):
+    with pytest.raises(ValueError, match=match):
+        effopt.Options.from_dict(bad)

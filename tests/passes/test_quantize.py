@@ -72,7 +72,7 @@ def _model():
 
 @pytest.mark.parametrize("bad, match", [
     ({"quantize": "int4"}, r"quantize='int4' is invalid; valid: \['int8', 'int8-dynamic'\]"),
-    ({"quantize": {"mode": "weights"}}, r"mode='weights'; valid: \['static', 'dynamic'\]"),
+    ({"quantize": {"mode": "weights"}}, r"mode='weights'; valid: \['static', 'dynamic', 'mixed'\]"),
     ({"quantize": {"mode": "dynamic", "alpha": 0.5}}, r"no parameter\(s\) \['alpha'\]"),
     ({"quantize": {"mode": "dynamic", "smooth": 1.5}}, r"smooth=1.5; valid: None or a migration strength"),
     ({"quantize": {"mode": "dynamic", "smooth": 0.5}}, r"smooth \(SmoothQuant\) needs calibration data"),
