@@ -183,7 +183,9 @@ class CompiledGraph:
             gm, on_record=tagged)
         return gm, info
 
-    def _example_inputs(self, examples):
+    @staticmethod
+    def _example_inputs(examples: list) -> list:
+        """The live example inputs as real values (random stand-ins where only fake ones are known)."""
         from .lowering.select import concrete
 
         gen = torch.Generator().manual_seed(0)
@@ -218,13 +220,8 @@ class CompiledGraph:
     def _check_whole(self, gm, eager_gm, args) -> dict:
         """The compiled graph against the captured graph in eager, on the example inputs (random stand-ins
         where only fake ones are known); where it loses beyond noise, eager runs, with one warning."""
-        from .lowering.select import concrete
-
-        gen = torch.Generator().manual_seed(0)
         full = self.examples if self.examples is not None else args
-        inputs = [a if isinstance(a, torch.Tensor) and not isinstance(a, torch._subclasses.FakeTensor)
-                  else concrete(a, gen) for a in (full[i] for i in self.live)]
-        check = versus_eager(gm, eager_gm, inputs)
+        check = versus_eager(gm, eager_gm, self._example_inputs([full[i] for i in self.live]))
         if not check["use_compiled"]:
             warnings.warn(f"effopt: the compiled graph measured slower than eager PyTorch on this CPU "
                           f"({check['compiled_ms']:.3g} ms against {check['eager_ms']:.3g} ms on the example "
