@@ -174,6 +174,10 @@ class CompiledGraph:
                 store.save("auto", {**store.load("auto"), key: {k: info[k] for k in ("chosen", "candidates",
                                                                                      "seconds", "speedup_over_exact")}})
         chosen = info["chosen"]
+        picked = next((c for c in info["candidates"] if c.get("settings") == chosen), None)
+        if picked is not None:
+            notes.append(f"accuracy on {len(val if val is not None else cal)} held-out validation input(s): loss "
+                         f"{picked['held_out']:.4g} (budget {budget:g}; measured by the search)")
         notes.append(f"approximate=auto: {'applied the stored choice' if info['reused'] else 'searched'} "
                      f"{' + '.join(f'{k}={v}' for k, v in chosen.items()) or 'no approximate option (none paid off)'}"
                      f" ({info['speedup_over_exact']:.2f}x the exact compile; {len(info['candidates'])} "
