@@ -175,8 +175,8 @@ class CompiledGraph:
                                                                                      "seconds", "speedup_over_exact")}})
         chosen = info["chosen"]
         picked = next((c for c in info["candidates"] if c.get("settings") == chosen), None)
-        if picked is not None:
-            notes.append(f"accuracy on {len(val if val is not None else cal)} held-out validation input(s): loss "
+        if picked is not None and val is not None:
+            notes.append(f"accuracy on {len(val)} held-out validation input(s): loss "
                          f"{picked['held_out']:.4g} (budget {budget:g}; measured by the search)")
         notes.append(f"approximate=auto: {'applied the stored choice' if info['reused'] else 'searched'} "
                      f"{' + '.join(f'{k}={v}' for k, v in chosen.items()) or 'no approximate option (none paid off)'}"
