@@ -8,7 +8,7 @@ sentence-embedding cosine to the original on 32 held-out sentences; DINOv2: digi
 and the end-to-end losses the report gives (decided-on and held-out); and approximate='auto' (its search
 time is in the compile time). Writes bench-results/compose.json.
 
-    python benchmarks/compose.py [--models minilm,dinov2] [--rounds 5] [--budget 0.01]
+    python benchmarks/compose.py [--models minilm,dinov2] [--rounds 5] [--budget 0.01] [--variants auto,int8]
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def held_out_loss(report) -> float | None:
     return found[-1] if found else None
 
 
-def run(key: str, rounds: int, budget: float) -> list[dict]:
+def run(key: str, rounds: int, budget: float, only=()) -> list[dict]:
     import effopt
     from approximate import TASKS
     from effopt.timing import interleaved_medians
@@ -60,7 +60,7 @@ def run(key: str, rounds: int, budget: float) -> list[dict]:
     calibration = [task.inputs(b) for b in task.train[:4]]
     torch._dynamo.config.recompile_limit = 64
     fns, info = {"eager": task.model}, {}
-    variants = {"exact": {}, **COMBOS[key]}
+    variants = {"exact": {}, **{k: v for k, v in COMBOS[key].items() if not only or k in only}}
     for name, options in variants.items():
         torch._dynamo.reset()
         opts = dict(options, calibration=calibration, accuracy_budget=budget) if options else {}
@@ -110,12 +110,13 @@ def main():
     ap.add_argument("--models", default="minilm,dinov2")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--budget", type=float, default=0.01)
+    ap.add_argument("--variants", default="", help="comma-separated variant names to run (default: all)")
     a = ap.parse_args()
     machine = describe()
     print(machine["line"], flush=True)
     rows = []
     for key in a.models.split(","):
-        rows += run(key, a.rounds, a.budget)
+        rows += run(key, a.rounds, a.budget, [v for v in a.variants.split(",") if v])
     os.makedirs(os.path.join(ROOT, "bench-results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench-results", "compose.json"), "w") as f:
         json.dump({"machine": machine, "budget": a.budget, "rows": rows}, f, indent=1, default=str)

@@ -1,7 +1,7 @@
 """`approximate="auto"`: the fastest combination of approximate options whose loss stays within the budget.
 
 Each family available (tokens, attention, shift/add, quantize) has a few candidate settings. Each is first
-run alone (its guarded pass on the calibration inputs, then lowered and timed against the exact compile,
+run alone (round robin over the families, so a time budget that stops early has tried every family) (its guarded pass on the calibration inputs, then lowered and timed against the exact compile,
 interleaved medians); those that are faster and within budget on the held-out inputs are ordered by their
 latency gain per unit of loss, and added one at a time to the chosen set, each kept only where the whole
 compiled model gets faster than the best so far (and the held-out loss still holds). The choice is stored
@@ -113,7 +113,11 @@ def search(evaluate, config: AutoConfig, available=None) -> dict:
     in the same process ("ms" relative: the exact compile's time is 1.0 there). Returns {"chosen": settings,
     "candidates": [every evaluation, with its settings and figures]}."""
     t0 = time.perf_counter()
-    cands = [(f, s) for f in config.families for s in CANDIDATES[f] if available is None or f in available]
+    # round robin over the families (each family's first setting, then each one's second, ...), so that a
+    # time budget that stops the search early has still tried every family
+    fams = [f for f in config.families if available is None or f in available]
+    cands = [(f, CANDIDATES[f][i]) for i in range(max((len(CANDIDATES[f]) for f in fams), default=0)) for f in fams
+             if i < len(CANDIDATES[f])]
     progress = Progress(len(cands) + max(len(config.families) - 1, 0))
     tried = []
 
