@@ -40,7 +40,7 @@ COMBOS = {
                "hamming + int8": {"attention": "hamming", "quantize": "int8-dynamic"},
                "all four": {"token_merge": 8, "attention": "hamming", "shift_add": "mlp",
                             "quantize": "int8-dynamic"},
-               "auto": {"approximate": {"kind": "auto", "time_budget": "15m"}}},
+               "auto": {"approximate": {"kind": "auto", "time_budget": "12m"}}},
 }
 
 

@@ -34,6 +34,7 @@ CANDIDATES = {"tokens": [{"token_merge": 4}, {"token_merge": 8}, {"token_merge":
               "quantize": [{"quantize": "int8-dynamic"}, {"quantize": "int8"}, {"quantize": {"mode": "mixed"}},
                            {"quantize": {"mode": "mixed", "smooth": 0.5}}]}
 FASTER = 0.98  # a candidate is kept only where it takes at most this fraction of the best time so far
+ALONE_SHARE = 0.7  # of the time budget, for trying the settings alone (the rest: combining them)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def search(evaluate, config: AutoConfig, available=None) -> dict:
 
     alone = []
     for fam, s in cands:
-        if time.perf_counter() - t0 > config.time_budget_s:
+        if time.perf_counter() - t0 > ALONE_SHARE * config.time_budget_s:  # the rest is for combining
             break
         r = run(s, "alone")
         if r["matches"] and r["within"] and r["ms"] < FASTER:
