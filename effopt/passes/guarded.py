@@ -20,6 +20,7 @@ from typing import Any, Callable, ClassVar
 
 import torch.fx as fx
 
+from ..guard import guarded_apply
 from .manager import count_nodes
 from .records import PassRecord
 
@@ -73,8 +74,6 @@ class GuardedPass:
         raise NotImplementedError
 
     def run(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, PassRecord]:
-        from ..guard import guarded_apply
-
         t0 = time.perf_counter()
         record = PassRecord(self.record_name(), nodes_before=count_nodes(gm))
         sites = self.sites(gm, record)
