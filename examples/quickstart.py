@@ -1,14 +1,20 @@
 """Compile a ViT-S/16 and the real MiniLM-L6 with backend="effopt"; print speed against eager and what
 effopt did. Run with `make demo`."""
+import logging
 import time
 import warnings
 
-import torch
+# transformers probes the installed torchao (the benchmarks' int8 baseline), which logs its CUDA-only
+# extensions and enum registrations: not effopt's output
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
-import effopt
-from effopt.testing import minilm
-from effopt.testing.models import vit_small
-from effopt.timing import interleaved_medians
+import torch  # noqa: E402
+
+import effopt  # noqa: E402
+from effopt.testing import minilm  # noqa: E402
+from effopt.testing.models import vit_small  # noqa: E402
+from effopt.timing import interleaved_medians  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
