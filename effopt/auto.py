@@ -1,8 +1,9 @@
 """`approximate="auto"`: the fastest combination of approximate options whose loss stays within the budget.
 
-Each family available (tokens, attention, shift/add, quantize) has a few candidate settings. Each is first
-run alone (round robin over the families, so a time budget that stops early has tried every family) (its guarded pass on the calibration inputs, then lowered and timed against the exact compile,
-interleaved medians); those that are faster and within budget on the held-out inputs are ordered by their
+Each family (tokens, attention, shift/add, quantize) has a few candidate settings. Each is first run alone:
+its guarded pass on the calibration inputs, then lowered and timed against the exact compile (interleaved
+medians), taken round robin over the families so that a time budget that stops early has tried every
+family. Those that are faster and within budget on the held-out inputs are ordered by their
 latency gain per unit of loss, and added one at a time to the chosen set, each kept only where the whole
 compiled model gets faster than the best so far (and the held-out loss still holds). The choice is stored
 (per graph, target, budget, metric and calibration digest: the decision store beside the tuning database),
@@ -108,7 +109,7 @@ class Progress:
             print(file=sys.stderr)
 
 
-def search(evaluate, config: AutoConfig, available=None) -> dict:
+def search(evaluate, config: AutoConfig) -> dict:
     """The search. `evaluate(settings)` -> {"ms", "loss", "held_out", "within", "matches"} runs the options
     `settings` (a dict) through the guarded passes, lowers, and times the result against the exact compile
     in the same process ("ms" relative: the exact compile's time is 1.0 there). Returns {"chosen": settings,
@@ -116,8 +117,8 @@ def search(evaluate, config: AutoConfig, available=None) -> dict:
     t0 = time.perf_counter()
     # round robin over the families (each family's first setting, then each one's second, ...), so that a
     # time budget that stops the search early has still tried every family
-    fams = [f for f in config.families if available is None or f in available]
-    cands = [(f, CANDIDATES[f][i]) for i in range(max((len(CANDIDATES[f]) for f in fams), default=0)) for f in fams
+    fams = config.families
+    cands = [(f, CANDIDATES[f][i]) for i in range(max(len(CANDIDATES[f]) for f in fams)) for f in fams
              if i < len(CANDIDATES[f])]
     progress = Progress(len(cands) + max(len(config.families) - 1, 0))
     tried = []

@@ -138,7 +138,6 @@ class CompiledGraph:
         from .autotune.targets import target_dict
         from .lowering import lower
         from .lowering.cache import DecisionStore, make_key
-        from .passes import GuardContext, PassManager, approximate_passes
         from .timing import interleaved_medians
 
         config, metric = self.options.approximate, self.options.metric
@@ -155,8 +154,7 @@ class CompiledGraph:
 
             def evaluate(settings: dict) -> dict:
                 opts = with_settings(self.options, settings)
-                g, recs = PassManager(approximate_passes(opts, GuardContext(examples, cal, budget, metric))).run(
-                    capture.copy_graph_module(gm))
+                g, recs = self._pipeline(capture.copy_graph_module(gm), opts, examples, cal, budget)
                 held = Calibrated(None, check, metric, GuardResult("", budget)).loss(lambda a: g(*a))
                 decided = [r.guard.loss for r in recs if r.guard is not None and r.guard.loss is not None]
                 lowered = lower(g, opts)[0] if self.options.lower else g
@@ -182,9 +180,7 @@ class CompiledGraph:
                      f"{' + '.join(f'{k}={v}' for k, v in chosen.items()) or 'no approximate option (none paid off)'}"
                      f" ({info['speedup_over_exact']:.2f}x the exact compile; {len(info['candidates'])} "
                      f"candidate(s) measured{' in an earlier compile' if info['reused'] else ''})")
-        opts = with_settings(self.options, chosen)
-        gm, _ = PassManager(approximate_passes(opts, GuardContext(examples, cal, budget, metric))).run(
-            gm, on_record=tagged)
+        gm, _ = self._pipeline(gm, with_settings(self.options, chosen), examples, cal, budget, tagged)
         return gm, info
 
     @staticmethod
@@ -209,13 +205,18 @@ class CompiledGraph:
         return cal[:-k], cal[-k:]
 
     def _approximate(self, gm, examples, cal, budget, tagged):
-        """The approximate passes as one pipeline (effopt.passes.approximate_passes) under `budget`."""
+        """The approximate passes the options ask for, under `budget`."""
+        return self._pipeline(gm, self.options, examples, cal, budget, tagged)[0]
+
+    @staticmethod
+    def _pipeline(gm, options, examples, cal, budget, on_record=None):
+        """The approximate passes of `options` as one pipeline (effopt.passes.approximate_passes), guarded at
+        `budget` on `cal` (no calibration: unguarded, with the passes' warning); (graph, records)."""
         from .passes import GuardContext, PassManager, approximate_passes
 
-        ctx = GuardContext(examples, cal, budget if cal is not None else None, self.options.metric)
-        pm = PassManager(approximate_passes(self.options, ctx, trained_shift=_has_trained_shift(gm)))
-        gm, _ = pm.run(gm, on_record=tagged)
-        return gm
+        ctx = GuardContext(examples, cal, budget if cal is not None else None, options.metric)
+        return PassManager(approximate_passes(options, ctx, trained_shift=_has_trained_shift(gm))).run(
+            gm, on_record=on_record)
 
     def _measure_whole(self) -> bool:
         """kernel_choice='measure' (the default) with lowering: the whole compiled graph is timed too."""

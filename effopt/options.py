@@ -173,13 +173,13 @@ class Options:
             if kw.get("calibration") is None:
                 raise ValueError("accuracy_budget needs calibration data to be measured on: pass "
                                  "options={'calibration': [example inputs, ...]} as well")
-        if kw.get("validation") is False:  # no automatic hold-out: the guards decide on every calibration input
-            pass
-        elif kw.get("validation") is not None and kw.get("calibration") is None:
+        # validation=False: no automatic hold-out (the guards decide on every calibration input)
+        given_validation = kw.get("validation") is not None and kw.get("validation") is not False
+        if given_validation and kw.get("calibration") is None:
             raise ValueError("validation (held-out inputs) checks what the guards decided on calibration data: pass "
                              "options={'calibration': [inputs, ...]} as well")
-        for name in ("calibration", "validation"):
-            if kw.get(name) is not None and kw.get(name) is not False:
+        for name, given in (("calibration", kw.get("calibration") is not None), ("validation", given_validation)):
+            if given:
                 cal = kw[name]
                 if isinstance(cal, (torch.Tensor, dict, str)) or not hasattr(cal, "__iter__"):
                     raise ValueError(f"{name} must be a list of example inputs (each a tuple of arguments, "

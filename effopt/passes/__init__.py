@@ -1,5 +1,5 @@
 """Graph passes. Each pass is one file; PASSES lists the exact passes run on every compile, in order, and
-GUARDED_PASSES the approximate ones, which `approximate_passes` builds from the options into one pipeline
+GUARDED_ORDER names the approximate ones, which `approximate_passes` builds from the options into one pipeline
 (tokens -> attention -> shift/add -> quantize; effopt/passes/guarded.py says why that order)."""
 from .attention import FuseAttention
 from .constant_fold import ConstantFolding

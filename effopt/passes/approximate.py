@@ -299,9 +299,6 @@ class AttentionPass(GuardedPass):
     def record_name(self) -> str:
         return self._record_name or f"attention_{self.config.kind}"
 
-    def what(self) -> str:
-        return f"attention={self.config}"
-
     def sites(self, gm, record):
         sites, self.skipped = attention_sites(gm)
         return sites

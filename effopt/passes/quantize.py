@@ -319,9 +319,6 @@ class QuantizePass(GuardedPass):
     def record_name(self) -> str:
         return "quantize_int8"
 
-    def what(self) -> str:
-        return f"quantize={self.config}"
-
     def sites(self, gm, record):
         from .shift_add import ShiftConfig, linear_sites
 

@@ -545,7 +545,6 @@ class TokenReductionPass(GuardedPass):
         guard.retried = []
         if sched.current is gm:  # rolled back: the graph stays as it was
             new, p, n = gm, plan(self.config.scaled(0.0), sched.blocks), 0
-            guard.loss = guard.loss if self.ctx.calibration else 0.0
         else:
             new, p, n = sched.built[sched.step]
         for blk, amount in zip(sched.blocks, p.amounts):
