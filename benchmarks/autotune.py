@@ -57,7 +57,7 @@ def main():
         return f
 
     untuned = compiled(tuning=False)
-    from effopt.report import last_report
+    from effopt.inspect.report import last_report
 
     tuned = compiled()
     rec = last_report().lowering
@@ -87,9 +87,9 @@ def gemm_table(report, rounds: int) -> list[dict]:
     MetaSchedule schedule, whether or not it beat the library) against MKL's addmm and oneDNN's linear,
     called as a compiled model calls them (TunedLinear through DLPack, on torch's threads), interleaved in
     this process."""
-    from effopt.autotune.apply import TunedLinear, build_tuned_gemm
-    from effopt.autotune.database import TuningDatabase
-    from effopt.autotune.targets import resolve_target
+    from effopt.lowering.tuned import TunedLinear, build_tuned_gemm
+    from effopt.lowering.tuning_db import TuningDatabase
+    from effopt.target import resolve_target
     from effopt.autotune.tune import library_linears
     from effopt.lowering.kernels import gemm
 

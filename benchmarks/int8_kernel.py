@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from effopt import int8_ops  # noqa: E402
-from effopt.lowering.eager import build_function  # noqa: E402
+from effopt.ops import int8 as int8_ops  # noqa: E402
+from effopt.lowering.build import build_function  # noqa: E402
 from effopt.lowering.kernels import int8  # noqa: E402
 from effopt.timing import interleaved_medians, merge_results  # noqa: E402
 
@@ -32,7 +32,7 @@ SHAPES = [("MiniLM", "q / k / v", 1024, 384, 384, "none"),
 
 
 def run(rounds: int):
-    from effopt.autotune.targets import resolve_target
+    from effopt.target import resolve_target
 
     isa = int8.isa_of(resolve_target("host"))
     if isa is None:

@@ -85,7 +85,7 @@ def run_task(key, rounds):
     fns["inductor fp32"] = torch.compile(task.model, backend="inductor")
     fns["effopt fp32"] = compiled(task.model)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", effopt.guard.EffoptAccuracyWarning)
+        warnings.simplefilter("ignore", effopt.passes.guard.EffoptAccuracyWarning)
         fns["effopt int8-dynamic"] = compiled(task.model, quantize="int8-dynamic")
         fns["effopt int8-dynamic, unfused"] = compiled(task.model, quantize={"mode": "dynamic", "fuse": False})
     for budget in (0.01, 0.001):

@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from effopt import shift_ops as so  # noqa: E402
+from effopt.ops import shift as so  # noqa: E402
 from effopt.lowering.kernels import shift  # noqa: E402
 from effopt.timing import interleaved_medians, merge_results  # noqa: E402
 

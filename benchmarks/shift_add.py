@@ -64,7 +64,7 @@ def run_task(key, steps, lr, rounds, moe_steps, only=()):
     print(f"  original: {task.metric_name} {rows[0]['metric']:.4f}", flush=True)
     variants = {}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", effopt.guard.EffoptAccuracyWarning)
+        warnings.simplefilter("ignore", effopt.passes.guard.EffoptAccuracyWarning)
         for name, opt in OPTIONS.items():
             variants[name] = lambda opt=opt: (compiled(task.model, shift_add=opt), None, {})
     cal = [task.inputs(b) for b in task.train[:2]]
@@ -82,9 +82,9 @@ def run_task(key, steps, lr, rounds, moe_steps, only=()):
     def moe():
         student = effopt.reparameterize(task.model, task.example(), shift_add="moe")
         secs = distill(task, student, moe_steps, lr, params=[p for m in student.modules()
-                                                             if isinstance(m, effopt.moe.ShiftMoE) for p in m.parameters()],
+                                                             if isinstance(m, effopt.ops.moe.ShiftMoE) for p in m.parameters()],
                        extra_loss=lambda m: 0.01 * effopt.moe_loss(m))
-        moes = [m for m in student.modules() if isinstance(m, effopt.moe.ShiftMoE)]
+        moes = [m for m in student.modules() if isinstance(m, effopt.ops.moe.ShiftMoE)]
         load = [m.last_load for m in moes]
         share = sum(l[1] for l in load) / sum(sum(l) for l in load)
         print(f"    moe: tokens per expert (mult, shift) in the last training step: {load}; expert latency "
@@ -99,7 +99,7 @@ def run_task(key, steps, lr, rounds, moe_steps, only=()):
             continue
         t0 = time.perf_counter()
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", effopt.guard.EffoptAccuracyWarning)
+            warnings.simplefilter("ignore", effopt.passes.guard.EffoptAccuracyWarning)
             fn, secs, extra = make()
             warm(task, fn, batch)
         compile_s = time.perf_counter() - t0 - (secs or 0)

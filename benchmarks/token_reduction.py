@@ -123,7 +123,7 @@ def run_task(key: str, rounds: int) -> list[dict]:
         torch._dynamo.reset()
         t0 = time.perf_counter()
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", effopt.guard.EffoptAccuracyWarning)
+            warnings.simplefilter("ignore", effopt.passes.guard.EffoptAccuracyWarning)
             fn = torch.compile(task.model, backend="effopt", options=dict(options, strict=True))
             with torch.no_grad():
                 task.run(fn)

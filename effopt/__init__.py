@@ -1,12 +1,12 @@
 """effopt: a torch.compile backend that lowers transformer graphs through Apache TVM."""
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .backend import backend, effopt_backend  # noqa: E402
 from .options import KernelChoice, Options  # noqa: E402
-from .report import last_report  # noqa: E402
-from .moe import moe_loss  # noqa: E402
-from .reparameterize import attention_parameters, reparameterize, shift_parameters  # noqa: E402
-from .token_view import draw_token_merges, token_sources  # noqa: E402
+from .inspect.report import last_report  # noqa: E402
+from .ops.moe import moe_loss  # noqa: E402
+from .passes.reparameterize import attention_parameters, reparameterize, shift_parameters  # noqa: E402
+from .inspect.token_view import draw_token_merges, token_sources  # noqa: E402
 from .inspect import explain  # noqa: E402
 from . import autotune  # noqa: E402  (effopt.autotune(model, inputs, target=...) tunes)
 from . import logs as _logs  # noqa: E402

@@ -15,14 +15,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 
-FAMILIES = ("tokens", "attention", "shift_add", "quantize")
+from .options.auto import FAMILIES, AutoConfig
+
 # the settings tried per family (the option dicts they add)
 # (the guards then keep or roll back each layer of a setting on its own; the per-layer settings retry a layer
 # over budget in the next form: attention kinds in order, 1 -> 2 -> 3 shift terms, static -> dynamic int8)
@@ -36,42 +35,6 @@ CANDIDATES = {"tokens": [{"token_merge": 4}, {"token_merge": 8}, {"token_merge":
                            {"quantize": {"mode": "mixed", "smooth": 0.5}}]}
 FASTER = 0.98  # a candidate is kept only where it takes at most this fraction of the best time so far
 ALONE_SHARE = 0.7  # of the time budget, for trying the settings alone (the rest: combining them)
-
-
-@dataclass(frozen=True)
-class AutoConfig:
-    families: tuple[str, ...] = FAMILIES
-    time_budget_s: float = 600.0
-
-    @classmethod
-    def parse(cls, value) -> "AutoConfig | None":
-        if value is None or value is False:
-            return None
-        if value == "auto":
-            return cls()
-        if not isinstance(value, dict) or value.get("kind", "auto") != "auto":
-            raise ValueError(f"approximate={value!r} is invalid; valid: 'auto' or a dict {{'kind': 'auto', "
-                             f"'families': {list(FAMILIES)}, 'time_budget': '10m'}}")
-        bad = sorted(set(value) - {"kind", "families", "time_budget"})
-        if bad:
-            raise ValueError(f"approximate has no parameter(s) {bad}; valid: ['families', 'time_budget']")
-        fams = value.get("families", FAMILIES)
-        if isinstance(fams, str) or not fams or any(f not in FAMILIES for f in fams):
-            raise ValueError(f"approximate families={fams!r} is invalid; valid: a list from {list(FAMILIES)}")
-        return cls(tuple(f for f in FAMILIES if f in fams), _seconds(value.get("time_budget", 600)))
-
-    def __str__(self) -> str:
-        return f"auto(families={list(self.families)}, time_budget={self.time_budget_s:g}s)"
-
-
-def _seconds(v) -> float:
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
-        return float(v)
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([smh]?)\s*", str(v))
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"approximate time_budget={v!r} is invalid; valid: seconds (a number) or a string "
-                         "such as '90s', '10m', '1h'")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
 def digest(calibration, budget: float, metric) -> str:

@@ -10,12 +10,13 @@ from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from . import capture
+from .graph import publish
 from .lowering import EffoptFallbackWarning, EffoptSlowerWarning
-from .guard import DEFAULT_BUDGET, Calibrated, CalibrationSet, GuardResult
+from .passes.guard import DEFAULT_BUDGET, Calibrated, CalibrationSet, GuardResult
 from .options import KernelChoice, Options
 from .passes import default_pass_manager
 from .logs import log_lowering, log_record
-from .report import Report, set_last_report
+from .inspect.report import Report, set_last_report
 
 _warned_training = False
 # The compiled graph runs only if its median is within this factor of eager's on the example inputs: 2-core
@@ -115,6 +116,7 @@ class CompiledGraph:
                 if auto is None:
                     notes.append("the held-out loss stayed over the budget: no approximate rewrite is kept")
         after = {"code": gm.code, "stats": graph_stats(gm), "graph": capture.copy_graph_module(gm)}
+        publish("graphs", after["graph"])  # for effopt.autotune, which tunes the graphs the passes produce
         lowering = None
         if self.options.lower:
             from .lowering import lower
@@ -135,7 +137,7 @@ class CompiledGraph:
         """approximate='auto' (effopt/auto.py): the stored choice for this graph, target, budget, metric and
         calibration, or a search; then the chosen options' passes on gm. Returns (gm, the search's record)."""
         from .auto import digest, search, with_settings
-        from .autotune.targets import target_dict
+        from .target import target_dict
         from .lowering import lower
         from .lowering.cache import DecisionStore, make_key
         from .timing import interleaved_medians
@@ -306,7 +308,7 @@ def effopt_backend(gm: fx.GraphModule, example_inputs, options: dict | Options |
     global _warned_training
     calibration = validation = None
     if opts.any_approximate and opts.calibration is not None:
-        from .guard import calibration_arguments
+        from .passes.guard import calibration_arguments
 
         calibration = calibration_arguments(gm, example_inputs, opts.calibration)  # ValueError: the user's to fix
         if opts.validation is not None and opts.validation is not False:
@@ -315,7 +317,7 @@ def effopt_backend(gm: fx.GraphModule, example_inputs, options: dict | Options |
         if _needs_grad(example_inputs):
             if opts.any_approximate:
                 warnings.warn("effopt: approximate options apply to inference graphs (no_grad/inference_mode); "
-                              "to fine-tune an approximate model, use effopt.reparameterize", EffoptFallbackWarning,
+                              "to fine-tune an approximate model, use effopt.passes.reparameterize", EffoptFallbackWarning,
                               stacklevel=2)
             # Autograd needs the parameters as live inputs: no freezing; the backward runs in eager.
             if not _warned_training:

@@ -62,7 +62,7 @@ def parse_duration(text: str | None) -> float | None:
 
 
 def _tune(args) -> int:
-    from .autotune.targets import target_dict
+    from .target import target_dict
 
     try:
         target = json.loads(args.target) if args.target.strip().startswith("{") else args.target
@@ -97,7 +97,7 @@ def _tune(args) -> int:
 
 
 def _tune_report(target, cache_dir) -> int:
-    from .autotune.database import TuningDatabase
+    from .lowering.tuning_db import TuningDatabase
     from .autotune.tune import TaskResult, _result_from_choice, format_table, tuning_target
 
     db = TuningDatabase.open(tuning_target(target, False), cache_dir)

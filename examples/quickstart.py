@@ -10,6 +10,7 @@ logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 import torch  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 import effopt  # noqa: E402
 from effopt.testing import minilm  # noqa: E402
@@ -17,6 +18,7 @@ from effopt.testing.models import vit_small  # noqa: E402
 from effopt.timing import interleaved_medians  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar when MiniLM loads
 
 
 def show(name, model, args):

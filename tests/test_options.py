@@ -40,7 +40,7 @@ def test_bad_option_through_torch_compile_raises_value_error():
 def test_host_target_detects_this_cpu(monkeypatch):
     from tvm.target import codegen
 
-    from effopt.autotune.targets import host_target_dict, resolve_target
+    from effopt.target import host_target_dict, resolve_target
 
     monkeypatch.delenv("EFFOPT_HOST_CPU", raising=False)
     d = host_target_dict()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from effopt import shift_ops as so
+from effopt.ops import shift as so
 
 
 def test_codes_of_known_weights():

@@ -1,6 +1,6 @@
 """Autotuning stage: hardware targets, task extraction, MetaSchedule tuning into a persistent per-target
 database (database.py), and the tuned choices that every later compile applies (apply.py)."""
-from .targets import resolve_target
+from ..target import resolve_target
 
 
 def autotune(*args, **kwargs):

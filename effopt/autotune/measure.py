@@ -53,7 +53,7 @@ def _worker_init():
 
 
 def physical_cores() -> int:
-    from .targets import _physical_cores
+    from ..target import physical_cores as _physical_cores
 
     return _physical_cores()
 

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..graph import collect, split_inputs
+from ..lowering.tuned import gemm_func, gemm_key, gemm_parts, normalized
+
 
 @dataclass
 class Task:
@@ -63,13 +66,6 @@ def _static(func) -> bool:
         return False
 
 
-def normalized(func):
-    """{"main": func}, the module MetaSchedule tunes and the database keys."""
-    import tvm
-
-    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-
-
 def _call_counts(mod) -> dict[str, int]:
     """PrimFunc name -> call_tir sites in the Relax functions of `mod`, times each function's `multiplicity`
     attribute (how many regions share it)."""
@@ -90,34 +86,18 @@ def _call_counts(mod) -> dict[str, int]:
     return counts
 
 
-def gemm_func(m: int, n: int, k: int, bias: bool):
-    """y[M, N] = x[M, K] @ w[N, K]^T (+ b[N]) in float32, as TE writes it: the GEMM task's workload."""
-    from tvm import te
-
-    x = te.placeholder((m, k), "float32", name="x")
-    w = te.placeholder((n, k), "float32", name="w")
-    r = te.reduce_axis((0, k), name="r")
-    y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r), name="matmul")
-    args = [x, w]
-    if bias:
-        b = te.placeholder((n,), "float32", name="b")
-        y = te.compute((m, n), lambda i, j: y[i, j] + b[j], name="bias_add")
-        args.append(b)
-    return te.create_prim_func([*args, y])
-
-
 def graph_tasks(gm, target, gemm_decisions: dict | None = None) -> Extraction:
     """The tasks of one rewritten ATen graph (the graph effopt lowers; changed here), for a tvm Target.
     `gemm_decisions`: the lowering stage's MKL/oneDNN choices (lowering.library.select_gemm_kernels),
     which are made before the graph is cut into regions (oneDNN takes a GELU into its GEMM)."""
     import tvm
 
-    from ..lowering import _module
+    from ..lowering.build import module_of as _module
     from ..lowering.build import fused_tir
     from ..lowering.kernels import tunable
     from ..lowering.partition import partition
     from ..lowering.to_relax import Converter
-    from .database import workload_hash
+    from ..lowering.tuning_db import workload_hash
 
     cpu = target.kind.name == "llvm"
     knob_tasks: dict[str, Task] = {}
@@ -173,26 +153,6 @@ def graph_tasks(gm, target, gemm_decisions: dict | None = None) -> Extraction:
     return Extraction(list(tasks.values()), skipped)
 
 
-def gemm_key(m: int, n: int, k: int, bias: bool) -> str:
-    return f"gemm:{m}x{n}x{k}" + ("+bias" if bias else "")
-
-
-def gemm_parts(gm, node):
-    """(x node, weight [N, K], bias node or None, (M, N, K, has_bias)) for a frozen-weight float32 linear
-    (addmm/mm) of static shape, the GEMMs tuning covers and a compile may replace; else None."""
-    from ..lowering.library import _linear_parts
-
-    parts = _linear_parts(gm, node) if node.op == "call_function" else None
-    if parts is None:
-        return None
-    x, w, b = parts
-    xv = x.meta.get("val")
-    if xv is None or xv.dtype != torch.float32 or w.dtype != torch.float32 or xv.dim() != 2 or \
-            not all(isinstance(s, int) for s in xv.shape):
-        return None
-    return x, w, b, (int(xv.shape[0]), int(w.shape[0]), int(w.shape[1]), b is not None)
-
-
 def _gemm_tasks(gm) -> dict:
     tasks: dict[str, Task] = {}
     for node in gm.graph.nodes:
@@ -226,19 +186,15 @@ def extract_tasks(model, example_inputs, target, options: dict | None = None, td
     """Compile `model` with effopt's graph passes (`options`: the backend's options) and list the tuning
     tasks of every graph it compiles to, for `target` (a tvm Target; `tdict` the dict a compile names it
     by, whose MKL/oneDNN decisions are reused)."""
-    from ..report import collect_reports
-
     opts = dict(options or {})
     opts["lower"] = False  # the passes' graph is what is lowered; the tasks come from it
-    from ..inspect.explain import _split
-
-    args, kwargs = _split(example_inputs)
+    args, kwargs = split_inputs(example_inputs)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="effopt", options=opts)
-    with collect_reports() as reports, torch.no_grad():
+    with collect("graphs") as graphs, torch.no_grad():  # the backend publishes each graph after its passes
         compiled(*args, **kwargs)
     torch._dynamo.reset()
-    if not reports:
+    if not graphs:
         raise RuntimeError("effopt.autotune: torch.compile did not call the effopt backend (no graph to tune)")
     from ..lowering.cache import DecisionStore
     from ..lowering.select import Choice
@@ -250,4 +206,4 @@ def extract_tasks(model, example_inputs, target, options: dict | None = None, td
         decisions = {k: Choice.from_json(v) for k, v in (store.load("gemm") if store else {}).items()}
     except (KeyError, TypeError, ValueError, AttributeError):
         decisions = {}
-    return merge([graph_tasks(r.after["graph"], target, decisions) for r in reports if r.after])
+    return merge([graph_tasks(g, target, decisions) for g in graphs])

@@ -135,7 +135,7 @@ def tuning_target(target, rpc: bool) -> dict:
     """The target dict to tune for: 'host', a named target or a JSON dict; a CPU target without
     'num-cores' gets this machine's physical cores (MetaSchedule needs them), unless measured remotely; a
     CUDA target without block limits gets CUDA's (CUDA_LIMITS)."""
-    from .targets import _physical_cores, target_dict
+    from ..target import physical_cores as _physical_cores, target_dict
 
     d = target_dict(target)
     if d.get("kind") == "llvm" and "num-cores" not in d:
@@ -217,7 +217,7 @@ class Tuner:
 
     def search(self, task, budget: int, until: float | None = None) -> int:
         """Rounds of MetaSchedule search until the task's stored trials reach `budget`; returns the trials."""
-        from .database import mean_seconds
+        from ..lowering.tuning_db import mean_seconds
 
         wkey = task.workload or task.key
         done = len(self.db.traces(wkey))  # trials of earlier runs count: a second run resumes
@@ -242,10 +242,10 @@ class Tuner:
 
     def finish_search_task(self, task, trials: int, local: bool) -> TaskResult:
         from ..lowering.kernels import gemm as packed_gemm
-        from .apply import apply_trace
-        from .database import mean_seconds
+        from ..lowering.tuned import apply_trace
+        from ..lowering.tuning_db import mean_seconds
         from .measure import measure
-        from .tasks import normalized
+        from ..lowering.tuned import normalized
 
         res = TaskResult(task.key, task.kind, task.name, task.weight, task.flops, trials)
         traces = [r for r in self.db.traces(task.workload or task.key) if math.isfinite(mean_seconds(r["run_secs"]))]
@@ -348,11 +348,11 @@ def _packed_space(task, target) -> list[dict]:
 def library_linears(w: torch.Tensor, b: torch.Tensor | None) -> dict:
     """The library kernels the lowering stage picks between for x @ w^T (+ b) (w [N, K]): torch's addmm
     (mm) on MKL, and oneDNN's linear where torch has it; name -> callable(x)."""
-    from ..lowering.library import _onednn_supported
+    from ..lowering.library import onednn_supported
 
     wkn = w.t().contiguous()
     fns = {"mkl": (lambda x_: torch.addmm(b, x_, wkn)) if b is not None else (lambda x_: torch.mm(x_, wkn))}
-    if _onednn_supported():
+    if onednn_supported():
         fns["onednn"] = lambda x_: torch.ops.mkldnn._linear_pointwise(x_, w, b, "none", [], "")
     return fns
 
@@ -388,7 +388,7 @@ def autotune(model: torch.nn.Module, example_inputs, target="host", trials: int 
     here (and no RPC) is compile-checked only: every task's default and MetaSchedule candidates are built
     with TVM's CUDA code generator, nothing is measured or written. Returns a TuneReport."""
     from ..lowering.cache import default_dir
-    from .database import TuningDatabase
+    from ..lowering.tuning_db import TuningDatabase
     from .measure import load_tensor_intrinsics, runner
     from .tasks import extract_tasks
 

@@ -16,15 +16,8 @@ import warnings
 import torch
 import torch.fx as fx
 
+from ..graph import split_inputs
 from .stats import FREE_OPS, op_name
-
-def _split(example_inputs) -> tuple[tuple, dict]:
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    return tuple(example_inputs), {}
-
 
 def _kind(gm: fx.GraphModule, n: fx.Node) -> str:
     from ..lowering.library import LIBRARY_OPS
@@ -62,9 +55,9 @@ def profile_graph(gm: fx.GraphModule, inputs: list, rounds: int = 5, region_ops:
 
 def _token_picture(model, example_inputs, options) -> bytes | None:
     """The merged patches of the first image, as PNG bytes, for token reduction on an image model."""
-    from ..token_view import draw_token_merges, token_sources
+    from .token_view import draw_token_merges, token_sources
 
-    args, kwargs = _split(example_inputs)
+    args, kwargs = split_inputs(example_inputs)
     images = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() == 4]
     if not images:
         return None
@@ -86,13 +79,13 @@ def _token_picture(model, example_inputs, options) -> bytes | None:
 
 
 def explain(model: torch.nn.Module, example_inputs, profile: bool = True, rounds: int = 5, **options):
-    """The report (effopt.report.Report) of compiling `model` with `options` (the backend's options) and
+    """The report (effopt.inspect.report.Report) of compiling `model` with `options` (the backend's options) and
     running it on `example_inputs` (a tensor, a tuple of positional inputs, or a dict of keyword inputs)."""
     from ..options import Options
-    from ..report import collect_reports
+    from .report import collect_reports
 
     Options.from_dict(options)  # bad options raise here, naming the valid ones
-    args, kwargs = _split(example_inputs)
+    args, kwargs = split_inputs(example_inputs)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="effopt", options=dict(options))
     with collect_reports() as reports, torch.no_grad():

@@ -18,8 +18,9 @@ import torch
 import torch.fx as fx
 
 from ..options import KernelChoice, Options
+from . import eager as _eager  # noqa: F401 - registers the ops' eager kernels
 from . import threads
-from ..autotune.apply import TunedSchedules, use_tuned_gemms
+from .tuned import TunedSchedules, use_tuned_gemms
 from .cache import DecisionStore, KernelCache, default_dir, make_key
 from .library import LIBRARY_OPS, select_gemm_kernels
 from .partition import partition, replace_region, topological_sort, unsupported_ops
@@ -174,29 +175,20 @@ def _warn_fallbacks(gm, record: LoweringRecord):
                       + (f", e.g. {where[0]})" if where else ")"), EffoptFallbackWarning, stacklevel=2)
 
 
-def _module(entries):
-    """One IRModule of region functions (name, Relax function, {GlobalVar: custom PrimFunc} it may call)."""
-    import tvm
-
-    mod = {}
-    for kname, f, kernels in entries:
-        mod[kname] = f
-        mod.update(kernels)
-    return tvm.IRModule(mod)
-
-
 def _build_all(funcs: dict, target, build_module, strict: bool = False):
     """Build every kernel in one module (one LLVM run); if that fails, build them one by one to find the
     kernels TVM cannot compile, and leave those regions in eager PyTorch."""
+    from .build import module_of
+
     try:
-        return build_module(_module(funcs.values()), target)
+        return build_module(module_of(funcs.values()), target)
     except Exception as first:  # noqa: BLE001 - TVM raises many error types
         if len(funcs) == 1 or strict:
             raise
         bad = []
         for fkey, (kname, f, kernels) in list(funcs.items()):
             try:
-                build_module(_module([(kname, f, kernels)]), target)
+                build_module(module_of([(kname, f, kernels)]), target)
             except Exception as e:  # noqa: BLE001
                 bad.append(kname)
                 del funcs[fkey]
@@ -204,7 +196,7 @@ def _build_all(funcs: dict, target, build_module, strict: bool = False):
                               f"{str(e).splitlines()[0][:300]}", EffoptFallbackWarning, stacklevel=3)
         if not bad or not funcs:
             raise first
-        return build_module(_module(funcs.values()), target)
+        return build_module(module_of(funcs.values()), target)
 
 
 def _float_instead(gm, regions, graphs: dict, record: LoweringRecord, force: bool, gen, replaced) -> None:
@@ -236,8 +228,8 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     from tvm import relax
     import tvm
 
-    from ..autotune.targets import resolve_target, target_dict
-    from .build import build_module
+    from ..target import resolve_target, target_dict
+    from .build import build_module, module_of
     from .to_relax import Converter
 
     t0 = time.perf_counter()
@@ -295,7 +287,7 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
         region_fn[i], converted[i] = fkey, (graph, conv)
     record.unique_kernels = len(funcs)
     record.tir = {gv.name_hint: f.script() for gv, f in kernels.values()}
-    record.modules = {entry[0]: _module([entry]) for entry in funcs.values()}
+    record.modules = {entry[0]: module_of([entry]) for entry in funcs.values()}
     record._tvm_target = target
     placeholders_gen, replaced = torch.Generator().manual_seed(0), {}
     if not funcs:

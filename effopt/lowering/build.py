@@ -1,6 +1,10 @@
 """Compile Relax functions for a target: fast-math legalization, fusion, default schedules, codegen."""
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import tvm
 from tvm import relax, topi
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
@@ -97,3 +101,46 @@ def relax_pipeline(target, tuned=None) -> tvm.transform.Pass:
 def build_module(mod: tvm.IRModule, target, tuned=None):
     """A TVM executable for every Relax function in `mod`."""
     return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target, tuned))
+
+
+def module_of(entries):
+    """One IRModule of region functions (name, Relax function, {GlobalVar: custom PrimFunc} it may call)."""
+    import tvm
+
+    mod = {}
+    for kname, f, kernels in entries:
+        mod[kname] = f
+        mod.update(kernels)
+    return tvm.IRModule(mod)
+
+
+def build_function(emit_body, *param_types, target="host"):
+    """One Relax function `emit_body(bb, *params)` over tensors of `param_types` ((shape, dtype) each),
+    compiled alone into a callable taking and returning tensors, its parallel loops on torch's OpenMP
+    threads as in compiled graphs (for the eager path here, and for kernel tests and benchmarks)."""
+    import tvm
+    from tvm import relax
+
+    from ..target import resolve_target
+    from . import threads
+    from .cache import default_dir
+
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"x{i}", relax.TensorType(list(shape), dtype)) for i, (shape, dtype) in
+              enumerate(param_types)]
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(emit_body(bb, *params))
+        bb.emit_func_output(out)
+    executable = build_module(bb.get(), resolve_target(target))
+    build_dir = tempfile.mkdtemp(prefix="effopt-eager-")
+    try:
+        lib_path = os.path.join(build_dir, "lib.so")
+        executable.export_library(lib_path)
+        module = tvm.runtime.load_module(lib_path)
+        launch = threads.launcher(os.path.join(default_dir(), "runtime"))
+        if launch is not None:
+            threads.attach(lib_path, launch)
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)  # the loaded library stays mapped
+    return relax.VirtualMachine(module, tvm.cpu())["main"]

@@ -46,7 +46,7 @@ def versions() -> dict:
     import torch
     import tvm
 
-    from .. import __version__
+    from ..version import __version__
 
     return {"effopt": __version__, "source": source_digest(), "torch": torch.__version__, "tvm": tvm.__version__,
             "format": FORMAT}

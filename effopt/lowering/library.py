@@ -10,8 +10,6 @@ import operator
 import torch
 
 from .. import ops as _effopt_ops  # noqa: F401 - registers torch.ops.effopt.*
-from .. import moe as _moe  # noqa: F401 - registers torch.ops.effopt.shift_moe
-from .. import token_ops as _token_ops  # noqa: F401
 
 aten = torch.ops.aten
 
@@ -60,7 +58,7 @@ def is_symbolic_scalar_op(node) -> bool:
 EPILOGUES = {aten.gelu.default: "gelu", aten.relu.default: "relu"}
 
 
-def _onednn_supported() -> bool:
+def onednn_supported() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -74,7 +72,7 @@ def _onednn_weight(w: torch.Tensor, m: int) -> torch.Tensor:
         return w.contiguous()
 
 
-def _linear_parts(gm, node):
+def linear_parts(gm, node):
     """(x, weight [N, K] constant tensor, bias node or None) for addmm/mm with a frozen weight, else None."""
     import torch.fx as fx
 
@@ -113,14 +111,14 @@ def select_gemm_kernels(gm, decisions: dict) -> list[dict]:
     `decisions` maps "MxNxK:dtype:epilogue" to a measured Choice; shapes not in it are timed and added."""
     from .select import choose, concrete
 
-    if not _onednn_supported():
+    if not onednn_supported():
         return []
     gen = torch.Generator().manual_seed(0)
     records = {}
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
-        parts = _linear_parts(gm, node)
+        parts = linear_parts(gm, node)
         if parts is None:
             continue
         x, w, bias = parts
@@ -151,7 +149,7 @@ def select_gemm_kernels(gm, decisions: dict) -> list[dict]:
                                  "mkl_us": c.baseline_us, "uses": 0})["uses"] += 1
         if not c.use_candidate:
             continue
-        from ..passes.constant_fold import add_constant
+        from ..graph import add_constant
 
         w_node = add_constant(gm, _onednn_weight(w, key[0]), node, "onednn_w")
         with gm.graph.inserting_before(node):
@@ -172,4 +170,4 @@ def select_gemm_kernels(gm, decisions: dict) -> list[dict]:
     gm.recompile()
     return list(records.values())
 
-LIBRARY_OPS = LIBRARY_OPS | {torch.ops.mkldnn._linear_pointwise.default} if _onednn_supported() else LIBRARY_OPS
+LIBRARY_OPS = LIBRARY_OPS | {torch.ops.mkldnn._linear_pointwise.default} if onednn_supported() else LIBRARY_OPS

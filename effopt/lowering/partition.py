@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.operator_support import OperatorSupportBase
 
-from ..passes.records import source_location
+from ..graph import source_location
 from .library import LIBRARY_OPS, VIEW_OPS, is_symbolic_scalar_op
 from .to_relax import CONVERTERS, DTYPES, ISOLATED, LOWERABLE
 

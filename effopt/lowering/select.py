@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import reference_kernels
+from ..ops.attention import reference_kernels
 from ..timing import interleaved_medians
 
 # Per-dtype tolerances for the self-check; fast-math exp/erf stay within a few float32 ulps.

@@ -18,10 +18,7 @@ import torch.fx as fx
 from tvm import relax, tirx
 
 from .. import ops as _effopt_ops  # noqa: F401 - registers torch.ops.effopt.*
-from .. import int8_ops as _int8_ops  # noqa: F401
-from .. import shift_ops as _shift_ops  # noqa: F401
-from .. import token_ops as _token_ops  # noqa: F401
-from ..passes.attention import FLASH_CPU, sdpa_arguments
+from ..ops.sdpa import FLASH_CPU, sdpa_arguments
 
 aten = torch.ops.aten
 
@@ -640,7 +637,8 @@ def _gather(cv, node, x, dim, index, *, sparse_grad=False):
 
 @lowers(aten.embedding.default)
 def _embedding(cv, node, weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
-    return relax.op.take(weight, indices, axis=0, mode="fast")
+    # "clip", not "fast": an id past the vocabulary must not read outside the table (eager raises there)
+    return relax.op.take(weight, indices, axis=0, mode="clip")
 
 
 @lowers(aten.full.default)
@@ -697,7 +695,8 @@ def _index(cv, node, x, indices):
         present = [k for k, i in enumerate(indices) if i is not None]
         if len(present) != 1:
             raise Unsupported("index with None between several index tensors")
-        return relax.op.take(x, cv.cast(indices[present[0]], "int64"), axis=present[0], mode="fast")
+        # "wrap": negative indices count from the end, as in torch; none reads outside x
+        return relax.op.take(x, cv.cast(indices[present[0]], "int64"), axis=present[0], mode="wrap")
     return relax.op.index_tensor(x, relax.Tuple([cv.cast(i, "int64") for i in indices]))
 
 

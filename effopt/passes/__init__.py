@@ -1,6 +1,7 @@
 """Graph passes. Each pass is one file; PASSES lists the exact passes run on every compile, in order, and
 GUARDED_ORDER names the approximate ones, which `approximate_passes` builds from the options into one pipeline
 (tokens -> attention -> shift/add -> quantize; effopt/passes/guarded.py says why that order)."""
+from ..options import PASS_NAMES
 from .attention import FuseAttention
 from .constant_fold import ConstantFolding
 from .dce import DeadCodeElimination
@@ -21,21 +22,24 @@ def pass_names() -> list[str]:
     return sorted(set(PASSES) | set(GUARDED_ORDER))
 
 
+PASS_NAMES.update(pass_names())  # what the options' parser checks disable_passes against
+
+
 def default_pass_manager(disabled=()) -> PassManager:
     return PassManager([PASSES[name]() for name in DEFAULT_ORDER if name not in disabled])
 
 
 def approximate_passes(options, ctx: GuardContext, trained_shift: bool = False) -> list[GuardedPass]:
     """The guarded passes the options ask for, in the pipeline's order, less those in disable_passes.
-    `trained_shift`: the graph has layers trained by effopt.reparameterize for shift weights (the shift
+    `trained_shift`: the graph has layers trained by effopt.passes.reparameterize for shift weights (the shift
     pass converts them even without the shift_add option)."""
-    from .approximate import AttentionConfig, AttentionPass
+    from .approximate import AttentionPass
     from .quantize import QuantizePass
     from .shift_add import ShiftAddPass
     from .token_reduction import TokenReductionPass
 
     wanted = {"tokens": options.tokens is not None and TokenReductionPass(options.tokens, ctx),
-              "attention": str(options.attention) != "exact" and AttentionPass(AttentionConfig.parse(options.attention), ctx),
+              "attention": str(options.attention) != "exact" and AttentionPass(options.attention, ctx),
               "shift_add": (options.shift_add is not None or trained_shift) and ShiftAddPass(options.shift_add, ctx),
               "quantize": options.quantize is not None and QuantizePass(options.quantize, ctx)}
     return [wanted[n] for n in GUARDED_ORDER if wanted[n] and n not in options.disable_passes]

@@ -13,79 +13,59 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.fx as fx
 
-from .. import ops as effops
-from .attention import FLASH_CPU, _erase_dead_chain, sdpa_arguments
+from ..ops import attention as effops
+from ..ops.sdpa import FLASH_CPU, sdpa_arguments
+from .attention import erase_dead_chain
 from .guarded import GuardContext, GuardedPass
-from .records import source_location
-from ..options import check_parameters
+from ..graph import add_constant, fake_call, source_location
+from ..options.attention import KINDS, AttentionConfig, AttentionKind, register_kind
 
 aten = torch.ops.aten
 
-KINDS = ("exact", "hamming", "linear", "lmul")
-_PARAMS = {"hamming": ("bits", "beta", "seed"), "linear": ("feature_map",), "lmul": ("mantissa_bits",), "exact": ()}
-
-
+# ---- the kinds: one entry each (its parameters, their checks, its op and the op's arguments) ----------------
 @dataclass(frozen=True)
-class AttentionConfig:
-    kind: str = "exact"
-    bits: int = 64
-    """hamming: length of the binary codes (a multiple of 64)."""
-    beta: float | None = None
-    """hamming: weight temperature, 2^(beta * equal bits); None fits it per layer on the example inputs."""
-    seed: int = 0
-    """hamming: seed of the random projection (used when the graph does not carry a trained one)."""
-    feature_map: str = "elu"
-    """linear: 'elu' (elu + 1) or 'relu'."""
-    mantissa_bits: int = 3
-    """lmul: mantissa bits kept by L-Mul (0..23); the paper's 3-bit L-Mul matches fp8 e4m3 accuracy."""
-    fallback: tuple[str, ...] = ()
-    """other approximate kinds, in order, for a layer whose `kind` exceeds the budget (per layer: each layer
-    keeps the first kind that holds, or stays exact); their parameters are this config's."""
+class Kind(AttentionKind):
+    """An approximate attention kind: the option's parameters (AttentionKind) plus its op (effopt/ops/) and
+    `arguments(site, config)`, the op's arguments after (q, k, v, mask)."""
 
-    @classmethod
-    def parse(cls, value) -> "AttentionConfig":
-        if isinstance(value, AttentionConfig):
-            return value
-        given = value
-        if isinstance(value, str):
-            value = {"kind": value}
-        if not isinstance(value, dict) or value.get("kind") not in KINDS:
-            raise ValueError(f"attention={given!r} is invalid; valid: {list(KINDS)} or a dict "
-                             "{'kind': ..., parameters}, e.g. {'kind': 'hamming', 'bits': 128}")
-        kind = value["kind"]
-        check_parameters(f"attention {kind!r}", value, _PARAMS[kind] + (("fallback",) if kind != "exact" else ()),
-                         implicit=("kind",))
-        fb = value.get("fallback", ())
-        fb = (fb,) if isinstance(fb, str) else tuple(fb)
-        if any(k not in KINDS[1:] or k == kind for k in fb) or len(set(fb)) != len(fb):
-            raise ValueError(f"attention fallback={value.get('fallback')!r}; valid: other approximate kinds from "
-                             f"{[k for k in KINDS[1:] if k != kind]}")
-        cfg = cls(**{**value, "fallback": fb})
-        if kind == "hamming" and (not isinstance(cfg.bits, int) or cfg.bits <= 0 or cfg.bits % 64):
-            raise ValueError(f"hamming bits must be a positive multiple of 64, got {cfg.bits!r}")
-        if kind == "hamming" and cfg.beta is not None and not (isinstance(cfg.beta, (int, float)) and cfg.beta > 0):
-            raise ValueError(f"hamming beta must be a positive number or None (fitted), got {cfg.beta!r}")
-        if kind == "linear" and cfg.feature_map not in effops.FEATURE_MAPS:
-            raise ValueError(f"linear feature_map={cfg.feature_map!r}; valid: {list(effops.FEATURE_MAPS)}")
-        if kind == "lmul" and (not isinstance(cfg.mantissa_bits, int) or not 0 <= cfg.mantissa_bits <= 23):
-            raise ValueError(f"lmul mantissa_bits must be an int in 0..23, got {cfg.mantissa_bits!r}")
-        return cfg
+    op: object = None
+    arguments: Callable = None
 
-    def __str__(self) -> str:
-        if self.kind == "exact":
-            return "exact"
-        params = ", ".join(f"{p}={getattr(self, p)}" for p in _PARAMS[self.kind])
-        fallback = f", fallback={'/'.join(self.fallback)}" if self.fallback else ""
-        return f"{self.kind}({params}{fallback})"
 
-    @property
-    def kinds(self) -> tuple[str, ...]:
-        """The kinds a layer may take, in order of preference."""
-        return (self.kind, *self.fallback)
+def _check_hamming(cfg):
+    if not isinstance(cfg.bits, int) or cfg.bits <= 0 or cfg.bits % 64:
+        raise ValueError(f"hamming bits must be a positive multiple of 64, got {cfg.bits!r}")
+    if cfg.beta is not None and not (isinstance(cfg.beta, (int, float)) and cfg.beta > 0):
+        raise ValueError(f"hamming beta must be a positive number or None (fitted), got {cfg.beta!r}")
+
+
+def _check_linear(cfg):
+    if cfg.feature_map not in effops.FEATURE_MAPS:
+        raise ValueError(f"linear feature_map={cfg.feature_map!r}; valid: {list(effops.FEATURE_MAPS)}")
+
+
+def _check_lmul(cfg):
+    if not isinstance(cfg.mantissa_bits, int) or not 0 <= cfg.mantissa_bits <= 23:
+        raise ValueError(f"lmul mantissa_bits must be an int in 0..23, got {cfg.mantissa_bits!r}")
+
+
+# hamming: bits, the length of the binary codes (a multiple of 64); beta, the weight temperature
+# 2^(beta * equal bits), None fits it per layer on the example inputs; seed, of the random projection (used
+# when the graph does not carry a trained one). Its projection is made by `prepare_hamming`.
+register_kind(Kind("hamming", {"bits": 64, "beta": None, "seed": 0}, _check_hamming,
+                   torch.ops.effopt.hamming_attention.default,
+                   lambda site, cfg: (site.extra["proj"], float(site.extra.get("beta", cfg.beta)))))
+# linear: feature_map 'elu' (elu + 1) or 'relu'
+register_kind(Kind("linear", {"feature_map": "elu"}, _check_linear, torch.ops.effopt.linear_attention.default,
+                   lambda site, cfg: (site.scale, cfg.feature_map)))
+# lmul: mantissa_bits kept by L-Mul (0..23); the paper's 3-bit L-Mul matches fp8 e4m3 accuracy
+register_kind(Kind("lmul", {"mantissa_bits": 3}, _check_lmul, torch.ops.effopt.lmul_attention.default,
+                   lambda site, cfg: (site.scale, cfg.mantissa_bits)))
 
 
 # ---- the attention layers of a graph -----------------------------------------------------------------------
@@ -140,21 +120,6 @@ def attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[str]]
     return sites, skipped
 
 
-def _fake(target, args):
-    from torch._guards import detect_fake_mode
-
-    vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]
-    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-    if mode is None:
-        return None
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    vals = [mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor)
-            else v for v in vals]  # constants keep their sizes
-    with mode:
-        return target(*vals)
-
-
 class ApproximateAttention:
     """Applies and reverts one approximate attention per site; `finish()` erases the replaced chains.
     (A linear attention whose mask has a query dim is checked when it runs: Hugging Face's padding masks
@@ -192,23 +157,16 @@ class ApproximateAttention:
     def apply(self, site: AttentionSite) -> None:
         cfg, graph = self.config, self.gm.graph
         kind = site.extra.get("kind", cfg.kind)
+        entry = KINDS.get(kind)
+        if not isinstance(entry, Kind):
+            raise ValueError(f"no approximate attention {kind!r}")
+        target = entry.op
+        args = (site.q, site.k, site.v, site.mask, *entry.arguments(site, cfg))
         with graph.inserting_after(site.out):
-            if kind == "hamming":  # prepare_hamming made the projection
-                beta = site.extra.get("beta", cfg.beta)
-                args = (site.q, site.k, site.v, site.mask, site.extra["proj"], float(beta))
-                target = torch.ops.effopt.hamming_attention.default
-            elif kind == "linear":
-                args = (site.q, site.k, site.v, site.mask, site.scale, cfg.feature_map)
-                target = torch.ops.effopt.linear_attention.default
-            elif kind == "lmul":
-                args = (site.q, site.k, site.v, site.mask, site.scale, cfg.mantissa_bits)
-                target = torch.ops.effopt.lmul_attention.default
-            else:
-                raise ValueError(f"no approximate attention {kind!r}")
             new = graph.call_function(target, args)
         new.meta = dict(site.out.meta)
         new.meta["float_form"] = effops.ExactAttention(site.scale)  # where the approximate kernel loses on the target
-        fake = _fake(target, args)
+        fake = fake_call(target, args)
         if fake is not None:
             new.meta["val"] = fake
         site.out.replace_all_uses_with(new, propagate_meta=False)
@@ -224,7 +182,7 @@ class ApproximateAttention:
     def finish(self, sites: list[AttentionSite]) -> None:
         for s in sites:
             if s.new is not None:
-                _erase_dead_chain(self.gm, s.node if s.out is s.node else s.out)
+                erase_dead_chain(self.gm, s.node if s.out is s.node else s.out)
         for s in sites:
             proj = s.extra.get("proj")
             if proj is not None and not proj.users:  # rolled back, or another kind took the layer
@@ -236,8 +194,6 @@ class ApproximateAttention:
     def constant(self, value: torch.Tensor, parameter: str | None = None) -> fx.Node:
         """A new constant (e.g. a projection) defined before the first computation of the graph, or, with a
         `parameter` name, a trainable parameter of that name."""
-        from .constant_fold import add_constant
-
         first = next(n for n in self.gm.graph.nodes if n.op not in ("placeholder", "get_attr"))
         if parameter is None:
             return add_constant(self.gm, value, first, "hamming_proj")
@@ -287,7 +243,7 @@ def fit_beta(q, k, v, mask, exact, proj) -> tuple[float, float]:
 class AttentionPass(GuardedPass):
     """The `attention` option: gm's attention sites as the configured approximate attention, guarded.
     Hamming's temperature is fitted per layer on the first calibration input (or the example inputs
-    without calibration). `trainable` (effopt.reparameterize): Hamming's projections become parameters."""
+    without calibration). `trainable` (effopt.passes.reparameterize): Hamming's projections become parameters."""
 
     name = "attention"
 
@@ -324,4 +280,4 @@ class AttentionPass(GuardedPass):
 
 
 __all__ = ["AttentionConfig", "AttentionSite", "ApproximateAttention", "AttentionPass", "attention_sites",
-           "fit_beta", "record_site_inputs", "KINDS"]
+           "fit_beta", "record_site_inputs", "KINDS", "Kind"]

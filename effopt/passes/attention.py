@@ -25,7 +25,8 @@ import torch
 import torch.fx as fx
 
 from .manager import GraphPass
-from .records import PassRecord, source_location
+from .records import PassRecord
+from ..graph import source_location
 
 aten = torch.ops.aten
 
@@ -38,19 +39,6 @@ _SDPA_OPS = (aten._scaled_dot_product_flash_attention_for_cpu.default,
              aten._native_multi_head_attention.default, aten._transformer_encoder_layer_fwd.default)
 
 
-FLASH_CPU = aten._scaled_dot_product_flash_attention_for_cpu.default
-_SDPA_ARGS = {aten.scaled_dot_product_attention.default: ("q", "k", "v", "attn_mask", "dropout_p", "is_causal",
-                                                          "scale", "enable_gqa"),
-              FLASH_CPU: ("q", "k", "v", "dropout_p", "is_causal")}
-
-
-def sdpa_arguments(target, args, kwargs) -> dict:
-    """The arguments of an SDPA call (`scaled_dot_product_attention` or the CPU flash op AOT makes of it) by
-    name; args and kwargs may be fx nodes or lowered values. Missing ones take SDPA's defaults."""
-    out = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
-    out.update(zip(_SDPA_ARGS[target], args))
-    out.update(kwargs)
-    return out
 
 
 def _val(n):
@@ -326,13 +314,13 @@ class FuseAttention(GraphPass):
             fused.meta = dict(node.meta)
             fused.meta["val"] = _fake_output(m)
             m.out.replace_all_uses_with(fused)
-            _erase_dead_chain(gm, m.out)
+            erase_dead_chain(gm, m.out)
             record.add_match(node)
         if already:
             record.notes.append(f"already_fused={already}")
 
 
-def _erase_dead_chain(gm: fx.GraphModule, start: fx.Node) -> None:
+def erase_dead_chain(gm: fx.GraphModule, start: fx.Node) -> None:
     """Erase `start` and, transitively, the inputs that it leaves without users (not placeholders)."""
     stack = [start]
     while stack:

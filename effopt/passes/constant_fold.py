@@ -10,22 +10,11 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..graph import add_constant
 from .manager import GraphPass
 from .records import PassRecord
 
 _GROWTH_LIMIT = 2  # a folded result may be at most this many times the size of its constant inputs
-
-
-def add_constant(gm: fx.GraphModule, value: torch.Tensor, before: fx.Node, hint: str = "c") -> fx.Node:
-    i = 0
-    while hasattr(gm, f"_effopt_const_{hint}_{i}"):
-        i += 1
-    name = f"_effopt_const_{hint}_{i}"
-    gm.register_buffer(name, value, persistent=False)
-    with gm.graph.inserting_before(before):
-        node = gm.graph.get_attr(name)
-    node.meta["val"] = value
-    return node
 
 
 def constant_value(gm: fx.GraphModule, node) -> object:

@@ -10,7 +10,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from .constant_fold import add_constant, constant_value
+from ..graph import add_constant
+from .constant_fold import constant_value
 from .manager import GraphPass
 from .records import PassRecord
 

@@ -3,7 +3,7 @@
 An approximate pass finds its sites in the graph (attention layers, linear layers, a token schedule),
 makes a rewriter that applies and reverts one site (and may `retry` a site over budget in a more careful
 form), and writes its record when the guard is done. `GuardedPass.run` is the driver: the accuracy guard
-(effopt.guard.guarded_apply) applies the sites on the calibration inputs, keeping those within budget
+(effopt.passes.guard.guarded_apply) applies the sites on the calibration inputs, keeping those within budget
 against the original model's outputs, and rolls back the rest, the costliest first.
 
 The backend runs the approximate passes as one pipeline (`effopt.passes.approximate_passes`), in this order:
@@ -20,7 +20,7 @@ from typing import Any, Callable, ClassVar
 
 import torch.fx as fx
 
-from ..guard import guarded_apply
+from .guard import guarded_apply
 from .manager import count_nodes
 from .records import PassRecord
 

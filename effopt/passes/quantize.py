@@ -19,67 +19,19 @@ from __future__ import annotations
 
 import operator
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from .. import int8_ops
+from ..ops import int8 as int8_ops
+from ..graph import fake_call
 from .guarded import GuardedPass
 from .records import PassRecord
-from ..options import check_parameters
+from ..options.quantize import MODES, QuantConfig
 
 aten = torch.ops.aten
-MODES = ("static", "dynamic", "mixed")
-_ALIASES = {"int8": "static", "int8-dynamic": "dynamic"}
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    mode: str = "dynamic"
-    """'dynamic' (per-token activation scales), 'static' (calibrated per-tensor scales), or 'mixed' (static
-    per layer where it holds the budget, dynamic where it does not)."""
-    layers: str = "all"
-    """'all' or 'mlp'."""
-    fuse: bool = True
-    """Quantize, GEMM, dequantize, bias and the following activation / residual add as one kernel."""
-    smooth: float | None = None
-    """SmoothQuant's migration strength alpha in (0, 1), for the layers whose plain int8 exceeds the
-    accuracy budget (None: off). Needs calibration data."""
-
-    @classmethod
-    def parse(cls, value) -> "QuantConfig":
-        if isinstance(value, QuantConfig):
-            return value
-        given = value
-        if isinstance(value, str):
-            value = {"mode": _ALIASES.get(value, value)} if value in _ALIASES else None
-        if not isinstance(value, dict):
-            raise ValueError(f"quantize={given!r} is invalid; valid: {list(_ALIASES)} or a dict {{'mode': "
-                             "'static'|'dynamic'|'mixed', 'layers': 'all'|'mlp'}")
-        check_parameters("quantize", value, ("mode", "layers", "fuse", "smooth"))
-        cfg = cls(**value)
-        if cfg.mode not in MODES:
-            raise ValueError(f"quantize mode={cfg.mode!r}; valid: {list(MODES)}")
-        if cfg.layers not in ("all", "mlp"):
-            raise ValueError(f"quantize layers={cfg.layers!r}; valid: ['all', 'mlp']")
-        if not isinstance(cfg.fuse, bool):
-            raise ValueError(f"quantize fuse={cfg.fuse!r}; valid: [True, False]")
-        if cfg.smooth is not None and not (isinstance(cfg.smooth, (int, float)) and 0 < cfg.smooth < 1):
-            raise ValueError(f"quantize smooth={cfg.smooth!r}; valid: None or a migration strength alpha in (0, 1), "
-                             "such as 0.5")
-        if cfg.smooth is not None and not cfg.fuse:
-            raise ValueError("quantize smooth needs fuse=True (the fused kernel applies the smoothing)")
-        return cfg
-
-    def __str__(self) -> str:
-        return (f"int8({self.mode}, {self.layers}{'' if self.fuse else ', unfused'}"
-                f"{'' if self.smooth is None else f', smooth {self.smooth:g}'})")
-
-
 def _call(gm: fx.GraphModule, target, args, before: fx.Node, kwargs=None) -> fx.Node:
     """A new node target(*args, **kwargs) before `before`, with its fake value."""
-    from .approximate import _fake
 
     with gm.graph.inserting_before(before):
         n = gm.graph.call_function(target, tuple(args), kwargs or {})
@@ -88,7 +40,7 @@ def _call(gm: fx.GraphModule, target, args, before: fx.Node, kwargs=None) -> fx.
     elif target is aten._to_copy.default:
         n.meta["val"] = args[0].meta["val"].to(kwargs["dtype"])
     else:
-        n.meta["val"] = _fake(target, args)
+        n.meta["val"] = fake_call(target, args)
     return n
 
 
@@ -111,7 +63,7 @@ def int8_linear(gm: fx.GraphModule, x: fx.Node, wq: torch.Tensor, w_step: torch.
     """effopt::int8_linear(x) with wq [N, K] packed for VNNI: the nodes added (the result last), or None
     where N is not a multiple of 16. `quant` is the activations' (offset, lo, hi) as uint8; `smooth` the
     per-input-channel factor x is multiplied by before quantization (SmoothQuant's 1 / s)."""
-    from .constant_fold import add_constant
+    from ..graph import add_constant
 
     if wq.shape[0] % 16:
         return None
@@ -260,7 +212,7 @@ class Int8Rewriter:
         return True
 
     def apply(self, site) -> None:
-        from .constant_fold import add_constant
+        from ..graph import add_constant
 
         wq, w_step, smooth, scale = self._weights(site)
         at = site.node
@@ -320,7 +272,8 @@ class QuantizePass(GuardedPass):
         return "quantize_int8"
 
     def sites(self, gm, record):
-        from .shift_add import ShiftConfig, linear_sites
+        from ..options.shift_add import ShiftConfig
+        from .shift_add import linear_sites
 
         config, calibration = self.config, self.ctx.calibration
         if config.mode in ("static", "mixed") and not calibration:
@@ -384,10 +337,10 @@ def pt2e_int8(gm: fx.GraphModule) -> PassRecord:
     uint8 shifted into int8) -> torch._int_mm with wq -> + (128 - zero_point) * sum_k wq (the shift's
     compensation, exact in int32) -> float * (scale * w_scale) + bias. PT2E's eager graph computes the same
     integers in float after dequantizing, so the results agree within float rounding."""
-    from .constant_fold import add_constant
+    from ..graph import add_constant
     from .dce import DeadCodeElimination
     from .manager import count_nodes
-    from .shift_add import _VIEWS, attr
+    from ..graph import VIEWS as _VIEWS, attr
 
     qd = torch.ops.quantized_decomposed
     t0 = time.perf_counter()

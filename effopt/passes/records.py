@@ -1,21 +1,11 @@
 """What a pass did, kept for `effopt.last_report()` and the inspection report."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
-
-
-def source_location(node: fx.Node) -> str | None:
-    """file:line of the innermost frame of the user's code that produced `node` (dynamo's stack trace)."""
-    trace = node.meta.get("stack_trace")
-    if not trace:
-        return None
-    frames = _FRAME.findall(trace)
-    return f"{frames[-1][0]}:{frames[-1][1]}" if frames else None
+from ..graph import source_location
 
 
 @dataclass
@@ -27,7 +17,7 @@ class PassRecord:
     nodes_after: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
-    guard: object = None  # the accuracy guard's result, for approximate passes (effopt.guard.GuardResult)
+    guard: object = None  # the accuracy guard's result, for approximate passes (effopt.passes.guard.GuardResult)
     tokens: list[int] = field(default_factory=list)  # token reduction: tokens entering each block, then at the end
     layers: list[dict] = field(default_factory=list)  # shift_add: per rewritten layer, what it saves
     added: int | None = None  # nodes the pass added and removed (the backend counts them for the report)

@@ -27,62 +27,19 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .. import shift_ops as so
+from ..ops import shift as so
 from .guarded import GuardContext, GuardedPass
-from .records import source_location
-from ..options import check_parameters
+from ..graph import add_constant, attr, source_location, through_views
+from ..options.shift_add import LAYERS, ShiftConfig
 
 aten = torch.ops.aten
 
-LAYERS = ("mlp", "all")
 ENERGY_PJ = {"fp32_mul": 3.7, "fp32_add": 0.9, "int32_add": 0.1}
 ENERGY_SOURCE = "Horowitz, ISSCC 2014, 45 nm"
 ACTIVATIONS = {aten.gelu.default, aten.relu.default, aten.silu.default, aten.hardswish.default, aten.mish.default,
                aten.hardtanh.default, aten.relu6.default}
-_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 SHIFT_WEIGHT = torch.ops.effopt.shift_weight.default
 ACT_QUANT = torch.ops.effopt.act_quant.default
-
-
-@dataclass(frozen=True)
-class ShiftConfig:
-    layers: str = "mlp"
-    """'mlp' (the MLP linears) or 'all' (every frozen linear)."""
-    terms: int | str = 1
-    """powers of two per weight: 1, 2 or 3; 'auto': per layer, the fewest (from 1) that hold the budget."""
-    activation_bits: int = 0
-    """0: the float path; 8 or 4: the integer (MatShift) path with activations quantized per token."""
-
-    @classmethod
-    def parse(cls, value) -> "ShiftConfig":
-        if isinstance(value, ShiftConfig):
-            return value
-        if value == "moe":
-            raise ValueError("shift_add='moe' is a trained mixture of experts: build it with "
-                             "effopt.reparameterize(model, example_inputs, shift_add='moe'), fine-tune it, then "
-                             "torch.compile it with backend='effopt'")
-        given = value
-        if isinstance(value, str):
-            value = {"layers": value}
-        if not isinstance(value, dict) or value.get("layers", "mlp") not in LAYERS:
-            raise ValueError(f"shift_add={given!r} is invalid; valid: {list(LAYERS)} or a dict {{'layers': "
-                             "'mlp'|'all', 'terms': 1|2|3|'auto', 'activation_bits': 0|4|8}")
-        check_parameters("shift_add", value, ("layers", "terms", "activation_bits"))
-        cfg = cls(**value)
-        if cfg.terms not in so.TERMS and cfg.terms != "auto":
-            raise ValueError(f"shift_add terms={cfg.terms!r}; valid: {list(so.TERMS)} or 'auto' (per layer)")
-        if cfg.activation_bits not in so.ACT_BITS:
-            raise ValueError(f"shift_add activation_bits={cfg.activation_bits!r}; valid: {list(so.ACT_BITS)} "
-                             "(0: float path)")
-        return cfg
-
-    def __str__(self) -> str:
-        return f"{self.layers}(terms={self.terms}, activation_bits={self.activation_bits})"
-
-    @property
-    def first_terms(self) -> int:
-        """The terms every layer starts with (with 'auto', a layer over budget is retried with more)."""
-        return min(so.TERMS) if self.terms == "auto" else self.terms
 
 
 @dataclass
@@ -97,7 +54,7 @@ class LinearSite:
     name: str
     terms: int
     bits: int
-    trained: bool = False  # from effopt.reparameterize: shift_weight / act_quant in the graph
+    trained: bool = False  # from effopt.passes.reparameterize: shift_weight / act_quant in the graph
     conv: tuple | None = None  # a convolution's (kernel, stride, padding, dilation), each (h, w)
     new: fx.Node | None = None
     added: list = field(default_factory=list)  # the nodes the rewrite added, in creation order (erased by a revert)
@@ -123,38 +80,16 @@ def module_path(node: fx.Node) -> str | None:
     return re.sub(r"\[(\d+)\]", r".\1", path).strip(".") or None
 
 
-def _through_views(node: fx.Node, forward: bool) -> fx.Node | None:
-    """The node past single-use views, toward users (forward) or inputs."""
-    while True:
-        if forward:
-            users = list(node.users)
-            if len(users) != 1 or users[0].target not in _VIEWS:
-                return users[0] if len(users) == 1 else None
-            node = users[0]
-        else:
-            if node.op != "call_function" or node.target not in _VIEWS:
-                return node
-            node = node.args[0]
-
-
 def is_mlp(site_node: fx.Node, x: fx.Node) -> bool:
     """An MLP linear: its output goes (through views) into an activation, or its input comes from one."""
-    after = _through_views(site_node, True)
-    before = _through_views(x, False)
+    after = through_views(site_node, True)
+    before = through_views(x, False)
     return (after is not None and after.target in ACTIVATIONS) or before.target in ACTIVATIONS
-
-
-def attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    """The tensor a get_attr node names (a dotted path in exported modules)."""
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _weight(gm, wt: fx.Node) -> tuple[torch.Tensor, int | None] | None:
     """(W [N, K], trained terms or None) of a GEMM's right operand: a frozen W^T, t(W) (an exported
-    module's parameter), or t(shift_weight(W)) (trained by effopt.reparameterize)."""
+    module's parameter), or t(shift_weight(W)) (trained by effopt.passes.reparameterize)."""
     if wt.op == "get_attr":
         w = attr(gm, wt.target)
         return (w.t(), None) if w.dim() == 2 else None
@@ -219,7 +154,7 @@ def linear_sites(gm: fx.GraphModule, config: ShiftConfig | None, skipped: list |
         w, trained_terms = found
         if w.dtype != torch.float32:
             continue
-        quant = _through_views(x, False)
+        quant = through_views(x, False)
         trained_bits = int(quant.args[1]) if quant.op == "call_function" and quant.target is ACT_QUANT else None
         trained = trained_terms is not None
         if not trained and (config is None or config.layers == "mlp" and not is_mlp(node, x)):
@@ -249,7 +184,7 @@ class ShiftRewriter:
 
     def _x(self, site: LinearSite) -> fx.Node:
         """The GEMM's input without a trained act_quant (the integer path quantizes itself)."""
-        quant = _through_views(site.x, False)
+        quant = through_views(site.x, False)
         if not (quant.op == "call_function" and quant.target is ACT_QUANT):
             return site.x
         if quant is site.x:
@@ -260,8 +195,6 @@ class ShiftRewriter:
         return view
 
     def apply(self, site: LinearSite) -> None:
-        from .constant_fold import add_constant
-
         graph = self.gm.graph
         codes, scale = so.quantize(site.weight, site.terms)
         packed = add_constant(self.gm, so.pack(codes), site.node, "shift_w")
@@ -306,7 +239,7 @@ def undo_rewrite(gm: fx.GraphModule, site: LinearSite) -> None:
 
 
 class TrainableShift:
-    """For `effopt.reparameterize`: each site's weight goes through `shift_weight` (and its input through
+    """For `effopt.passes.reparameterize`: each site's weight goes through `shift_weight` (and its input through
     `act_quant` for the integer path), straight-through, so the float weights fine-tune under the rounding;
     the backend converts those layers to shift_linear when it compiles the result."""
 
@@ -374,7 +307,7 @@ def has_trained_layers(gm: fx.GraphModule) -> bool:
 
 class ShiftAddPass(GuardedPass):
     """The `shift_add` option: gm's linear layers with power-of-two weights, the untrained ones guarded;
-    config None converts only the layers trained for it (effopt.reparameterize). `trainable`
+    config None converts only the layers trained for it (effopt.passes.reparameterize). `trainable`
     (reparameterize itself): the layers become TrainableShift's straight-through forms instead."""
 
     name = "shift_add"
@@ -413,7 +346,7 @@ class ShiftAddPass(GuardedPass):
         record.layers = [layer_savings(s) for s in kept]
         trained = [s for s in self.all_sites if s.trained] if not self.trainable else []
         if trained:
-            record.notes.append(f"{len(trained)} layer(s) trained by effopt.reparameterize converted")
+            record.notes.append(f"{len(trained)} layer(s) trained by effopt.passes.reparameterize converted")
         if guard is not None:
             record.notes.append(guard.summary())
         elif not self.all_sites:

@@ -36,7 +36,7 @@ def describe() -> dict:
     """{"cpu", "cores", "cpu_isa", "isa" (what effopt's kernels and torch run here), "emulated", "line"}."""
     import torch
 
-    from effopt.autotune.targets import resolve_target, target_dict
+    from effopt.target import resolve_target, target_dict
     from effopt.lowering.kernels import int8
 
     name, _ = _cpuinfo()

@@ -10,8 +10,8 @@ import warnings
 
 import pytest
 
-from effopt.autotune.database import TuningDatabase, canonical_target, mean_seconds
-from effopt.autotune.targets import host_target_dict
+from effopt.lowering.tuning_db import TuningDatabase, canonical_target, mean_seconds
+from effopt.target import host_target_dict
 from tests.fuzz.test_faults import _count
 
 HOST = host_target_dict()
@@ -48,7 +48,7 @@ def test_a_record_copied_into_another_targets_file_is_never_read_there(tmp_path)
 def test_records_of_another_version_are_ignored(tmp_path, monkeypatch):
     db = TuningDatabase(str(tmp_path), HOST)
     db.append([_rec(0)])
-    import effopt.autotune.database as database
+    import effopt.lowering.tuning_db as database
 
     monkeypatch.setattr(database, "FORMAT", database.FORMAT + 1)
     assert TuningDatabase(str(tmp_path), HOST).records() == []
@@ -120,8 +120,8 @@ def test_an_unreadable_or_unsafe_directory_never_fails(tmp_path):
 
 _WRITER = """
 import sys
-from effopt.autotune.database import TuningDatabase
-from effopt.autotune.targets import host_target_dict
+from effopt.lowering.tuning_db import TuningDatabase
+from effopt.target import host_target_dict
 db = TuningDatabase(sys.argv[1], host_target_dict())
 for i in range(int(sys.argv[3])):
     db.append([{"type": "trace", "task": "tir:w", "workload": "w", "record": [[[], []], [1.0]],

@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 
 import effopt
-from effopt.autotune.database import TuningDatabase
-from effopt.autotune.targets import host_target_dict, resolve_target
+from effopt.lowering.tuning_db import TuningDatabase
+from effopt.target import host_target_dict, resolve_target
 from effopt.autotune.tune import Progress, autotune
-from effopt.report import last_report
+from effopt.inspect.report import last_report
 from effopt.testing.models import vit_tiny_test
 
 

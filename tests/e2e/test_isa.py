@@ -21,7 +21,7 @@ import json, warnings
 import torch
 import torch.nn.functional as F
 import effopt
-from effopt.autotune.targets import resolve_target
+from effopt.target import resolve_target
 from effopt.lowering.kernels import int8
 from effopt.testing.compare import assert_same_as_eager
 from effopt.testing.models import vit_tiny_test

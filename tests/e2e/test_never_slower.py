@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import effopt
 import importlib
 import effopt.lowering.select as select
-from effopt import int8_ops
+from effopt.ops import int8 as int8_ops
 from effopt.lowering import EffoptSlowerWarning
 from effopt.testing.compare import assert_same_as_eager
 from effopt.testing.models import vit_tiny_test

@@ -14,7 +14,7 @@ import torch
 
 import effopt
 from effopt import logs
-from effopt.report import WIDTH
+from effopt.inspect.report import WIDTH
 from effopt.testing.models import Attention, vit_tiny_test
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

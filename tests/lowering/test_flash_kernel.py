@@ -10,7 +10,7 @@ import torch.nn.functional as F
 tvm = pytest.importorskip("tvm")
 from tvm import relax, tirx  # noqa: E402
 
-from effopt.autotune.targets import resolve_target  # noqa: E402
+from effopt.target import resolve_target  # noqa: E402
 from effopt.lowering.build import build_module  # noqa: E402
 from effopt.lowering.kernels import flash  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The Hamming attention TVM kernels (effopt.lowering.kernels.hamming) against effopt.ops.hamming_attention_ref."""
+"""The Hamming attention TVM kernels (effopt.lowering.kernels.hamming) against effopt.ops.attention.hamming_attention_ref."""
 from __future__ import annotations
 
 import pytest
@@ -7,10 +7,10 @@ import torch
 tvm = pytest.importorskip("tvm")
 from tvm import relax, tirx  # noqa: E402
 
-from effopt.autotune.targets import resolve_target  # noqa: E402
+from effopt.target import resolve_target  # noqa: E402
 from effopt.lowering.build import build_module  # noqa: E402
 from effopt.lowering.kernels import hamming  # noqa: E402
-from effopt.ops import hamming_attention_ref  # noqa: E402
+from effopt.ops.attention import hamming_attention_ref  # noqa: E402
 
 NEG = torch.finfo(torch.float32).min
 BETA = 0.37

@@ -1,5 +1,5 @@
 """The fused int8 linear kernel (effopt/lowering/kernels/int8.py) against plain-torch references of the same
-integer arithmetic (effopt.int8_ops): exactly, for every quantization and epilogue, and at shapes that leave
+integer arithmetic (effopt.ops.int8): exactly, for every quantization and epilogue, and at shapes that leave
 partial register tiles, in each ISA's form this machine can execute (an AVX-512 CPU runs the AVX2 and
 AVX-VNNI kernels too); aarch64's are cross-compiled and their assembly checked, and the i8mm kernel's layout,
 zips and epilogue run here with smmla written out in vector arithmetic; and the op's eager form
@@ -10,8 +10,8 @@ import re
 import pytest
 import torch
 
-from effopt import int8_ops
-from effopt.autotune.targets import resolve_target
+from effopt.ops import int8 as int8_ops
+from effopt.target import resolve_target
 from effopt.lowering.kernels import int8
 
 X86 = ["avx512vnni", "avxvnni", "avx2"]
@@ -52,7 +52,7 @@ def _body(m, n, k, scale, quant, activation, bias, residual, smooth, x_dtype, ou
 
 def _build(m, n, k, scale, quant, activation, bias, residual, smooth=False, x_dtype="float32", out_quant=None,
            target="host"):
-    from effopt.lowering.eager import build_function
+    from effopt.lowering.build import build_function
 
     if target == EMULATED:
         target, isa = "host", dataclasses.replace(int8.ISAS["neon-i8mm"], emulated=True)

@@ -1,4 +1,4 @@
-"""The L-Mul attention TVM kernel (effopt/lowering/kernels/lmul.py) against effopt.ops: the elementwise
+"""The L-Mul attention TVM kernel (effopt/lowering/kernels/lmul.py) against effopt.ops.attention: the elementwise
 L-Mul bit-exactly, the attention within float tolerance (only the float32 summation order and the exp
 differ from the reference)."""
 import pytest
@@ -6,8 +6,8 @@ import torch
 import tvm
 from tvm import relax, tirx
 
-from effopt import ops
-from effopt.autotune.targets import resolve_target
+from effopt.ops import attention as ops
+from effopt.target import resolve_target
 from effopt.lowering.build import build_module
 from effopt.lowering.kernels import lmul
 

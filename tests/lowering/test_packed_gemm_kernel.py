@@ -8,8 +8,8 @@ import pytest
 import torch
 import tvm
 
-from effopt.autotune.targets import resolve_target
-from effopt.autotune.tasks import normalized
+from effopt.target import resolve_target
+from effopt.lowering.tuned import normalized
 from effopt.lowering.kernels import gemm, int8
 from effopt.lowering.kernels.common import vector_unit
 

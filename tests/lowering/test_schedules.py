@@ -4,7 +4,7 @@ import pytest
 import tvm
 from tvm import relax
 
-from effopt.autotune.targets import resolve_target
+from effopt.target import resolve_target
 from effopt.lowering.build import LEGALIZE_OVERRIDES, fast_math_float32
 from effopt.lowering.schedules import RowReduction
 

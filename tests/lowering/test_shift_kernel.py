@@ -1,9 +1,9 @@
 """The shift linear kernels (effopt/lowering/kernels/shift.py) against the plain-torch references of the same
-shift arithmetic (effopt.shift_ops): the float path within float summation order, the integer MatShift path
+shift arithmetic (effopt.ops.shift): the float path within float summation order, the integer MatShift path
 bit for bit."""
 import pytest
 import torch
-from effopt import shift_ops as so
+from effopt.ops import shift as so
 from effopt.lowering.kernels import shift
 
 

@@ -1,4 +1,4 @@
-"""Approximate attentions (hamming, linear, lmul), the accuracy guard, and effopt.reparameterize."""
+"""Approximate attentions (hamming, linear, lmul), the accuracy guard, and effopt.passes.reparameterize."""
 import warnings
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import effopt
-from effopt import ops
-from effopt.guard import EffoptAccuracyWarning, cosine_loss
+from effopt.ops import attention as ops
+from effopt.passes.guard import EffoptAccuracyWarning, cosine_loss
 from effopt.options import Options
 from effopt.testing.compare import assert_same_as_eager
 from effopt.testing.models import vit_tiny_test

@@ -9,7 +9,7 @@ import torch
 
 import effopt
 from effopt import auto
-from effopt.guard import EffoptAccuracyWarning, cosine_loss
+from effopt.passes.guard import EffoptAccuracyWarning, cosine_loss
 from effopt.testing.models import vit_tiny_test
 from tests.conftest import compile_effopt
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import effopt
-from effopt.guard import EffoptAccuracyWarning, cosine_loss
+from effopt.passes.guard import EffoptAccuracyWarning, cosine_loss
 from effopt.testing.models import vit_tiny_test
 from tests.conftest import compile_effopt
 

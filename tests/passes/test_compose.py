@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import effopt
-from effopt.guard import EffoptAccuracyWarning
+from effopt.passes.guard import EffoptAccuracyWarning
 from effopt.testing.models import vit_tiny_test
 from tests.conftest import compile_effopt
 

@@ -1,5 +1,5 @@
 """The quantize option (effopt/passes/quantize.py): int8 linear layers, compared with a plain-torch oracle of the
-same integer arithmetic (effopt.int8_ops); the quantizer kernel bit for bit; the per-layer guard."""
+same integer arithmetic (effopt.ops.int8); the quantizer kernel bit for bit; the per-layer guard."""
 import copy
 import warnings
 
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import effopt
-from effopt import int8_ops
-from effopt.guard import EffoptAccuracyWarning
+from effopt.ops import int8 as int8_ops
+from effopt.passes.guard import EffoptAccuracyWarning
 from effopt.options import Options
 from effopt.testing.compare import assert_same_as_eager
 from effopt.testing.models import vit_tiny_test
@@ -194,7 +194,7 @@ def test_smoothquant_keeps_the_layer_with_activation_outliers_in_int8():
 
 @pytest.mark.parametrize("scale", [None, 0.013])
 def test_the_quantizer_kernel_is_bit_exact(scale):
-    from effopt.lowering.eager import build_function
+    from effopt.lowering.build import build_function
     from effopt.lowering.kernels import shift
 
     x = torch.randn(3, 50, 96, generator=torch.Generator().manual_seed(0)) * 2

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import effopt
-from effopt.guard import EffoptAccuracyWarning
+from effopt.passes.guard import EffoptAccuracyWarning
 from effopt.options import Options
 from effopt.testing.compare import assert_same_as_eager
 from effopt.testing.models import vit_tiny_test
@@ -54,7 +54,7 @@ def _model():
     ({"shift_add": {"layers": "mlp", "terms": 4}}, r"terms=4; valid: \[1, 2, 3\]"),
     ({"shift_add": {"layers": "all", "activation_bits": 6}}, r"activation_bits=6; valid: \[0, 4, 8\]"),
     ({"shift_add": {"layers": "all", "bits": 8}}, r"no parameter\(s\) \['bits'\]"),
-    ({"shift_add": "moe"}, r"effopt.reparameterize"),
+    ({"shift_add": "moe"}, r"effopt.passes.reparameterize"),
 ])
 def test_invalid_shift_options(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -209,7 +209,7 @@ def test_reparameterize_shift_guard_keeps_costly_layers_exact():
 
 # ---- ShiftAddViT's mixture of experts -------------------------------------------------------------------------
 def test_moe_routes_tokens_trains_with_the_latency_aware_loss_and_compiles():
-    from effopt.moe import ShiftMoE
+    from effopt.ops.moe import ShiftMoE
 
     teacher, _ = _model()
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))

@@ -8,8 +8,8 @@ import torch
 import torch.fx as fx
 
 import effopt
-from effopt import token_ops
-from effopt.passes.token_reduction import TokenConfig, default_prune_layers
+from effopt.ops import tokens as token_ops
+from effopt.options.tokens import TokenConfig, default_prune_layers
 from effopt.testing.models import vit_tiny_test
 
 from effopt.testing.compare import assert_same_as_eager

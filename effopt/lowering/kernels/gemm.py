@@ -12,7 +12,7 @@ that consecutive tiles on one core reuse a panel from its L2. Rows past M read r
 stored; columns past N are not stored.
 
 (MB, NB) is the autotuner's knob (`space`): the tuning database keeps the setting measured fastest on
-the target, and `effopt.autotune.apply.use_tuned_gemms` calls the kernel only where it beat the library.
+the target, and `effopt.lowering.tuned.use_tuned_gemms` calls the kernel only where it beat the library.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""TVM kernels for `effopt.ops.hamming_attention` (ShiftAddViT-style Hamming attention).
+"""TVM kernels for `effopt.ops.attention.hamming_attention` (ShiftAddViT-style Hamming attention).
 
-Semantics are those of `effopt.ops.hamming_attention_ref`:
+Semantics are those of `effopt.ops.attention.hamming_attention_ref`:
 
     code = sign bits (x > 0) of qp [B, H, N, bits] and kp [B, H, M, bits], packed into uint64 words
     sim  = bits - popcount(code_q XOR code_k)                       (integer, per word: one popcount)
@@ -33,7 +33,7 @@ from .common import as_float32, batch, dims, same, static
 
 _OP = "hamming attention"  # names this kernel in shape errors
 
-LOG2E = 1.4426950408889634  # effopt.ops.LOG2E
+LOG2E = 1.4426950408889634  # effopt.ops.attention.LOG2E
 _MIN_EXP = -126
 
 __all__ = ["emit", "pack_func", "attention_func"]
@@ -238,7 +238,7 @@ def attention_func(B, H: int, N: int, M: int, bits: int, Dv: int, beta: float,
 
 def emit(bb: relax.BlockBuilder, qp: relax.Expr, kp: relax.Expr, v: relax.Expr, mask: relax.Expr | None,
          beta: float) -> relax.Expr:
-    """Emit `effopt.ops.hamming_attention(qp, kp, v, mask, beta)` into `bb` (inside a function / dataflow
+    """Emit `effopt.ops.attention.hamming_attention(qp, kp, v, mask, beta)` into `bb` (inside a function / dataflow
     block): packs qp and kp into uint64 codes (two call_tir), then calls the attention kernel.
 
     qp [B, H, N, bits], kp [B, H, M, bits], v [B, H, M, Dv]; B may be symbolic, the other dims must be

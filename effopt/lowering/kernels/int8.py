@@ -8,7 +8,7 @@ target's integer dot product (`Isa`: AVX-512 VNNI, AVX-VNNI, AVX2, aarch64 NEON 
     epilogue   y[m, n] = act(float(acc) * (step[m] * w_step[n]) + bias[n]) (+ residual[m, n])
 
 VNNI's vpdpbusd multiplies unsigned by signed bytes, four per int32 lane; wsum = offset * sum_k wq[n, k]
-(effopt.int8_ops.pack_weight) takes the offset back out, exactly in int32. The weights come packed as
+(effopt.ops.int8.pack_weight) takes the offset back out, exactly in int32. The weights come packed as
 [N/16, K/4, 16, 4] int8: one 64-byte vector holds four consecutive k of 16 output channels, the operand
 vpdpbusd takes; a 32-byte half (8 channels) is AVX-VNNI's and AVX2's operand, a 16-byte quarter NEON's.
 
@@ -39,7 +39,7 @@ from tvm.script import tirx as T
 from . import tunable
 from .common import dims, has_feature, static
 
-LANES = 16  # output channels per packed weight group (the layout of effopt.int8_ops.pack_weight)
+LANES = 16  # output channels per packed weight group (the layout of effopt.ops.int8.pack_weight)
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def isa_of(target) -> Isa | None:
 _ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}  # 8: kOpaque
 _OP = "int8 linear"
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")
-_TINY = 1.1754943508222875e-38  # the smallest normal float32, as effopt.shift_ops.act_quantize
+_TINY = 1.1754943508222875e-38  # the smallest normal float32, as effopt.ops.shift.act_quantize
 
 
 def _rational(x, clip: float, alphas, betas):

@@ -1,6 +1,6 @@
-"""TVM kernels for `effopt.ops.lmul_attention` (L-Mul attention, "Addition is All You Need").
+"""TVM kernels for `effopt.ops.attention.lmul_attention` (L-Mul attention, "Addition is All You Need").
 
-Semantics are those of `effopt.ops.lmul_attention_ref` and `effopt.ops.lmul`:
+Semantics are those of `effopt.ops.attention.lmul_attention_ref` and `effopt.ops.attention.lmul`:
 
     s   = sum_d LMul(q[i, d] * scale, k[j, d])      (q * scale: an ordinary float32 multiply)
     p   = softmax_j(s + mask)                        (exact softmax: float exp and divide)
@@ -34,7 +34,7 @@ opaque, so FuseOps leaves them unfused):
   scratch of R x M scores (no N x M matrix), scores vectorized over 16 keys with R rows sharing each key
   load, softmax vectorized (own exp: Cody-Waite + degree-6 polynomial, about 1 ulp), output vectorized
   over 16 lanes of Dv.
-* `lmul_elementwise` (emit_elementwise): the elementwise LMul, bit-exact against `effopt.ops.lmul`.
+* `lmul_elementwise` (emit_elementwise): the elementwise LMul, bit-exact against `effopt.ops.attention.lmul`.
 
 The batch dim may be symbolic (a tirx.Var); H, N, M, D and Dv must be static. Entry points: `emit`,
 `emit_elementwise`.
@@ -67,7 +67,7 @@ _EXP_LO = -87.33654022216796875  # below this (-126 ln 2) the result is subnorma
 
 
 def _offset_bits(m: int) -> int:
-    return m if m <= 3 else (3 if m == 4 else 4)  # effopt.ops.lmul_offset_bits
+    return m if m <= 3 else (3 if m == 4 else 4)  # effopt.ops.attention.lmul_offset_bits
 
 
 def lmul_constants(mantissa_bits: int) -> tuple[int, int, int]:
@@ -308,7 +308,7 @@ def attention_func(B, H: int, N: int, M: int, D: int, DV: int, scale: float, man
 
 
 def elementwise_func(mantissa_bits: int) -> tirx.PrimFunc:
-    """a, b [n] float32 -> LMul(a, b) [n], bit-exact against effopt.ops.lmul."""
+    """a, b [n] float32 -> LMul(a, b) [n], bit-exact against effopt.ops.attention.lmul."""
     keep, c, _ = lmul_constants(mantissa_bits)
     n = tirx.Var("n", "int64")
 
@@ -340,7 +340,7 @@ def elementwise_func(mantissa_bits: int) -> tirx.PrimFunc:
 # ---- Relax entry points ---------------------------------------------------------------------------------------
 def emit(bb: relax.BlockBuilder, q: relax.Expr, k: relax.Expr, v: relax.Expr, mask: relax.Expr | None,
          scale: float, mantissa_bits: int) -> relax.Expr:
-    """Emit L-Mul attention (effopt.ops.lmul_attention_ref) into `bb`; returns the [B, H, N, Dv] output.
+    """Emit L-Mul attention (effopt.ops.attention.lmul_attention_ref) into `bb`; returns the [B, H, N, Dv] output.
 
     q [B, H, N, D], k [B, H, M, D], v [B, H, M, Dv]; `mask` None or an additive float mask broadcastable to
     [B, H, N, M] (rank <= 4, each dim 1 or full). B may be symbolic; the other dims must be static.

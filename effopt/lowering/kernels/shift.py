@@ -261,7 +261,7 @@ def emit_conv(bb: relax.BlockBuilder, x: relax.Expr, packed: relax.Expr, scale: 
 
 def build(m: int, n: int, k: int, terms: int, bits: int = 0, bias: bool = False, target="host"):
     """The shift linear compiled alone: a function (x [m, k], packed, scale[, bias]) -> y [m, n]."""
-    from ..eager import build_function
+    from ..build import build_function
 
     def body(bb, x, w, s, b=None):
         return emit(bb, x, w, s, b, k, bits)

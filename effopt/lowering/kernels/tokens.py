@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax
 
-from ...token_ops import NO_EDGE, PAD_BELOW, PAD_EDGE, max_merge
+from ...ops.tokens import NO_EDGE, PAD_BELOW, PAD_EDGE, max_merge
 from .common import dims, static
 
 

@@ -12,7 +12,50 @@ import warnings
 
 import torch
 
-from .database import TuningDatabase, workload_hash
+from .tuning_db import TuningDatabase, workload_hash
+
+
+def normalized(func):
+    """{"main": func}, the module MetaSchedule tunes and the database keys."""
+    import tvm
+
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def gemm_func(m: int, n: int, k: int, bias: bool):
+    """y[M, N] = x[M, K] @ w[N, K]^T (+ b[N]) in float32, as TE writes it: the GEMM task's workload."""
+    from tvm import te
+
+    x = te.placeholder((m, k), "float32", name="x")
+    w = te.placeholder((n, k), "float32", name="w")
+    r = te.reduce_axis((0, k), name="r")
+    y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r), name="matmul")
+    args = [x, w]
+    if bias:
+        b = te.placeholder((n,), "float32", name="b")
+        y = te.compute((m, n), lambda i, j: y[i, j] + b[j], name="bias_add")
+        args.append(b)
+    return te.create_prim_func([*args, y])
+
+
+def gemm_key(m: int, n: int, k: int, bias: bool) -> str:
+    return f"gemm:{m}x{n}x{k}" + ("+bias" if bias else "")
+
+
+def gemm_parts(gm, node):
+    """(x node, weight [N, K], bias node or None, (M, N, K, has_bias)) for a frozen-weight float32 linear
+    (addmm/mm) of static shape, the GEMMs tuning covers and a compile may replace; else None."""
+    from .library import linear_parts
+
+    parts = linear_parts(gm, node) if node.op == "call_function" else None
+    if parts is None:
+        return None
+    x, w, b = parts
+    xv = x.meta.get("val")
+    if xv is None or xv.dtype != torch.float32 or w.dtype != torch.float32 or xv.dim() != 2 or \
+            not all(isinstance(s, int) for s in xv.shape):
+        return None
+    return x, w, b, (int(xv.shape[0]), int(w.shape[0]), int(w.shape[1]), b is not None)
 
 
 def apply_trace(mod, trace_json, target):
@@ -52,8 +95,6 @@ class TunedSchedules:
         return dict(c["knobs"]) if c and isinstance(c.get("knobs"), dict) and c["knobs"] in task.space else None
 
     def gemm(self, m: int, n: int, k: int, bias: bool) -> dict | None:
-        from .tasks import gemm_key
-
         return self.choices.get(gemm_key(m, n, k, bias))
 
     def as_pass(self, target):
@@ -98,7 +139,7 @@ class TunedLinear(torch.nn.Module):
         self.register_buffer("bias", None if bias is None else bias.contiguous(), persistent=False)
 
     def forward(self, x):
-        from ..lowering.runtime import compact
+        from .runtime import compact
 
         y = torch.empty(self.shape[0], self.shape[1], dtype=x.dtype)
         args = [compact(x), self.weight] + ([self.bias] if self.bias is not None else [])
@@ -109,14 +150,14 @@ class TunedLinear(torch.nn.Module):
     def for_choice(cls, c: dict, fn, weight, bias, m: int, n: int, k: int) -> "TunedLinear":
         """The module for a GEMM choice's kernel `fn` (build_tuned_gemm), on the model's weight [N, K] and
         bias: packed and padded where the choice is the packed kernel."""
-        from ..lowering.kernels import gemm as packed_gemm
+        from .kernels import gemm as packed_gemm
 
         if c.get("packed"):
             weight, bias = packed_gemm.pack_weight(weight), packed_gemm.pad_bias(bias, n)
         return cls(fn, weight, bias, (m, n), k, c.get("packed"))
 
     def extra_repr(self):
-        from ..lowering.kernels import gemm as packed_gemm
+        from .kernels import gemm as packed_gemm
 
         how = packed_gemm.describe(self.packed) if self.packed else "MetaSchedule schedule"
         return f"tuned TIR matmul {self.shape[0]}x{self.shape[1]}x{self.k} ({how})"
@@ -124,9 +165,7 @@ class TunedLinear(torch.nn.Module):
 
 def _gemm_module(c: dict, m: int, n: int, k: int, bias: bool, target):
     """The tuned kernel of a GEMM choice: effopt's packed kernel with its tiles, or the matmul with its trace."""
-    from ..lowering.kernels import gemm as packed_gemm
-    from .tasks import gemm_func, normalized
-
+    from .kernels import gemm as packed_gemm
     if c.get("packed"):
         return normalized(packed_gemm.linear_func(m, n, k, **c["packed"], unit=packed_gemm.unit_of(target)))
     return apply_trace(normalized(gemm_func(m, n, k, bias)), c["best"], target)
@@ -139,8 +178,8 @@ def build_tuned_gemm(c: dict, m: int, n: int, k: int, bias: bool, target, root: 
 
     import tvm
 
-    from ..lowering import threads
-    from ..lowering.cache import checked, make_key
+    from . import threads
+    from .cache import checked, make_key
 
     mod = _gemm_module(c, m, n, k, bias, target)
     path = os.path.join(root, "runtime", f"gemm-{make_key(mod.script())[:24]}.so")
@@ -161,8 +200,6 @@ def build_tuned_gemm(c: dict, m: int, n: int, k: int, bias: bool, target, root: 
 def use_tuned_gemms(gm, tuned: TunedSchedules, target) -> list[dict]:
     """Replace frozen-weight float32 linears (addmm/mm) whose shape has a tuned TIR matmul that tuning
     measured faster than the library kernel with calls of that kernel; returns one record per shape."""
-    from .tasks import gemm_key, gemm_parts
-
     if not any(k.startswith("gemm:") for k in tuned.choices):
         return []
     built: dict = {}

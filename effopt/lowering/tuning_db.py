@@ -62,7 +62,7 @@ def canonical_target(target) -> dict:
 def versions() -> dict:
     import tvm
 
-    from .. import __version__
+    from ..version import __version__
 
     return {"effopt": __version__, "tvm": tvm.__version__, "format": FORMAT}
 
@@ -98,14 +98,14 @@ class TuningDatabase:
 
     @classmethod
     def open(cls, target, cache_dir: str | None = None) -> "TuningDatabase":
-        from ..lowering.cache import default_dir
+        from .cache import default_dir
 
         return cls(cache_dir or default_dir(), target)
 
     # ---- writing --------------------------------------------------------------------------------
     def append(self, records: list[dict]) -> bool:
         """Append records (dicts with a "type"); False (with a warning) where the file cannot be written."""
-        from ..lowering.cache import checked, file_lock
+        from .cache import checked, file_lock
 
         if not records:
             return True
@@ -142,7 +142,7 @@ class TuningDatabase:
     # ---- reading --------------------------------------------------------------------------------
     def records(self, kind: str | None = None) -> list[dict]:
         """Every valid record (of one type), oldest first; damaged lines are skipped with one warning."""
-        from ..lowering.cache import checked
+        from .cache import checked
 
         try:
             st = os.stat(self.path)

@@ -234,8 +234,13 @@ def reference_kernels():
         _reference.on = before
 
 
+# name -> the compiled kernel an op's eager forward calls instead of its slow reference; the lowering stage
+# (effopt/lowering/eager.py) registers them when it is imported, so this layer never imports it
+EAGER_KERNELS: dict = {}
+
+
 def _eager_kernel(name: str, *tensors: Tensor):
-    """effopt's TVM kernel `name` (effopt/lowering/eager.py) for these inputs, or None where it does not
+    """effopt's TVM kernel `name` (registered in EAGER_KERNELS) for these inputs, or None where it does not
     apply (reference mode, not float32 4-D CPU tensors of one batch and head count) or cannot be built."""
     if getattr(_reference, "on", False) or _kernel_failed:
         return None
@@ -243,12 +248,7 @@ def _eager_kernel(name: str, *tensors: Tensor):
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 for t in (q, k, v)) \
             or not q.shape[:2] == k.shape[:2] == v.shape[:2]:
         return None
-    try:
-        from .lowering import eager
-    except ImportError as e:  # no TVM: the reference is still correct, only slow
-        _kernel_failed.append(str(e))
-        return None
-    return getattr(eager, name)
+    return EAGER_KERNELS.get(name)
 
 
 def _lmul_forward(q, k, v, mask, scale, mantissa_bits):

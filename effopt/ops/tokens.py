@@ -41,7 +41,7 @@ def _key_mask(mask: Optional[Tensor], b: int, t: int) -> Tensor:
     every query and head (checked), or zeros."""
     if mask is None:
         return torch.zeros(b, t)
-    from .ops import additive_mask
+    from .attention import additive_mask
 
     m = additive_mask(mask).to(torch.float32)
     m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)).expand(b, -1, -1, t)

@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import torch
 
+from ..options.shift_add import ACT_BITS, TERMS
+
 Tensor = torch.Tensor
 MAX_SHIFT = 6  # exponents 0..6 below the channel scale; code 7 is zero
 ZERO_CODE = 7
-TERMS = (1, 2, 3)
 
 
 def _round_pow2(v: Tensor) -> tuple[Tensor, Tensor]:
@@ -117,7 +118,6 @@ def shift_linear_ref(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | No
     return y.to(x.dtype)
 
 
-ACT_BITS = (0, 4, 8)  # 0: the float path; 4 or 8: MatShift's integer path with activations of that many bits
 
 
 def act_quantize(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""`effopt.reparameterize`: an approximate model that a user fine-tunes in plain PyTorch.
+"""`effopt.passes.reparameterize`: an approximate model that a user fine-tunes in plain PyTorch.
 
 The model is exported (torch.export, ATen graph), its softmax attentions fused into SDPA nodes by the same
 exact pass the backend runs, and each attention replaced by one of effopt's approximate ops. The result is
@@ -21,10 +21,10 @@ import warnings
 import torch
 import torch.fx as fx
 
-from .passes.approximate import AttentionPass, attention_sites
-from .passes.attention import FuseAttention
-from .passes.guarded import GuardContext
-from .passes.records import PassRecord
+from .approximate import AttentionPass, attention_sites
+from .attention import FuseAttention
+from .guarded import GuardContext
+from .records import PassRecord
 
 
 def _split(inputs) -> tuple[tuple, dict]:
@@ -54,14 +54,14 @@ def reparameterize(model: torch.nn.Module, example_inputs, attention=None, *, sh
     shift_add: 'mlp', 'all' or a dict {'layers', 'terms', 'activation_bits'} (as the backend option): the
     linear layers' weights go through power-of-two rounding with straight-through gradients (and their
     inputs through per-token quantization for activation_bits > 0); or 'moe' (or a dict {'kind': 'moe',
-    ...}, see effopt.moe): each MLP becomes ShiftAddViT's mixture of a multiplication expert and a shift
+    ...}, see effopt.ops.moe): each MLP becomes ShiftAddViT's mixture of a multiplication expert and a shift
     expert with a trained router. With neither given, attention='hamming'.
     example_inputs: a tuple of positional inputs, a dict of keyword inputs, or one tensor; the result is
     specialized to their shapes. calibration/accuracy_budget/metric: the accuracy guard, as in the backend
     options: layers whose rewrite costs more than the budget stay exact.
     Returns an nn.Module with the model's call signature; `.effopt_records` are the pass records
     ({'attention': ..., 'shift_add': ...}), `.effopt_record` the first of them."""
-    from .options import Options
+    from ..options import Options
 
     if attention is None and shift_add is None:
         attention = "hamming"
@@ -105,13 +105,13 @@ def _attention(gm, opts, example_leaves, cal, run) -> PassRecord:
                       record_name=f"reparameterize_{config.kind}")
     _, record = p.run(gm)
     if not record.matches:
-        warnings.warn("effopt.reparameterize: every attention layer was rolled back by the accuracy guard; the "
+        warnings.warn("effopt.passes.reparameterize: every attention layer was rolled back by the accuracy guard; the "
                       "module computes exact attention", UserWarning, stacklevel=3)
     return record
 
 
 def _shift(gm, opts, cal, run) -> PassRecord:
-    from .passes.shift_add import ShiftAddPass, linear_sites
+    from .shift_add import ShiftAddPass, linear_sites
 
     config = opts.shift_add
     if not linear_sites(gm, config):
@@ -124,11 +124,11 @@ def _shift(gm, opts, cal, run) -> PassRecord:
 def shift_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The weights of a `reparameterize`d module that go through power-of-two rounding (shift_weight),
     with their layers' biases: the parameters to fine-tune for shift_add."""
-    from .passes.shift_add import SHIFT_WEIGHT
+    from .shift_add import SHIFT_WEIGHT
 
     graph = getattr(module, "graph", None)
     if not isinstance(graph, fx.Graph):
-        raise TypeError("shift_parameters takes the module effopt.reparameterize returned")
+        raise TypeError("shift_parameters takes the module effopt.passes.reparameterize returned")
     params = dict(module.named_parameters())
     found = set()
     for n in graph.nodes:
@@ -177,7 +177,7 @@ def attention_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     """
     graph = getattr(module, "graph", None)
     if not isinstance(graph, fx.Graph):
-        raise TypeError("attention_parameters takes the module effopt.reparameterize returned")
+        raise TypeError("attention_parameters takes the module effopt.passes.reparameterize returned")
     params = dict(module.named_parameters())
     found: dict[str, torch.nn.Parameter] = {}
     seen: set[fx.Node] = set()

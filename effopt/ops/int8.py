@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .shift_ops import act_quantize
+from .shift import act_quantize
 
 Tensor = torch.Tensor
 QMAX = 127
@@ -35,7 +35,7 @@ def int_mm_usable() -> str | None:
     """Why torch._int_mm must not run int8 GEMMs on this CPU (wrong sums, or slower than the float32 GEMM
     of the same shape), or None."""
     if not _INT_MM:
-        from .timing import interleaved_medians
+        from ..timing import interleaved_medians
 
         g = torch.Generator().manual_seed(0)
         a = torch.randint(-128, 128, (128, 512), dtype=torch.int8, generator=g)

@@ -2,14 +2,14 @@
 fallbacks, and (from effopt.explain) a profile on the example inputs; as text, JSON and an HTML page."""
 from __future__ import annotations
 
-import contextlib
 import json
 import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..graph import collect, publish
+
 _LAST: list = [None]
-_COLLECTING: list[list] = []
 WIDTH = 100  # the text form's line width
 
 
@@ -109,7 +109,7 @@ class Report:
 
     # ---- HTML --------------------------------------------------------------------------------------
     def to_html(self) -> str:
-        from .inspect.html import render
+        from .html import render
 
         return render(self)
 
@@ -150,19 +150,12 @@ def _wrap(lines: list[str]) -> list[str]:
 
 def set_last_report(report: Report) -> None:
     _LAST[0] = report
-    for sink in _COLLECTING:
-        sink.append(report)
+    publish("reports", report)
 
 
-@contextlib.contextmanager
 def collect_reports():
     """The reports of every graph compiled inside the block (a model with graph breaks has several)."""
-    sink: list = []
-    _COLLECTING.append(sink)
-    try:
-        yield sink
-    finally:
-        _COLLECTING.remove(sink)
+    return collect("reports")
 
 
 def last_report() -> Report | None:

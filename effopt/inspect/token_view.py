@@ -29,7 +29,7 @@ def token_sources(model, example_inputs, **options) -> torch.Tensor:
     if isinstance(args, torch.Tensor):
         args = (args,)
     torch._dynamo.reset()
-    from .guard import EffoptAccuracyWarning
+    from ..passes.guard import EffoptAccuracyWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EffoptAccuracyWarning)
