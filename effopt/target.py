@@ -15,7 +15,7 @@ NAMED_TARGETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _physical_cores() -> int:
+def physical_cores() -> int:
     try:
         import psutil
 
@@ -36,7 +36,7 @@ def host_target_dict() -> dict[str, Any]:
     cpu = os.environ.get("EFFOPT_HOST_CPU", "").strip() or str(codegen.llvm_get_system_cpu())
     # fast-math-reassoc lets LLVM vectorize float sums and maxima (row reductions in softmax and norms);
     # it only reorders additions, within the float tolerances every kernel is checked against.
-    return {"kind": "llvm", "mcpu": cpu, "num-cores": _physical_cores(), "fast-math-reassoc": True}
+    return {"kind": "llvm", "mcpu": cpu, "num-cores": physical_cores(), "fast-math-reassoc": True}
 
 
 def target_dict(spec: str | dict) -> dict[str, Any]:

@@ -7,12 +7,13 @@ Also which pass produced each node: `tag_new_nodes` marks the nodes a pass added
 """
 from __future__ import annotations
 
-import math
 import operator
 from collections import Counter
 
 import torch
 import torch.fx as fx
+
+from ..ops.spec import attention_macs, numel, shape, spec_of
 
 aten = torch.ops.aten
 PASS_KEY = "effopt_pass"
@@ -32,31 +33,7 @@ def op_name(node: fx.Node) -> str:
 
 
 def _shape(n) -> list[int]:
-    v = n.meta.get("val") if isinstance(n, fx.Node) else None
-    if isinstance(v, (tuple, list)):
-        v = v[0]
-    if not isinstance(v, torch.Tensor):
-        return []
-    return [_size(s) for s in v.shape]
-
-
-def _size(s) -> int:
-    """A dim's size; a symbolic one at its example value."""
-    if isinstance(s, torch.SymInt):
-        return int(s.node.hint) if s.node.hint is not None else 1
-    return int(s)
-
-
-def _numel(shape) -> int:
-    return math.prod(shape) if shape else 0
-
-
-def _attention_macs(q, k, v) -> int:
-    """QK^T and PV of attention over [..., L, E] queries and [..., S, E] keys: 2 * L * S * E per batch/head."""
-    qs, ks, vs = _shape(q), _shape(k), _shape(v)
-    if len(qs) < 2 or len(ks) < 2 or len(vs) < 2:
-        return 0
-    return _numel(qs[:-2]) * qs[-2] * ks[-2] * (qs[-1] + vs[-1])
+    return list(shape(n) or [])
 
 
 def macs(node: fx.Node) -> tuple[int, bool]:
@@ -67,23 +44,18 @@ def macs(node: fx.Node) -> tuple[int, bool]:
     out = _shape(node)
     if t in (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default):
         x = a[1] if t in (aten.addmm.default, aten.baddbmm.default) else a[0]
-        return _numel(out) * (_shape(x)[-1] if _shape(x) else 0), True
+        return numel(out) * (_shape(x)[-1] if _shape(x) else 0), True
     if t is aten._int_mm.default:
-        return _numel(out) * (_shape(a[0])[-1] if _shape(a[0]) else 0), False
+        return numel(out) * (_shape(a[0])[-1] if _shape(a[0]) else 0), False
     if t is aten.convolution.default:
         w = _shape(a[1])
-        return (_numel(out) * _numel(w[1:]) if w else 0), True
-    name = op_name(node)
-    if name == "effopt::int8_linear":
-        return _numel(out) * int(a[9]), False
-    if name == "effopt::shift_linear":
-        return _numel(out) * int(a[4]), False
-    if name == "effopt::shift_conv2d":
-        x = _shape(a[0])
-        return (_numel(out) * x[1] * math.prod(int(k) for k in a[4]) if x else 0), False
-    if "attention" in name and len(a) >= 3 and all(isinstance(x, fx.Node) for x in a[:3]):
-        approximate = name in ("effopt::hamming_attention", "effopt::lmul_attention")
-        return _attention_macs(*a[:3]), not approximate
+        return (numel(out) * numel(w[1:]) if w else 0), True
+    spec = spec_of(t)
+    if spec is not None:  # effopt's own ops declare their cost (effopt/ops/)
+        m, float_mults = spec.macs(node)
+        return m, float_mults == m
+    if "attention" in op_name(node) and len(a) >= 3 and all(isinstance(x, fx.Node) for x in a[:3]):
+        return attention_macs(*a[:3]), True
     return 0, True
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from ..ops.spec import spec_of
 from ..options import KernelChoice, Options
 from . import eager as _eager  # noqa: F401 - registers the ops' eager kernels
 from . import threads
@@ -117,24 +118,22 @@ class LoweringRecord:
 
 
 def _tolerances(graph: fx.Graph):
-    """The self-check's tolerances for a region: float rounding, except for L-Mul, which truncates
-    mantissas: a probability whose last bit differs between kernel and reference (their exp differ) can
-    land on the other side of a truncation step and move its product by up to 2^-mantissa_bits relative.
-    Such flips are rare and local, so L-Mul regions are checked by relative L2 error, which an indexing or
-    layout bug would still fail by orders of magnitude.
-
-    Int8 quantization (quantize_rows, and int8_linear's requantized uint8 output) after float ops: a float32 value that differs from eager's in its last
-    bit (a LayerNorm computed in another order) can land on the other side of a rounding boundary, so int8
-    outputs may differ by 1 in a few elements (at most 1%); anything else is still an error."""
+    """The self-check's tolerances for a region: float rounding, unless one of its ops declares its own
+    (effopt/ops/: L-Mul's relative L2 error, int8's off-by-one codes); the loosest wins."""
     from .select import TOLERANCES
 
-    if any(n.target is torch.ops.effopt.lmul_attention.default for n in graph.nodes):
-        return {"relative_l2": 1e-3}
-    if any(n.target in (torch.ops.effopt.quantize_rows.default, torch.ops.effopt.quantize_affine.default,
-                        torch.ops.effopt.int8_linear.default)
-           for n in graph.nodes):
-        return {**TOLERANCES, "int8_off_by_one": 0.01}
-    return None
+    declared = [s.tolerance for s in (spec_of(n.target) for n in graph.nodes if n.op == "call_function")
+                if s is not None and s.tolerance]
+    if not declared:
+        return None
+    relative = [t["relative_l2"] for t in declared if "relative_l2" in t]
+    if relative:
+        return {"relative_l2": max(relative)}
+    out = dict(TOLERANCES)
+    for t in declared:
+        for k, v in t.items():
+            out[k] = max(out.get(k, v), v)
+    return out
 
 
 def _knob_lookup(tuned, record: "LoweringRecord"):

@@ -10,6 +10,7 @@ import operator
 import torch
 
 from .. import ops as _effopt_ops  # noqa: F401 - registers torch.ops.effopt.*
+from ..ops.spec import specs
 
 aten = torch.ops.aten
 
@@ -22,15 +23,7 @@ LIBRARY_OPS = frozenset({
     aten._scaled_dot_product_flash_attention.default, aten.scaled_dot_product_attention.default,
     # torch's fused fast paths for nn.TransformerEncoderLayer / nn.MultiheadAttention in inference
     aten._transformer_encoder_layer_fwd.default, aten._native_multi_head_attention.default,
-    # linear attention is a few small GEMMs and elementwise ops: torch's kernels (MKL) run it
-    torch.ops.effopt.linear_attention.default,
-    # token reduction's state set-up checks the mask at run time (torch); the reductions, masks and
-    # unmerging are lowered (lowering/kernels/tokens.py)
-    torch.ops.effopt.token_init.default,
-    # ShiftAddViT's routed mixture of experts: data-dependent token counts per expert (gather, dense
-    # experts on torch's GEMMs, scatter)
-    torch.ops.effopt.shift_moe.default,
-})
+}) | {s.op for s in specs() if s.library}  # effopt's ops that torch runs (declared in effopt/ops/)
 
 # Zero-cost in torch (they make views); in TVM they cost nothing only when fused into a compute kernel,
 # so a region made only of these is not worth a kernel.

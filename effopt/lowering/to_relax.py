@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import sympy
 import torch
@@ -17,40 +17,12 @@ import torch.fx as fx
 
 from tvm import relax, tirx
 
-from .. import ops as _effopt_ops  # noqa: F401 - registers torch.ops.effopt.*
+from . import kernels as _kernels  # noqa: F401 - effopt's ops: their rules are in their kernel files
+from ..ops.spec import specs
+from .rules import CONVERTERS, DTYPES, ISOLATED, LOWERABLE, Unsupported, call_rule, lowers, relax_dtype
 from ..ops.sdpa import FLASH_CPU, sdpa_arguments
 
 aten = torch.ops.aten
-
-
-class Unsupported(Exception):
-    """The op, or this use of it, has no Relax lowering; the region runs in eager PyTorch."""
-
-
-CONVERTERS: dict[Any, Callable] = {}
-# For ops lowered only in some uses: node -> whether this use can be lowered (checked before partitioning)
-LOWERABLE: dict[Any, Callable[[fx.Node], bool]] = {}
-# Ops that form a region of their own, so that the measured choice (TVM kernel or torch's) is made for the
-# op alone, per shape: attention, where torch's fused kernel is a strong baseline.
-ISOLATED: set = set()
-
-
-def lowers(*ops):
-    def deco(fn):
-        for op in ops:
-            CONVERTERS[op] = fn
-        return fn
-    return deco
-
-
-DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64",
-          torch.int64: "int64", torch.int32: "int32", torch.int8: "int8", torch.uint8: "uint8", torch.bool: "bool"}
-
-
-def relax_dtype(dt: torch.dtype) -> str:
-    if dt not in DTYPES:
-        raise Unsupported(f"dtype {dt}")
-    return DTYPES[dt]
 
 
 @dataclass
@@ -195,7 +167,7 @@ class Converter:
             raise Unsupported(f"{node.target}")
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
         self.bb = _NamedBuilder(bb, self.kernels)  # for rules that emit several calls (custom kernels)
-        out = rule(self, node, *args, **kwargs)
+        out = call_rule(rule, self, node, args, kwargs)
         if isinstance(out, relax.Var):  # already emitted by the rule
             return out
         if isinstance(out, relax.Tuple):
@@ -705,131 +677,6 @@ def _bitwise_not(cv, node, x):
     return relax.op.logical_not(x) if cv.dtype_of(x) == "bool" else relax.op.bitwise_not(x)
 
 
-# ---- effopt's own ops: custom TVM kernels (effopt/lowering/kernels/) ------------------------------------------
-def _additive_mask(cv, mask):
-    """A boolean mask (True: attend) as the additive float32 mask the kernels take."""
-    if mask is None or cv.dtype_of(mask) != "bool":
-        return mask if mask is None else cv.cast(mask, "float32")
-    return cv.bb.emit(relax.op.where(mask, relax.const(0.0, "float32"), relax.const(float("-inf"), "float32")))
-
-
-def _float32_attention(node, *tensors):
-    if any(t.ty.dtype != "float32" for t in tensors):
-        raise Unsupported(f"{node.target} kernels take float32")
-
-
-@lowers(torch.ops.effopt.hamming_attention.default)
-def _hamming_attention(cv, node, q, k, v, mask, proj, beta):
-    from .kernels import hamming, projection
-
-    _float32_attention(node, q, k, v)
-    qp, kp = projection.emit(cv.bb, q, proj), projection.emit(cv.bb, k, proj)
-    return hamming.emit(cv.bb, qp, kp, v, _additive_mask(cv, mask), float(beta))
-
-
-@lowers(torch.ops.effopt.lmul_attention.default)
-def _lmul_attention(cv, node, q, k, v, mask, scale, mantissa_bits):
-    from .kernels import lmul
-
-    _float32_attention(node, q, k, v)
-    return lmul.emit(cv.bb, q, k, v, _additive_mask(cv, mask), float(scale), int(mantissa_bits))
-
-
-# ---- shift/add (effopt/shift_ops.py): packed power-of-two weights, no multiplications (kernels/shift.py) -----
-@lowers(torch.ops.effopt.shift_linear.default)
-def _shift_linear(cv, node, x, packed, scale, bias, in_features, activation_bits):
-    from .kernels import shift
-
-    if any(not isinstance(d, int) for d in node.args[0].meta["val"].shape):
-        raise Unsupported("shift_linear kernels need static shapes")
-    return shift.emit(cv.bb, x, packed, scale, bias, int(in_features), int(activation_bits))
-
-
-@lowers(torch.ops.effopt.shift_conv2d.default)
-def _shift_conv2d(cv, node, x, packed, scale, bias, kernel, stride, padding, dilation):
-    from .kernels import shift
-
-    if any(not isinstance(d, int) for d in node.args[0].meta["val"].shape):
-        raise Unsupported("shift_conv2d kernels need static shapes")
-    return shift.emit_conv(cv.bb, x, packed, scale, bias, kernel, stride, padding, dilation)
-
-
-# ---- int8 (effopt/int8_ops.py): the activation quantizer; the int8 GEMM is a library op (torch._int_mm) ----
-@lowers(torch.ops.effopt.quantize_rows.default)
-def _quantize_rows(cv, node, x, scale):
-    from .kernels import shift
-
-    if any(not isinstance(d, int) for d in node.args[0].meta["val"].shape):
-        raise Unsupported("quantize_rows needs static shapes")
-    if cv.dtype_of(x) != "float32":
-        raise Unsupported("quantize_rows takes float32")
-    return shift.emit_quantize(cv.bb, x, None if scale is None else float(scale))
-
-
-@lowers(torch.ops.effopt.int8_linear.default)
-def _int8_linear(cv, node, x, packed, wsum, w_step, bias, scale, offset, lo, hi, in_features, activation,
-                 residual, smooth, out_scale, out_offset, out_lo, out_hi):
-    from .kernels import int8
-
-    why = int8.supported(cv.target)
-    if why:
-        raise Unsupported(why)
-    if any(not isinstance(d, int) for d in node.args[0].meta["val"].shape) \
-            or cv.dtype_of(x) not in ("float32", "uint8"):
-        raise Unsupported("int8_linear needs static float32 (or requantized uint8) shapes")
-    out = None if out_scale is None else (float(out_scale), int(out_offset), int(out_lo), int(out_hi))
-    return int8.emit(cv.bb, x, packed, wsum, w_step, bias, residual, int(in_features),
-                     None if scale is None else float(scale), int(offset), int(lo), int(hi), str(activation), smooth,
-                     out, isa=int8.isa_of(cv.target))
-
-
-@lowers(torch.ops.effopt.quantize_affine.default)
-def _quantize_affine(cv, node, x, scale, zero_point, quant_min, quant_max):
-    from .kernels import shift
-
-    if any(not isinstance(d, int) for d in node.args[0].meta["val"].shape) or cv.dtype_of(x) != "float32":
-        raise Unsupported("quantize_affine needs static float32 shapes")
-    return shift.emit_quantize_affine(cv.bb, x, float(scale), int(zero_point), int(quant_min), int(quant_max))
-
-
-# ---- token reduction (effopt/token_ops.py): ToMe's matching and merging as Relax (kernels/tokens.py) -------
-@lowers(torch.ops.effopt.tome_merge.default)
-def _tome_merge(cv, node, x, metric, size, kmask, source, r, protected):
-    from .kernels import tokens
-
-    if any(not isinstance(v, int) for v in node.args[0].meta["val"].shape[1:]):
-        raise Unsupported("tome_merge needs static token and channel counts")
-    return tokens.emit_tome_merge(cv.bb, x, metric, size, kmask, source, int(r), int(protected))
-
-
-@lowers(torch.ops.effopt.evit_prune.default)
-def _evit_prune(cv, node, x, cls_attn, size, kmask, source, keep):
-    from .kernels import tokens
-
-    return tokens.emit_evit_prune(cv.bb, x, cls_attn, size, kmask, source, int(keep))
-
-
-@lowers(torch.ops.effopt.cls_attention.default)
-def _cls_attention(cv, node, q, k, kmask, scale):
-    from .kernels import tokens
-
-    return tokens.emit_cls_attention(cv.bb, q, k, kmask, float(scale))
-
-
-@lowers(torch.ops.effopt.token_mask.default)
-def _token_mask(cv, node, kmask, size, proportional):
-    from .kernels import tokens
-
-    return tokens.emit_token_mask(cv.bb, kmask, size, bool(proportional))
-
-
-@lowers(torch.ops.effopt.token_unmerge.default)
-def _token_unmerge(cv, node, y, source):
-    from .kernels import tokens
-
-    return tokens.emit_token_unmerge(cv.bb, y, source)
-
-
 # ---- attention: effopt's tiled online-softmax kernel (kernels/flash.py) against torch's fused SDPA -----------
 def _sdpa_lowerable(node: fx.Node) -> bool:
     f = sdpa_arguments(node.target, node.args, node.kwargs)
@@ -862,8 +709,5 @@ def _sdpa(cv, node, *args, **kwargs):
 for _op in (aten.scaled_dot_product_attention.default, FLASH_CPU):
     LOWERABLE[_op] = _sdpa_lowerable
     ISOLATED.add(_op)
-# each its own region, so the lowering measures it against its eager op (torch's GEMM on the dequantized
-# weights, for shift_linear) shape by shape
-ISOLATED.update({torch.ops.effopt.hamming_attention.default, torch.ops.effopt.lmul_attention.default,
-                 torch.ops.effopt.shift_linear.default, torch.ops.effopt.shift_conv2d.default,
-                 torch.ops.effopt.int8_linear.default})
+# effopt's ops declared to be lowered alone (effopt/ops/): each its own region, measured against its eager op
+ISOLATED.update(s.op for s in specs() if s.alone)

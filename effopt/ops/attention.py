@@ -30,6 +30,8 @@ import warnings
 
 import torch
 
+from .spec import attention_macs, declare
+
 LOG2E = 1.4426950408889634
 _MIN_EXP = -126  # weights 2^e with e below this are flushed to zero (float32 normal range)
 
@@ -320,3 +322,23 @@ torch.library.register_autograd("effopt::lmul_attention",
                                 lambda ctx, g: _grads(_lmul_surrogate, ctx, g), setup_context=_save_all)
 torch.library.register_autograd("effopt::linear_attention",
                                 lambda ctx, g: _grads(linear_attention_ref, ctx, g), setup_context=_save_all)
+
+
+# ---- declarations (effopt/ops/spec.py) ------------------------------------------------------------------------
+def _approximate_products(b, out):  # attention MACs that are not float multiplications
+    return attention_macs(b["q"], b["k"], b["v"]), 0
+
+
+def _float_products(b, out):
+    m = attention_macs(b["q"], b["k"], b["v"])
+    return m, m
+
+
+declare(hamming_attention, alone=True, approximate=True, cost=_approximate_products)
+# L-Mul truncates mantissas: a probability whose last bit differs between kernel and reference (their exp
+# differ) can land on the other side of a truncation step and move its product by up to 2^-mantissa_bits
+# relative. Such flips are rare and local, so it is checked by relative L2 error, which an indexing or layout
+# bug would still fail by orders of magnitude.
+declare(lmul_attention, tolerance={"relative_l2": 1e-3}, alone=True, approximate=True, cost=_approximate_products)
+# a few small GEMMs and elementwise ops: torch's kernels (MKL) run it
+declare(linear_attention, library=True, cost=_float_products)

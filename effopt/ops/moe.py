@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import shift as so
+from .spec import declare
 
 Tensor = torch.Tensor
 ACTS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu}
@@ -162,5 +163,9 @@ def expert_latency(fc1: torch.nn.Linear, fc2: torch.nn.Linear, act: str, terms: 
                                         act)}, [], rounds=7, reps=3)
     return t["mult"] * 1e6, t["shift"] * 1e6
 
+
+# ---- declarations (effopt/ops/spec.py) ------------------------------------------------------------------------
+# data-dependent token counts per expert (gather, dense experts on torch's GEMMs, scatter): torch runs it
+declare(shift_moe, library=True)
 
 __all__ = ["ShiftMoE", "moe_loss", "balance_loss", "expert_latency"]

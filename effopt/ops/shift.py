@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..options.shift_add import ACT_BITS, TERMS
+from .spec import declare, numel, shape
 
 Tensor = torch.Tensor
 MAX_SHIFT = 6  # exponents 0..6 below the channel scale; code 7 is zero
@@ -256,6 +257,25 @@ def _(x, bits):
 torch.library.register_autograd("effopt::shift_weight", lambda ctx, g: (g, None))
 torch.library.register_autograd("effopt::act_quant", lambda ctx, g: (g, None))
 
+
+# ---- declarations (effopt/ops/spec.py) ------------------------------------------------------------------------
+def _linear_products(b, out):  # additions of shifted activations: no multiplications
+    return numel(shape(out)) * int(b["in_features"]), 0
+
+
+def _conv_products(b, out):
+    x = shape(b["x"])
+    k = b["kernel"]
+    return (numel(shape(out)) * x[1] * int(k[0]) * int(k[1]) if x else 0), 0
+
+
+# each lowered alone, so the lowering measures it against its eager form (torch's GEMM on the dequantized
+# weights) shape by shape
+declare(shift_linear, alone=True, approximate=True, cost=_linear_products)
+declare(shift_conv2d, alone=True, approximate=True, cost=_conv_products)
+# training-time ops of a reparameterized model (straight-through); the shift pass converts them
+declare(shift_weight)
+declare(act_quant)
 
 __all__ = ["quantize", "dequantize", "pack", "unpack", "shift_linear_ref", "matshift_linear_ref", "linear_ref",
            "act_quantize", "integer_weight", "dequantize_packed", "weight_bytes", "TERMS", "ACT_BITS", "MAX_SHIFT"]

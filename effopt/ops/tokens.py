@@ -32,6 +32,8 @@ from typing import Optional
 
 import torch
 
+from .spec import declare
+
 Tensor = torch.Tensor
 PAD_BELOW = -1.0  # a key-mask value below this marks padding (Hugging Face uses finfo.min, others -inf or -1e4)
 
@@ -239,3 +241,11 @@ def token_unmerge(y: Tensor, source: Tensor) -> Tensor:
 @token_unmerge.register_fake
 def _(y, source):
     return y.new_empty((y.shape[0], source.shape[1]) + tuple(y.shape[2:]))
+
+
+# ---- declarations (effopt/ops/spec.py) ------------------------------------------------------------------------
+# the state's set-up checks the mask at run time (torch); the reductions, masks and unmerging are lowered
+# (lowering/kernels/tokens.py)
+declare(token_init, library=True)
+for _op in (tome_merge, evit_prune, cls_attention, token_mask, token_unmerge):
+    declare(_op)

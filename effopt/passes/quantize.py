@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from ..ops import int8 as int8_ops
 from ..graph import fake_call
+from ..ops.spec import spec_of
 from .guarded import GuardedPass
 from .records import PassRecord
 from ..options.quantize import MODES, QuantConfig
@@ -55,6 +56,7 @@ def _dequantize(gm: fx.GraphModule, acc: fx.Node, scale: fx.Node, bias, before: 
 
 _RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 INT8_LINEAR = torch.ops.effopt.int8_linear.default
+INT8 = spec_of(INT8_LINEAR)  # its arguments by name
 
 
 def int8_linear(gm: fx.GraphModule, x: fx.Node, wq: torch.Tensor, w_step: torch.Tensor, bias, scale,
@@ -73,9 +75,11 @@ def int8_linear(gm: fx.GraphModule, x: fx.Node, wq: torch.Tensor, w_step: torch.
               add_constant(gm, w_step.to(torch.float32), before, "int8_ws")]
     if smooth is not None:
         consts.append(add_constant(gm, smooth.to(torch.float32), before, "int8_smooth"))
-    y = _call(gm, INT8_LINEAR,
-              (x, *consts[:3], bias, scale, offset, lo, hi, wq.shape[1], "none", None,
-               consts[3] if smooth is not None else None, None, *int8_ops.SYMMETRIC), before)
+    out_scale, out_offset, out_lo, out_hi = None, *int8_ops.SYMMETRIC
+    y = _call(gm, INT8_LINEAR, INT8.arguments(
+        x=x, packed=consts[0], wsum=consts[1], w_step=consts[2], bias=bias, scale=scale, offset=offset, lo=lo, hi=hi,
+        in_features=wq.shape[1], activation="none", residual=None, smooth=consts[3] if smooth is not None else None,
+        out_scale=out_scale, out_offset=out_offset, out_lo=out_lo, out_hi=out_hi), before)
     return [*consts, y]
 
 
@@ -110,13 +114,13 @@ def fuse_epilogues(gm: fx.GraphModule) -> dict[str, int]:
                 break
             views, u = found
             last = views[-1] if views else cur
-            args = list(cur.args)
+            args = INT8.bind(cur)
             if kind == "activation":
                 approx = u.kwargs.get("approximate", "none")
                 if u.target not in _EPILOGUES or len(u.args) != 1 or set(u.kwargs) - {"approximate"} \
                         or approx not in ("none", "tanh"):
                     continue
-                args[10] = "gelu_tanh" if approx == "tanh" else _EPILOGUES[u.target]
+                args["activation"] = "gelu_tanh" if approx == "tanh" else _EPILOGUES[u.target]
             else:
                 if u.target is not aten.add.Tensor or u.kwargs or len(u.args) != 2:
                     break
@@ -125,9 +129,9 @@ def fuse_epilogues(gm: fx.GraphModule) -> dict[str, int]:
                 if other is last or not isinstance(val, torch.Tensor) or val.shape != last.meta["val"].shape \
                         or val.dtype != torch.float32:
                     break
-                args[11] = _call(gm, aten.reshape.default, (other, list(cur.meta["val"].shape)), u) \
+                args["residual"] = _call(gm, aten.reshape.default, (other, list(cur.meta["val"].shape)), u) \
                     if views else other
-            new = _call(gm, INT8_LINEAR, tuple(args), u)
+            new = _call(gm, INT8_LINEAR, INT8.arguments(**args), u)
             new.meta.update({k: v for k, v in cur.meta.items() if k != "val"})
             out = new
             for v in views:  # the same reshapes, after the fused op
@@ -149,21 +153,26 @@ def fold_requantize(gm: fx.GraphModule) -> int:
     quantizer. Returns the number of pairs folded."""
     folded = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not INT8_LINEAR or node.args[13] is not None:
+        if node.op != "call_function" or node.target is not INT8_LINEAR or INT8.bind(node)["out_scale"] is not None:
             continue
         found = _epilogue(node)
         if found is None:
             continue
         views, nxt = found
         u = views[-1] if views else node
-        if nxt.target is not INT8_LINEAR or nxt.args[0] is not u or nxt.args[5] is None or nxt.args[12] is not None:
+        if nxt.target is not INT8_LINEAR:
             continue
-        first = _call(gm, INT8_LINEAR, (*node.args[:13], nxt.args[5], *nxt.args[6:9]), node)
+        a, b = INT8.bind(node), INT8.bind(nxt)
+        if b["x"] is not u or b["scale"] is None or b["smooth"] is not None:
+            continue
+        # the first's output quantized as the second quantizes its input (its scale, offset and range)
+        a.update(out_scale=b["scale"], out_offset=b["offset"], out_lo=b["lo"], out_hi=b["hi"])
+        first = _call(gm, INT8_LINEAR, INT8.arguments(**a), node)
         first.meta.update({k: v for k, v in node.meta.items() if k != "val"})
         x = first
         for v in views:  # the same reshapes, on the uint8 values
             x = _call(gm, v.target, (x, *v.args[1:]), nxt)
-        second = _call(gm, INT8_LINEAR, (x, *nxt.args[1:]), nxt)
+        second = _call(gm, INT8_LINEAR, INT8.arguments(**{**b, "x": x}), nxt)
         second.meta.update({k: v for k, v in nxt.meta.items() if k != "val"})
         nxt.replace_all_uses_with(second, propagate_meta=False)
         for dead in [nxt, *reversed(views), node]:

@@ -21,7 +21,9 @@ import warnings
 import torch
 import torch.fx as fx
 
-from .approximate import AttentionPass, attention_sites
+from ..ops.spec import spec_of
+from ..options.attention import KINDS
+from .approximate import AttentionPass, Kind, attention_sites
 from .attention import FuseAttention
 from .guarded import GuardContext
 from .records import PassRecord
@@ -147,8 +149,6 @@ def shift_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 _aten = torch.ops.aten
-_APPROXIMATE = {torch.ops.effopt.hamming_attention.default, torch.ops.effopt.lmul_attention.default,
-                torch.ops.effopt.linear_attention.default}
 _GEMMS = {_aten.linear, _aten.addmm, _aten.mm, _aten.matmul, _aten.bmm, _aten.baddbmm}
 # ops between a projection's GEMM and the attention's q/k/v (head split, bias add, scaling, copies)
 _BETWEEN = {_aten.view, _aten._unsafe_view, _aten.reshape, _aten.permute, _aten.transpose, _aten.t, _aten.expand,
@@ -201,13 +201,14 @@ def attention_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
             for a in n.all_input_nodes:
                 walk(a)
 
-    sites = [n for n in graph.nodes if n.op == "call_function" and n.target in _APPROXIMATE]
+    approximate = {k.op for k in KINDS.values() if isinstance(k, Kind)}  # every approximate attention kind's op
+    sites = [n for n in graph.nodes if n.op == "call_function" and n.target in approximate]
     if not sites:
         raise ValueError("attention_parameters: this module has no approximate attention op (was every layer "
                          "rolled back by the accuracy guard?)")
     for node in sites:
-        q, k, v, _mask, *rest = node.args
-        for a in [q, k, v] + [r for r in rest if isinstance(r, fx.Node)]:
+        for a in [x for name, x in spec_of(node.target).bind(node).items() if name != "mask"
+                  and isinstance(x, fx.Node)]:
             walk(a)
     order = {name: i for i, name in enumerate(params)}
     return [found[name] for name in sorted(found, key=order.get)]

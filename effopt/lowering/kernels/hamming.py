@@ -30,11 +30,24 @@ from tvm import relax, tirx
 from tvm.script import tirx as T
 
 from .common import as_float32, batch, dims, same, static
+import torch
+
+from ..rules import additive_mask, float32_attention, lowers
 
 _OP = "hamming attention"  # names this kernel in shape errors
 
 LOG2E = 1.4426950408889634  # effopt.ops.attention.LOG2E
 _MIN_EXP = -126
+
+
+# ---- the lowering rule of effopt::hamming_attention (effopt/ops/attention.py) ------------------------------------
+@lowers(torch.ops.effopt.hamming_attention.default)
+def _lower(cv, node, q, k, v, mask, proj, beta):
+    from . import projection
+
+    float32_attention(node, q, k, v)
+    qp, kp = projection.emit(cv.bb, q, proj), projection.emit(cv.bb, k, proj)
+    return emit(cv.bb, qp, kp, v, additive_mask(cv, mask), float(beta))
 
 __all__ = ["emit", "pack_func", "attention_func"]
 

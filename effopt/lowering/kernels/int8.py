@@ -38,6 +38,9 @@ from tvm.script import tirx as T
 
 from . import tunable
 from .common import dims, has_feature, static
+import torch
+
+from ..rules import Unsupported, lowers, static_shape
 
 LANES = 16  # output channels per packed weight group (the layout of effopt.ops.int8.pack_weight)
 
@@ -445,3 +448,18 @@ def emit(bb: relax.BlockBuilder, x, packed, wsum, w_step, bias, residual, k: int
     y = bb.emit(relax.call_tir(bb.add_func(linear_func(*fixed, **knobs, isa=isa), "int8_linear"),
                                [x2, packed, wsum, w_step, b, r, sm], out))
     return bb.emit(relax.op.reshape(y, [*xs[:-1], n]))
+
+
+# ---- the lowering rule of effopt::int8_linear (effopt/ops/int8.py) ----------------------------------------------
+@lowers(torch.ops.effopt.int8_linear.default)
+def _lower(cv, node, x, packed, wsum, w_step, bias, scale, offset, lo, hi, in_features, activation, residual,
+           smooth, out_scale, out_offset, out_lo, out_hi):
+    why = supported(cv.target)
+    if why:
+        raise Unsupported(why)
+    if not static_shape(node, "x") or cv.dtype_of(x) not in ("float32", "uint8"):
+        raise Unsupported("int8_linear needs static float32 (or requantized uint8) shapes")
+    out = None if out_scale is None else (float(out_scale), int(out_offset), int(out_lo), int(out_hi))
+    return emit(cv.bb, x, packed, wsum, w_step, bias, residual, int(in_features),
+                None if scale is None else float(scale), int(offset), int(lo), int(hi), str(activation), smooth,
+                out, isa=isa_of(cv.target))

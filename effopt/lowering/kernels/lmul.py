@@ -46,8 +46,18 @@ from tvm import relax, tirx
 from tvm.script import tirx as T
 
 from .common import as_float32, batch, dims, same, static
+import torch
+
+from ..rules import additive_mask, float32_attention, lowers
 
 _OP = "lmul attention"  # names this kernel in shape errors
+
+
+# ---- the lowering rule of effopt::lmul_attention (effopt/ops/attention.py) ---------------------------------------
+@lowers(torch.ops.effopt.lmul_attention.default)
+def _lower(cv, node, q, k, v, mask, scale, mantissa_bits):
+    float32_attention(node, q, k, v)
+    return emit(cv.bb, q, k, v, additive_mask(cv, mask), float(scale), int(mantissa_bits))
 
 __all__ = ["emit", "emit_elementwise", "attention_func", "prep_k_func", "prep_v_func", "elementwise_func",
            "lmul_constants"]

@@ -26,6 +26,9 @@ from tvm.script import tirx as T
 
 from . import tunable
 from .common import dims, static
+import torch
+
+from ..rules import Unsupported, lowers, static_shape
 
 LANES = 16
 BLK = 2 * LANES  # weights per block of 16 code bytes
@@ -269,5 +272,35 @@ def build(m: int, n: int, k: int, terms: int, bits: int = 0, bias: bool = False,
     types = [((m, k), "float32"), ((terms, n, (k + 1) // 2), "uint8"), ((n,), "float32")]
     return build_function(body, *types, *([((n,), "float32")] if bias else []), target=target)
 
+
+# ---- the lowering rules of effopt/ops/shift.py's ops, and of the activation quantizers of effopt/ops/int8.py ---
+@lowers(torch.ops.effopt.shift_linear.default)
+def _lower_linear(cv, node, x, packed, scale, bias, in_features, activation_bits):
+    if not static_shape(node, "x"):
+        raise Unsupported("shift_linear kernels need static shapes")
+    return emit(cv.bb, x, packed, scale, bias, int(in_features), int(activation_bits))
+
+
+@lowers(torch.ops.effopt.shift_conv2d.default)
+def _lower_conv2d(cv, node, x, packed, scale, bias, kernel, stride, padding, dilation):
+    if not static_shape(node, "x"):
+        raise Unsupported("shift_conv2d kernels need static shapes")
+    return emit_conv(cv.bb, x, packed, scale, bias, kernel, stride, padding, dilation)
+
+
+@lowers(torch.ops.effopt.quantize_rows.default)
+def _lower_quantize_rows(cv, node, x, scale):
+    if not static_shape(node, "x"):
+        raise Unsupported("quantize_rows needs static shapes")
+    if cv.dtype_of(x) != "float32":
+        raise Unsupported("quantize_rows takes float32")
+    return emit_quantize(cv.bb, x, None if scale is None else float(scale))
+
+
+@lowers(torch.ops.effopt.quantize_affine.default)
+def _lower_quantize_affine(cv, node, x, scale, zero_point, quant_min, quant_max):
+    if not static_shape(node, "x") or cv.dtype_of(x) != "float32":
+        raise Unsupported("quantize_affine needs static float32 shapes")
+    return emit_quantize_affine(cv.bb, x, float(scale), int(zero_point), int(quant_min), int(quant_max))
 
 __all__ = ["matmul_func", "scale_func", "quant_func", "emit", "emit_quantize", "emit_quantize_affine", "emit_conv", "build", "token_block", "LANES"]

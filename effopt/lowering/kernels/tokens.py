@@ -16,6 +16,10 @@ from tvm import relax
 
 from ...ops.tokens import NO_EDGE, PAD_BELOW, PAD_EDGE, max_merge
 from .common import dims, static
+import torch
+
+from ...ops.spec import spec_of
+from ..rules import Unsupported, lowers
 
 
 def _const(value: np.ndarray) -> relax.Constant:
@@ -153,3 +157,31 @@ def emit_token_unmerge(bb: relax.BlockBuilder, y, source):
         idx = relax.op.expand_dims(idx, -1)
     full = relax.ShapeExpr([shape[0], dims(source, "token_unmerge", "source", 2)[1]] + shape[2:])
     return relax.op.gather_elements(y, bb.emit(relax.op.broadcast_to(idx, full)), axis=1)
+
+
+# ---- the lowering rules of effopt/ops/tokens.py's ops ------------------------------------------------------------
+@lowers(torch.ops.effopt.tome_merge.default)
+def _lower_tome_merge(cv, node, x, metric, size, kmask, source, r, protected):
+    if any(not isinstance(d, int) for d in spec_of(node.target).bind(node)["x"].meta["val"].shape[1:]):
+        raise Unsupported("tome_merge needs static token and channel counts")
+    return emit_tome_merge(cv.bb, x, metric, size, kmask, source, int(r), int(protected))
+
+
+@lowers(torch.ops.effopt.evit_prune.default)
+def _lower_evit_prune(cv, node, x, cls_attn, size, kmask, source, keep):
+    return emit_evit_prune(cv.bb, x, cls_attn, size, kmask, source, int(keep))
+
+
+@lowers(torch.ops.effopt.cls_attention.default)
+def _lower_cls_attention(cv, node, q, k, kmask, scale):
+    return emit_cls_attention(cv.bb, q, k, kmask, float(scale))
+
+
+@lowers(torch.ops.effopt.token_mask.default)
+def _lower_token_mask(cv, node, kmask, size, proportional):
+    return emit_token_mask(cv.bb, kmask, size, bool(proportional))
+
+
+@lowers(torch.ops.effopt.token_unmerge.default)
+def _lower_token_unmerge(cv, node, y, source):
+    return emit_token_unmerge(cv.bb, y, source)
