@@ -1,15 +1,20 @@
 """Compile Relax functions for a target: fast-math legalization, fusion, default schedules, codegen."""
 from __future__ import annotations
 
+import functools
+import json
 import os
 import shutil
 import tempfile
+import warnings
+from dataclasses import dataclass, field
 
 import tvm
 from tvm import relax, topi
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.relax.transform.legalize_ops.nn import _nn_gelu
 
+from .records import EffoptFallbackWarning
 from .schedules import default_schedule_pass
 
 _SQRT1_2 = 0.7071067811865476
@@ -144,3 +149,100 @@ def build_function(emit_body, *param_types, target="host"):
     finally:
         shutil.rmtree(build_dir, ignore_errors=True)  # the loaded library stays mapped
     return relax.VirtualMachine(module, tvm.cpu())["main"]
+
+
+# ---- lowering step 4, build or load: the region functions as one library, from the kernel cache if there ----
+def _dedup(applied: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for a in applied:
+        if a["kernel"] not in seen:
+            seen.add(a["kernel"])
+            out.append(dict(a, kind="tir"))
+    return out
+
+
+def _build_all(funcs: dict, target, build_module, strict: bool = False):
+    """Build every kernel in one module (one LLVM run); if that fails, build them one by one to find the
+    kernels TVM cannot compile, and leave those regions in eager PyTorch."""
+    try:
+        return build_module(module_of(funcs.values()), target)
+    except Exception as first:  # noqa: BLE001 - TVM raises many error types
+        if len(funcs) == 1 or strict:
+            raise
+        bad = []
+        for fkey, (kname, f, kernels) in list(funcs.items()):
+            try:
+                build_module(module_of([(kname, f, kernels)]), target)
+            except Exception as e:  # noqa: BLE001
+                bad.append(kname)
+                del funcs[fkey]
+                warnings.warn(f"effopt: TVM could not compile kernel {kname}; its regions stay in eager PyTorch: "
+                              f"{str(e).splitlines()[0][:300]}", EffoptFallbackWarning, stacklevel=4)
+        if not bad or not funcs:
+            raise first
+        return build_module(module_of(funcs.values()), target)
+
+
+@dataclass
+class Built:
+    """The compiled library of a graph's region functions, loaded."""
+
+    vm: object  # relax.VirtualMachine: vm[kernel name] calls a region function
+    choices: dict  # fkey -> select.Choice, as the kernel cache stored them (the choose step adds the others)
+    cache: object
+    key: str
+    lib_path: str
+    loaded: bool  # from the kernel cache
+    build_dir: str | None = None
+    tuned_tir: list = field(default_factory=list)
+
+    def keep(self, funcs: dict) -> None:
+        """After a build: the library and the choices into the kernel cache; the build directory removed
+        (the loaded library stays mapped)."""
+        if self.cache is not None and not self.loaded:
+            self.cache.store(self.key, self.lib_path, {"choices": {k: v.to_json() for k, v in self.choices.items()},
+                                                       "kernels": sorted(kname for kname, *_ in funcs.values()),
+                                                       "tuned": self.tuned_tir})
+        if self.build_dir is not None:
+            shutil.rmtree(self.build_dir, ignore_errors=True)
+
+
+def build_or_load(funcs: dict, options, record, target, tuned) -> Built:
+    """Build `funcs` (convert.Conversion.funcs; the kernels TVM cannot compile are dropped from it, their
+    regions stay eager), or load the library a compile of the same graph, options, target and tuning left
+    in the kernel cache."""
+    from . import threads
+    from .cache import KernelCache, default_dir, make_key
+    from .select import Choice
+
+    cache = KernelCache(options.cache_dir) if options.cache else None
+    # kernel timings depend on whether TVM's parallel loops run on torch's threads or on one thread
+    launch = threads.launcher(os.path.join(options.cache_dir or default_dir(), "runtime"))
+    parallel = record.parallel = "omp" if launch is not None else "serial"
+    key = make_key(options.key(), json.dumps(record.target, sort_keys=True), parallel,
+                   tuned.digest() if tuned is not None else "", *sorted(funcs))
+    loaded = cache.load(key) if cache else None
+    if loaded is not None and not isinstance(loaded[1].get("kernels"), list):
+        loaded = None  # written by an older effopt: rebuild
+    if loaded is not None:
+        module, meta = loaded
+        built = Built(None, {k: Choice.from_json(v) for k, v in meta["choices"].items()}, cache, key,
+                      cache.library(key), True)
+        kernels = set(meta["kernels"])  # kernels TVM could not compile are not in the library
+        record.tuned += [t for t in meta.get("tuned", []) if isinstance(t, dict)]  # schedules replayed then
+        for fkey in [f for f, (kname, *_) in funcs.items() if kname not in kernels]:
+            del funcs[fkey]
+        record.cache_hit = True
+    else:
+        build = build_module if tuned is None else functools.partial(build_module, tuned=tuned)
+        executable = _build_all(funcs, target, build, options.strict)
+        build_dir = tempfile.mkdtemp(prefix="effopt-build-")
+        built = Built(None, {}, cache, key, os.path.join(build_dir, "lib.so"), False, build_dir,
+                      _dedup(tuned.applied) if tuned is not None else [])  # the build's replayed schedules
+        record.tuned += built.tuned_tir
+        executable.export_library(built.lib_path)
+        module = tvm.runtime.load_module(built.lib_path)
+    if launch is not None:
+        threads.attach(built.lib_path, launch)
+    built.vm = relax.VirtualMachine(module, tvm.cpu())
+    return built

@@ -164,3 +164,25 @@ def select_gemm_kernels(gm, decisions: dict) -> list[dict]:
     return list(records.values())
 
 LIBRARY_OPS = LIBRARY_OPS | {torch.ops.mkldnn._linear_pointwise.default} if onednn_supported() else LIBRARY_OPS
+
+
+# ---- lowering step 1, library choice: each frozen-weight GEMM on MKL or oneDNN, whichever measured faster --------
+def choose_library(gm, options, record) -> None:
+    """The GEMMs' MKL/oneDNN choices (remembered per target in the decision store), and the library calls
+    the graph then makes, counted in the record."""
+    from .cache import DecisionStore
+    from .select import Choice
+
+    store = DecisionStore(options.cache_dir, record.target) if options.cache else None
+    saved = store.load("gemm") if store else {}
+    try:
+        decisions = {k: Choice.from_json(v) for k, v in saved.items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        decisions = {}
+    record.gemms = select_gemm_kernels(gm, decisions)
+    if store and decisions.keys() - saved.keys():
+        store.save("gemm", {k: v.to_json() for k, v in decisions.items()})
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in LIBRARY_OPS:
+            name = n.target._opname if isinstance(n.target, torch._ops.OpOverload) else str(n.target)
+            record.library_calls[name] = record.library_calls.get(name, 0) + 1

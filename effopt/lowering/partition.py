@@ -1,6 +1,8 @@
 """Partitioning: which nodes go to TVM, which stay on library kernels, which fall back to eager."""
 from __future__ import annotations
 
+import warnings
+
 import operator
 from collections import defaultdict
 from dataclasses import dataclass
@@ -10,6 +12,7 @@ import torch.fx as fx
 from torch.fx.passes.operator_support import OperatorSupportBase
 
 from ..graph import source_location
+from .records import EffoptFallbackWarning
 from .library import LIBRARY_OPS, VIEW_OPS, is_symbolic_scalar_op
 from .to_relax import CONVERTERS, DTYPES, ISOLATED, LOWERABLE
 
@@ -119,49 +122,10 @@ def partition(gm: fx.GraphModule) -> list[Region]:
     return regions
 
 
-def replace_region(gm: fx.GraphModule, region: Region, name: str, module: torch.nn.Module,
-                   replaced: dict[fx.Node, fx.Node]) -> None:
-    """Swap the region's nodes for one call to `module` (registered as `name`). `replaced` maps the
-    outputs of regions replaced before to the nodes that now stand for them, and is extended. The graph
-    needs `topological_sort` once all regions are replaced."""
-    gm.add_submodule(name, module)
-    graph = gm.graph
-    with graph.inserting_before(region.nodes[0]):
-        call = graph.call_module(name, tuple(replaced.get(a, a) for a in region.inputs))
-        if len(region.outputs) == 1:
-            region.outputs[0].replace_all_uses_with(call)
-            call.meta = dict(region.outputs[0].meta)
-            replaced[region.outputs[0]] = call
-        else:
-            for i, o in enumerate(region.outputs):
-                item = graph.call_function(operator.getitem, (call, i))
-                item.meta = dict(o.meta)
-                o.replace_all_uses_with(item)
-                replaced[o] = item
-            call.meta["val"] = tuple(o.meta.get("val") for o in region.outputs)
-    for n in reversed(region.nodes):
-        graph.erase_node(n)
-
-
-def topological_sort(graph: fx.Graph) -> None:
-    """Reorder nodes so every node follows its inputs, keeping the existing order where it is valid.
-    (torch.fx's stable_topological_sort does the same but took 0.1 s on ViT-S; this takes about 1 ms.)"""
-    done: set[fx.Node] = set()
-    order: list[fx.Node] = []
-    for root in list(graph.nodes):
-        stack = [(root, False)]
-        while stack:
-            n, expanded = stack.pop()
-            if n in done:
-                continue
-            if expanded:
-                done.add(n)
-                order.append(n)
-                continue
-            stack.append((n, True))
-            stack.extend((a, False) for a in reversed(n.all_input_nodes) if a not in done)
-    prev = None
-    for n in order:
-        if prev is not None and prev.next is not n:
-            prev.append(n)
-        prev = n
+def warn_fallbacks(gm, record) -> None:
+    """One warning per op that has no TVM lowering (it runs in eager PyTorch); the record lists them."""
+    record.fallbacks = unsupported_ops(gm)
+    for op, locs in record.fallbacks.items():
+        where = sorted({l for l in locs if l != "?"})
+        warnings.warn(f"effopt: {op} has no TVM lowering; it runs in eager PyTorch ({len(locs)} use(s)"
+                      + (f", e.g. {where[0]})" if where else ")"), EffoptFallbackWarning, stacklevel=2)

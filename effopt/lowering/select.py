@@ -6,11 +6,14 @@ are timed interleaved, and the faster is kept, so a compiled graph is never slow
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 
 from ..ops.attention import reference_kernels
+from ..ops.spec import spec_of
 from ..timing import interleaved_medians
 
 # Per-dtype tolerances for the self-check; fast-math exp/erf stay within a few float32 ulps.
@@ -124,3 +127,83 @@ def choose(candidate, baseline, args, force: bool, tolerances=None) -> Choice:
         return Choice(True, cand_us, base_us, "kernel_choice='tvm'")
     faster = cand_us < base_us
     return Choice(faster, cand_us, base_us, "measured faster" if faster else "eager measured faster")
+
+
+class FloatRegion(torch.nn.Module):
+    """A region whose rewritten ops (int8, shift, approximate attention) run as the float32 layers they
+    replaced (each node's meta["float_form"], a module taking the op's own arguments)."""
+
+    def __init__(self, region_graph: fx.Graph):
+        super().__init__()
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(region_graph, {}))  # node meta (the float forms) comes along
+        self.layers = torch.nn.ModuleList()
+        for n in graph.nodes:
+            if n.op == "call_function" and isinstance(n.meta.get("float_form"), torch.nn.Module):
+                self.layers.append(n.meta["float_form"])
+                n.op, n.target = "call_module", f"layers.{len(self.layers) - 1}"
+        self.gm = fx.GraphModule(self, graph)
+
+    def forward(self, *args):
+        return self.gm(*args)
+
+
+def has_float_forms(graph: fx.Graph) -> list[str]:
+    return [n.target._opname if isinstance(n.target, torch._ops.OpOverload) else str(n.target)
+            for n in graph.nodes if n.op == "call_function" and isinstance(n.meta.get("float_form"), torch.nn.Module)]
+
+
+def region_tolerances(graph: fx.Graph):
+    """The self-check's tolerances for a region: float rounding, unless one of its ops declares its own
+    (effopt/ops/: L-Mul's relative L2 error, int8's off-by-one codes); the loosest wins."""
+    declared = [s.tolerance for s in (spec_of(n.target) for n in graph.nodes if n.op == "call_function")
+                if s is not None and s.tolerance]
+    if not declared:
+        return None
+    relative = [t["relative_l2"] for t in declared if "relative_l2" in t]
+    if relative:
+        return {"relative_l2": max(relative)}
+    out = dict(TOLERANCES)
+    for t in declared:
+        for k, v in t.items():
+            out[k] = max(out.get(k, v), v)
+    return out
+
+
+# ---- lowering step 5, choose: per region, its kernel against eager (and against the float32 layers it replaced) --
+def choose_kernels(gm: fx.GraphModule, regions, conv, built, record, force: bool, gen: torch.Generator) -> dict:
+    """{region index: (its TVMKernel, Choice)} for the regions with a built kernel; each kernel checked against
+    the region's eager form and timed beside it (choices already in the kernel cache are reused), and a
+    KernelRecord per region. `conv.unconverted` gains the regions whose kernel did not build."""
+    from .records import EffoptFallbackWarning, KernelRecord, region_ops
+    from .runtime import TVMKernel
+
+    picks = {}
+    for i, region in enumerate(regions):
+        if i not in conv.region_fn or conv.region_fn[i] not in conv.funcs:
+            if i in conv.region_fn and has_float_forms(conv.converted[i][0]):  # its kernel did not build
+                conv.unconverted[i] = conv.converted[i][0]
+            continue
+        fkey = conv.region_fn[i]
+        kname = conv.funcs[fkey][0]
+        graph, r = conv.converted[i]
+        kernel = TVMKernel(built.vm[kname], r.tensor_inputs, len(region.outputs) == 1, kname, r.sym_sources,
+                           r.out_layouts, r.out_strides)
+        if fkey not in built.choices:
+            args = [getattr(gm, a.target) if a.op == "get_attr" else concrete(a.meta.get("val"), gen)
+                    for a in region.inputs]
+            eager = fx.GraphModule(torch.nn.Module(), graph)  # the region as torch ops: the baseline
+            c = choose(kernel, eager, args, force, region_tolerances(graph))
+            if not c.use_candidate and c.reason.startswith("result differs"):
+                warnings.warn(f"effopt: kernel {kname} ({', '.join(region_ops(graph))}) was not used: {c.reason}",
+                              EffoptFallbackWarning, stacklevel=3)
+            if not force and has_float_forms(graph):  # rewritten ops: against the float32 layers too
+                c = versus_float(kernel if c.use_candidate else eager, FloatRegion(graph), args, c)
+            built.choices[fkey] = c
+        c = built.choices[fkey]
+        record.kernels.append(KernelRecord(f"tvm_region{i}", region_ops(graph),
+                                           "float32" if c.use_float else "tvm" if c.use_candidate else "eager",
+                                           c.candidate_us, c.baseline_us, c.reason, conv.scripts[fkey], kname,
+                                           float_us=c.float_us))
+        picks[i] = (kernel, c)
+    return picks

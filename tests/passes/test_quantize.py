@@ -206,7 +206,7 @@ def test_the_quantizer_kernel_is_bit_exact(scale):
 
 
 def test_self_check_lets_quantized_outputs_differ_by_one_step_in_a_few_elements():
-    from effopt.lowering import _tolerances
+    from effopt.lowering.select import region_tolerances as _tolerances
     from effopt.lowering.select import mismatch
 
     g = torch.fx.Graph()
