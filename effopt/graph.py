@@ -43,21 +43,37 @@ def attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
     return obj
 
 
-def fake_call(target, args):
-    """What `target(*args)` returns on the graph's fake tensors (args may be nodes), for a new node's
-    meta["val"]; None where the graph carries no fake values."""
+def fake_mode(*vals, fresh: bool = False):
+    """The fake mode these values live in (dynamo's, with its shape environment); where they have none, None,
+    or with `fresh` a new mode that also takes real tensors."""
     from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]
     mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-    if mode is None:
-        return None
+    if mode is None and fresh:
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+    return mode
+
+
+def as_fake(mode, v):
+    """A value in `mode`: a real tensor (a graph constant) becomes a fake one of its static sizes."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    vals = [mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor)
-            else v for v in vals]  # constants keep their sizes
+    return mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor) \
+        else v
+
+
+def fake_call(target, args, kwargs=None, mode=None, real: bool = False):
+    """What `target(*args, **kwargs)` returns on the graph's fake values (args may be nodes), for a new node's
+    meta["val"]. The mode is the values' (or `mode`); without one, None, or with `real` the call on the
+    values as they are (a graph whose meta holds real tensors)."""
+    vals, kw = fx.node.map_arg((tuple(args), dict(kwargs or {})), lambda a: a.meta.get("val"))
+    mode = mode or fake_mode(*vals, *kw.values())
+    if mode is None:
+        return target(*vals, **kw) if real else None
+    vals, kw = [as_fake(mode, v) for v in vals], {k: as_fake(mode, v) for k, v in kw.items()}  # constants: sized
     with mode:
-        return target(*vals)
+        return target(*vals, **kw)
 
 
 def through_views(node: fx.Node, forward: bool) -> fx.Node | None:

@@ -17,16 +17,15 @@ backward pass) changes.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 
 import torch
 import torch.fx as fx
 
+from ..graph import fake_call, fake_mode, source_location
 from .manager import GraphPass
 from .records import PassRecord
-from ..graph import source_location
 
 aten = torch.ops.aten
 
@@ -158,17 +157,9 @@ def _additive_mask(gm: fx.GraphModule, m: _Match, before: fx.Node) -> fx.Node:
         f = gm.graph.call_function(aten.scalar_tensor.default, (fill,), {"dtype": dtype})
         z = gm.graph.call_function(aten.scalar_tensor.default, (0.0,), {"dtype": dtype})
         mask = gm.graph.call_function(aten.where.self, (cond, f, z) if where_true else (cond, z, f))
-    from torch._guards import detect_fake_mode
-
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    mode = detect_fake_mode([_val(m.q)])
-    fake = (lambda t: t if mode is None or isinstance(t, FakeTensor) else mode.from_tensor(t))  # noqa: E731
-    for n, val in ((f, torch.tensor(fill, dtype=dtype)), (z, torch.tensor(0.0, dtype=dtype))):
-        n.meta["val"] = fake(val)
-    c = fake(_val(cond))
-    with (mode if mode is not None else contextlib.nullcontext()):
-        mask.meta["val"] = torch.where(c, _val(f), _val(z)) if where_true else torch.where(c, _val(z), _val(f))
+    mode = fake_mode(_val(m.q))
+    for n in (f, z, mask):
+        n.meta["val"] = fake_call(n.target, n.args, n.kwargs, mode=mode, real=True)
     return mask
 
 
@@ -273,15 +264,9 @@ def _shapes_agree(m: _Match) -> bool:
 
 
 def _fake_output(m: _Match):
-    from torch._guards import detect_fake_mode
-
-    vals = [_val(n) for n in (m.q, m.k, m.v)] + ([_val(m.mask)] if m.mask is not None else [])
-    mode = detect_fake_mode(vals)
-    if mode is None:
-        return _val(m.out)
-    with mode:
-        return aten.scaled_dot_product_attention.default(*vals[:3], attn_mask=vals[3] if m.mask is not None else None,
-                                                         scale=m.scale)
+    out = fake_call(aten.scaled_dot_product_attention.default, (m.q, m.k, m.v),
+                    {"attn_mask": m.mask, "scale": m.scale})
+    return _val(m.out) if out is None else out
 
 
 class FuseAttention(GraphPass):

@@ -30,7 +30,7 @@ import torch.fx as fx
 from ..ops import tokens as token_ops  # noqa: F401 - registers effopt::tome_merge and friends
 from ..ops.sdpa import FLASH_CPU, sdpa_arguments
 from .guarded import GuardedPass
-from ..graph import source_location
+from ..graph import as_fake, fake_call, fake_mode, source_location
 from ..options.tokens import TokenConfig, default_prune_layers
 
 aten = torch.ops.aten
@@ -176,25 +176,13 @@ class ShapeError(RuntimeError):
     pass
 
 
-def _fake_mode(*vals):
-    """The fake mode of these values (dynamo's, with its shape environment), or a fresh one."""
-    from torch._guards import detect_fake_mode
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-    return mode if mode is not None else FakeTensorMode(allow_non_fake_inputs=True)
-
-
 def repropagate(gm: fx.GraphModule, old: dict[fx.Node, tuple], token_counts: set) -> None:
     """Recompute every node's fake value after the token count changed, fixing view sizes on the way."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    mode = _fake_mode(*[n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
+    mode = fake_mode(*[n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"], fresh=True)
     env: dict[fx.Node, object] = {}
 
     def fake(v):
-        return mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor) \
-            else v
+        return as_fake(mode, v)
 
     for n in gm.graph.nodes:
         if n.op == "placeholder":
@@ -325,8 +313,8 @@ def apply_plan(gm: fx.GraphModule, blocks: list[Block], p: Plan) -> int:
             if len(now) >= 2 and now[0] == before[0] and now[2:] == before[2:] and before[1] == p.tokens[0]:
                 with graph.inserting_before(out_node):
                     unmerged = graph.call_function(effopt_ops.token_unmerge.default, (a, source))
-                with _fake_mode(a.meta["val"]):
-                    unmerged.meta["val"] = effopt_ops.token_unmerge.default(a.meta["val"], source.meta["val"])
+                unmerged.meta["val"] = fake_call(unmerged.target, unmerged.args,
+                                                 mode=fake_mode(a.meta["val"], fresh=True))
                 a = unmerged
             else:
                 raise ShapeError(f"output {a.name} changed from {before} to {now}")
