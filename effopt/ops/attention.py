@@ -183,12 +183,12 @@ from typing import Optional  # noqa: E402
 Tensor = torch.Tensor
 
 
-def _out_like(q, v):
+def out_like(q, v):
     b, h = torch.broadcast_shapes(q.shape[:-2], v.shape[:-2])
     return q.new_empty((b, q.shape[-2], h, v.shape[-1]), dtype=v.dtype).transpose(1, 2)
 
 
-def _sdpa_layout(out: torch.Tensor) -> torch.Tensor:
+def sdpa_layout(out: torch.Tensor) -> torch.Tensor:
     """[B, H, N, D] stored as [B, N, H, D], as torch's SDPA returns it: models view its transpose(1, 2)
     as [B, N, H*D] without a copy, so the approximate ops must keep that layout."""
     return out.transpose(1, 2).contiguous().transpose(1, 2)
@@ -204,7 +204,7 @@ class ExactAttention(torch.nn.Module):
         self.scale = float(scale)
 
     def forward(self, q, k, v, mask, *rest):
-        return _sdpa_layout(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        return sdpa_layout(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                                              scale=self.scale))
 
 
@@ -212,12 +212,12 @@ class ExactAttention(torch.nn.Module):
 def hamming_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], proj: Tensor,
                       beta: float) -> Tensor:
     """Hamming attention of q, k projected by proj [D, bits] (see the module docstring)."""
-    return _sdpa_layout(hamming_attention_ref(q.to(proj.dtype) @ proj, k.to(proj.dtype) @ proj, v, mask, beta))
+    return sdpa_layout(hamming_attention_ref(q.to(proj.dtype) @ proj, k.to(proj.dtype) @ proj, v, mask, beta))
 
 
 @hamming_attention.register_fake
 def _(q, k, v, mask, proj, beta):
-    return _out_like(q, v)
+    return out_like(q, v)
 
 
 _reference = threading.local()
@@ -271,31 +271,31 @@ def lmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scal
     """L-Mul attention (see the module docstring). Eager runs effopt's TVM kernel for float32 CPU inputs (the
     PyTorch reference takes seconds per attention at ViT sizes), the reference otherwise or under
     `reference_kernels()`."""
-    return _sdpa_layout(_lmul_forward(q, k, v, mask, scale, mantissa_bits))
+    return sdpa_layout(_lmul_forward(q, k, v, mask, scale, mantissa_bits))
 
 
 @lmul_attention.register_fake
 def _(q, k, v, mask, scale, mantissa_bits):
-    return _out_like(q, v)
+    return out_like(q, v)
 
 
 @torch.library.custom_op("effopt::linear_attention", mutates_args=())
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
                      feature_map: str) -> Tensor:
-    return _sdpa_layout(linear_attention_ref(q, k, v, mask, scale, feature_map))
+    return sdpa_layout(linear_attention_ref(q, k, v, mask, scale, feature_map))
 
 
 @linear_attention.register_fake
 def _(q, k, v, mask, scale, feature_map):
-    return _out_like(q, v)
+    return out_like(q, v)
 
 
-def _save_all(ctx, inputs, output):
+def save_inputs(ctx, inputs, output):
     ctx.inputs = inputs
     ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
 
 
-def _grads(fn, ctx, grad):
+def surrogate_grads(fn, ctx, grad):
     """Gradients of `fn` (a differentiable surrogate) for the op's tensor inputs, None for the rest."""
     saved = iter(ctx.saved_tensors)
     args = [next(saved).detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
@@ -317,11 +317,11 @@ def _lmul_surrogate(q, k, v, mask, scale, mantissa_bits):
 
 
 torch.library.register_autograd("effopt::hamming_attention",
-                                lambda ctx, g: _grads(_hamming_surrogate, ctx, g), setup_context=_save_all)
+                                lambda ctx, g: surrogate_grads(_hamming_surrogate, ctx, g), setup_context=save_inputs)
 torch.library.register_autograd("effopt::lmul_attention",
-                                lambda ctx, g: _grads(_lmul_surrogate, ctx, g), setup_context=_save_all)
+                                lambda ctx, g: surrogate_grads(_lmul_surrogate, ctx, g), setup_context=save_inputs)
 torch.library.register_autograd("effopt::linear_attention",
-                                lambda ctx, g: _grads(linear_attention_ref, ctx, g), setup_context=_save_all)
+                                lambda ctx, g: surrogate_grads(linear_attention_ref, ctx, g), setup_context=save_inputs)
 
 
 # ---- declarations (effopt/ops/spec.py) ------------------------------------------------------------------------
