@@ -1,5 +1,5 @@
 """Approximate attention: each fused softmax attention (an SDPA node, after `fuse_attention`) becomes one of
-effopt's approximate attention ops (effopt/ops.py), layer by layer, so the accuracy guard can keep or roll
+effopt's approximate attention ops (effopt/ops/), layer by layer, so the accuracy guard can keep or roll
 back each layer on its own.
 
     hamming  ShiftAddViT-style: binary codes from a random projection of q and k, similarity by XOR and
@@ -7,6 +7,7 @@ back each layer on its own.
              temperature `beta` is fitted per layer on the example (or calibration) inputs unless given.
     linear   kernelized linear attention, O(N): feature map elu+1 (or relu) on q and k.
     lmul     L-Mul: the multiplications of q.k and p.v become integer additions of float bit patterns.
+    relu     ReLU attention (Wortsman et al. 2023): relu(q.k^T * scale + mask) / M instead of the softmax.
 """
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ register_kind(Kind("linear", {"feature_map": "elu"}, _check_linear, torch.ops.ef
 # lmul: mantissa_bits kept by L-Mul (0..23); the paper's 3-bit L-Mul matches fp8 e4m3 accuracy
 register_kind(Kind("lmul", {"mantissa_bits": 3}, _check_lmul, torch.ops.effopt.lmul_attention.default,
                    lambda site, cfg: (site.scale, cfg.mantissa_bits)))
+# relu: ReLU attention, relu(q.k^T * scale + mask) / M (Wortsman et al. 2023); no parameters
+register_kind(Kind("relu", {}, op=torch.ops.effopt.relu_attention.default, arguments=lambda site, cfg: (site.scale,)))
 
 
 # ---- the attention layers of a graph -----------------------------------------------------------------------
