@@ -1,4 +1,4 @@
-"""Power-of-two weights (effopt/shift_ops.py): rounding, residual terms, packing, the reference linear."""
+"""Power-of-two weights (effopt/ops/shift.py): rounding, residual terms, packing, the reference linear."""
 import pytest
 import torch
 

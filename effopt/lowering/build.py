@@ -74,7 +74,7 @@ def _to_fused_tir() -> list:
 
 
 def _to_scheduled_tir(target, tuned=None) -> list:
-    """Relax ops -> fused TIR kernels with tuned schedules (`tuned`: an autotune.apply.TunedSchedules)
+    """Relax ops -> fused TIR kernels with tuned schedules (`tuned`: an lowering.tuned.TunedSchedules)
     where tuning measured them faster, and effopt's default schedules for the rest."""
     passes = _to_fused_tir()
     if tuned is not None:

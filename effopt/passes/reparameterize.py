@@ -10,7 +10,7 @@ projections, Hamming code projections): fine-tuning only those is the safe defau
 
 With `shift_add`, linear layers' weights go through `effopt::shift_weight` (power-of-two rounding, with a
 straight-through gradient, as DeepShift and ShiftAddViT fine-tune), and `shift_parameters(result)` lists
-them; with shift_add='moe', MLPs become ShiftAddViT's mixture of experts (effopt/moe.py).
+them; with shift_add='moe', MLPs become ShiftAddViT's mixture of experts (effopt/ops/moe.py).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Shift/add reparameterization (the `shift_add` option): frozen linear layers become `effopt::shift_linear`
-on power-of-two weights (effopt/shift_ops.py), layer by layer under the accuracy guard.
+on power-of-two weights (effopt/ops/shift.py), layer by layer under the accuracy guard.
 
     layers  'mlp': the MLP's linears (a GEMM that feeds or is fed by an activation: GELU, ReLU, SiLU ...),
             as ShiftAddViT reparameterizes first; 'all': every linear with a frozen weight, and every 2-D

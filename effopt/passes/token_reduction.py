@@ -12,7 +12,7 @@ block's residual stream after attention is the first add downstream of the atten
     EViT   effopt::evit_prune at a few layers: keep the tokens CLS attends to most, fuse the rest into one.
 
 Token state (sizes, the key padding mask, and where each original token went) travels with the stream
-(effopt/token_ops.py). CLS (and any `protected` leading tokens) is never merged or pruned; padding merges
+(effopt/ops/tokens.py). CLS (and any `protected` leading tokens) is never merged or pruned; padding merges
 only with padding, and every later attention gets the reduced key mask. The graph's later shapes are
 re-derived (view sizes follow the token count), and outputs that carried the token dimension are gathered
 back to the original tokens (`token_unmerge`), so the compiled model returns the shapes eager returns.

@@ -25,7 +25,7 @@ from effopt.target import resolve_target
 from effopt.lowering.kernels import int8
 from effopt.testing.compare import assert_same_as_eager
 from effopt.testing.models import vit_tiny_test
-from effopt import int8_ops
+from effopt.ops import int8 as int8_ops
 from tests.passes.test_quantize import LINEARS, quantized
 
 out = {"capability": torch.backends.cpu.get_cpu_capability(), "isa": int8.isa_of(resolve_target("host")).name}

@@ -1,4 +1,4 @@
-"""The fused int8 linear (`effopt::int8_linear`, effopt/int8_ops.py) as one TIR kernel, generated for the
+"""The fused int8 linear (`effopt::int8_linear`, effopt/ops/int8.py) as one TIR kernel, generated for the
 target's integer dot product (`Isa`: AVX-512 VNNI, AVX-VNNI, AVX2, aarch64 NEON sdot and i8mm smmla):
 
     quantize   q[m, k] = clamp(nearbyint(x[m, k] * inv[m]) + offset, lo, hi)       uint8

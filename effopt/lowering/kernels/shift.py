@@ -1,4 +1,4 @@
-"""Shift linear kernels on packed power-of-two weights (effopt/shift_ops.py): `effopt::shift_linear`.
+"""Shift linear kernels on packed power-of-two weights (effopt/ops/shift.py): `effopt::shift_linear`.
 
 Float path (`shift_float`): y[m, n] = s[n] * sum_t sum_k  x[m, k] * (±2^-e[t, n, k])
 
@@ -197,7 +197,7 @@ def _quantize(bb, x2, m: int, k: int, bits: int, scale: float | None, offset: in
 
 def emit_quantize_affine(bb: relax.BlockBuilder, x: relax.Expr, scale: float, zero_point: int, quant_min: int,
                          quant_max: int) -> relax.Expr:
-    """`effopt::quantize_affine` (effopt/int8_ops.py): PT2E's quantize_per_tensor, shifted into int8."""
+    """`effopt::quantize_affine` (effopt/ops/int8.py): PT2E's quantize_per_tensor, shifted into int8."""
     xs, m, x2 = _rows(bb, x, "int8 quantize")
     shift = 128 if quant_max > 127 else 0
     xq, _ = _quantize(bb, x2, m, xs[-1], 8, scale, zero_point - shift, quant_min - shift, quant_max - shift)
@@ -205,7 +205,7 @@ def emit_quantize_affine(bb: relax.BlockBuilder, x: relax.Expr, scale: float, ze
 
 
 def emit_quantize(bb: relax.BlockBuilder, x: relax.Expr, scale: float | None) -> relax.Expr:
-    """`effopt::quantize_rows` (effopt/int8_ops.py): (xq int8, step [..., 1]) of x [..., K] float32."""
+    """`effopt::quantize_rows` (effopt/ops/int8.py): (xq int8, step [..., 1]) of x [..., K] float32."""
     xs, m, x2 = _rows(bb, x, "int8 quantize")
     xq, step = _quantize(bb, x2, m, xs[-1], 8, scale)
     return relax.Tuple([bb.emit(relax.op.reshape(xq, xs)), bb.emit(relax.op.reshape(step, [*xs[:-1], 1]))])

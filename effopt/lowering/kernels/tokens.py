@@ -1,4 +1,4 @@
-"""Token reduction ops (effopt/token_ops.py) as Relax graphs, so ToMe's matching and merging and EViT's
+"""Token reduction ops (effopt/ops/tokens.py) as Relax graphs, so ToMe's matching and merging and EViT's
 pruning compile into TVM kernels with the block around them.
 
 Each emit function computes what its reference in `token_ops` computes, op for op. ToMe: cosine scores of
@@ -37,7 +37,7 @@ def _every_other(bb, x, start: int, t: int):
 
 
 def _rank_descending(bb, v, earlier):
-    """As `token_ops.rank_descending`: v [B, T] -> each value's place in a stable descending sort, int32;
+    """As `ops.tokens.rank_descending`: v [B, T] -> each value's place in a stable descending sort, int32;
     `earlier` the constant [T, T] matrix of j < i."""
     op = relax.op
     vi, vj = bb.emit(op.expand_dims(v, 2)), bb.emit(op.expand_dims(v, 1))  # [B, T, 1] value i; [B, 1, T] value j
@@ -46,7 +46,7 @@ def _rank_descending(bb, v, earlier):
 
 
 def _scatter_tokens(bb, x, pos, n: int, coef, sizes, masks, source):
-    """As `token_ops.scatter_tokens`: (sum of x * coef, sum of sizes, max of masks, source through pos)."""
+    """As `ops.tokens.scatter_tokens`: (sum of x * coef, sum of sizes, max of masks, source through pos)."""
     op = relax.op
     bsz, t, c = dims(x, "token reduction", "x", 3)
     pos3 = bb.emit(op.broadcast_to(op.expand_dims(pos, 2), relax.ShapeExpr([bsz, t, c])))
@@ -110,7 +110,7 @@ def _before(bb, flags, earlier):
 
 
 def emit_evit_prune(bb: relax.BlockBuilder, x, cls_attn, size, kmask, source, keep: int):
-    """EViT pruning as `token_ops.evit_prune_ref`: (x', size', kmask', source') with keep + 2 tokens."""
+    """EViT pruning as `ops.tokens.evit_prune_ref`: (x', size', kmask', source') with keep + 2 tokens."""
     op = relax.op
     bsz, t, c = dims(x, "evit_prune", "x", 3)
     t, c = static(t, "evit_prune", "the token count"), static(c, "evit_prune", "the channel count")
