@@ -2,7 +2,8 @@
 from .version import __version__  # noqa: E402
 
 from .backend import backend, effopt_backend  # noqa: E402
-from .options import KernelChoice, Options  # noqa: E402
+from .options import (AttentionConfig, AutoConfig, KernelChoice, Options, QuantConfig, ShiftConfig,  # noqa: E402
+                      TokenConfig)
 from .inspect.report import last_report  # noqa: E402
 from .ops.moe import moe_loss  # noqa: E402
 from .passes.reparameterize import attention_parameters, reparameterize, shift_parameters  # noqa: E402
@@ -13,6 +14,7 @@ from . import logs as _logs  # noqa: E402
 
 _logs.configure()  # EFFOPT_LOG=passes,lowering,guard
 
-__all__ = ["backend", "effopt_backend", "Options", "KernelChoice", "last_report", "reparameterize", "attention_parameters",
+__all__ = ["backend", "effopt_backend", "Options", "KernelChoice", "AttentionConfig", "TokenConfig", "ShiftConfig",
+           "QuantConfig", "AutoConfig", "last_report", "reparameterize", "attention_parameters",
            "shift_parameters", "moe_loss",
            "token_sources", "draw_token_merges", "explain", "autotune", "__version__"]

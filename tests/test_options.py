@@ -65,3 +65,19 @@ def test_backend_binds_options():
     assert all(k.choice == "tvm" for k in effopt.last_report().lowering.kernels)
     with pytest.raises(ValueError):
         effopt.backend(bogus=1)
+
+
+def test_every_option_is_parsed_by_its_type_and_takes_its_config_object():
+    import dataclasses
+    import typing
+
+    import effopt
+    from effopt.options import parser_of
+
+    hints = typing.get_type_hints(effopt.Options)
+    for f in dataclasses.fields(effopt.Options):
+        assert callable(parser_of(f, hints[f.name]))  # a type without a parser would raise TypeError here
+    assert hints["quantize"] == typing.Optional[effopt.QuantConfig]
+    quant = effopt.QuantConfig.parse({"mode": "dynamic", "layers": "mlp"})
+    o = effopt.Options.from_dict({"quantize": quant, "attention": effopt.AttentionConfig.parse("linear")})
+    assert o.quantize is quant and o.attention.kind == "linear" and o.attention.feature_map == "elu"
