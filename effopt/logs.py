@@ -5,7 +5,7 @@
 Channels: `passes` (each pass's record as it finishes: matches, source lines, guard decisions), `lowering`
 (each compile's lowering record: kernels, library calls, fallbacks), `guard` (the accuracy guard's per-layer
 decisions as they are made), or `all`. They go to standard error through Python's logging, under the loggers
-`effopt.passes`, `effopt.lowering` and `effopt.passes.guard`, so an application can also route them itself.
+`effopt.passes`, `effopt.lowering` and `effopt.guard`, so an application can also route them itself.
 """
 from __future__ import annotations
 

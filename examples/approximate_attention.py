@@ -2,7 +2,7 @@
 
 1. Training-free, guarded: torch.compile with attention="hamming", calibration data and an accuracy budget;
    the report says which layers kept the approximation and what it cost.
-2. Fine-tuned: effopt.passes.reparameterize gives a trainable module with Hamming attention; a few steps of
+2. Fine-tuned: effopt.reparameterize gives a trainable module with Hamming attention; a few steps of
    distillation in plain PyTorch; then torch.compile lowers its attention to effopt's TVM kernels.
 
     python examples/approximate_attention.py [--attention hamming|linear|lmul] [--steps 30]

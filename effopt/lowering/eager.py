@@ -3,7 +3,7 @@ run a model with.
 
 L-Mul's reference (`effopt.ops.attention.lmul_attention_ref`) does every product of both N x M x D contractions as
 a separate integer tensor op: about 3.5 s per attention of DINOv2 at batch 8, minutes per forward. The
-eager forward of `effopt::lmul_attention` (what the accuracy guard, `effopt.passes.reparameterize`'s fine-tuning
+eager forward of `effopt::lmul_attention` (what the accuracy guard, `effopt.reparameterize`'s fine-tuning
 and any un-lowered graph run) calls the same TVM kernel that the lowering uses instead, compiled once per
 input signature in this process. The reference stays the oracle: the lowering's self-check runs it under
 `effopt.ops.attention.reference_kernels()`, and tests compare this path with it.

@@ -31,7 +31,7 @@ def default_pass_manager(disabled=()) -> PassManager:
 
 def approximate_passes(options, ctx: GuardContext, trained_shift: bool = False) -> list[GuardedPass]:
     """The guarded passes the options ask for, in the pipeline's order, less those in disable_passes.
-    `trained_shift`: the graph has layers trained by effopt.passes.reparameterize for shift weights (the shift
+    `trained_shift`: the graph has layers trained by effopt.reparameterize for shift weights (the shift
     pass converts them even without the shift_add option)."""
     from .approximate import AttentionPass
     from .quantize import QuantizePass

@@ -246,7 +246,7 @@ def fit_beta(q, k, v, mask, exact, proj) -> tuple[float, float]:
 class AttentionPass(GuardedPass):
     """The `attention` option: gm's attention sites as the configured approximate attention, guarded.
     Hamming's temperature is fitted per layer on the first calibration input (or the example inputs
-    without calibration). `trainable` (effopt.passes.reparameterize): Hamming's projections become parameters."""
+    without calibration). `trainable` (effopt.reparameterize): Hamming's projections become parameters."""
 
     name = "attention"
 

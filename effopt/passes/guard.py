@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-log = logging.getLogger("effopt.passes.guard")
+log = logging.getLogger("effopt.guard")
 
 DEFAULT_BUDGET = 0.01
 _warned_unverified: set = set()

@@ -7,8 +7,8 @@ import torch
 import torch.fx as fx
 
 from ..graph import attr, through_views
-from ..ops.attention import shift as so
-from ..ops.attention.moe import ShiftMoE, expert_latency
+from ..ops import shift as so
+from ..ops.moe import ShiftMoE, expert_latency
 from ..options.common import check_parameters
 from ..options.shift_add import ShiftConfig
 from .records import PassRecord
@@ -32,7 +32,7 @@ def _linear(gm, site) -> torch.nn.Linear:
 
 
 def mixture_of_experts(gm: fx.GraphModule, spec) -> PassRecord:
-    """Replace each MLP of the exported graph `gm` by a ShiftMoE submodule (see `effopt.passes.reparameterize`)."""
+    """Replace each MLP of the exported graph `gm` by a ShiftMoE submodule (see `effopt.reparameterize`)."""
     spec = {"kind": "moe"} if spec == "moe" else dict(spec)
     check_parameters("shift_add moe", spec, _PARAMS)
     terms = spec.get("terms", 1)

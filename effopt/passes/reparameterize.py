@@ -1,4 +1,4 @@
-"""`effopt.passes.reparameterize`: an approximate model that a user fine-tunes in plain PyTorch.
+"""`effopt.reparameterize`: an approximate model that a user fine-tunes in plain PyTorch.
 
 The model is exported (torch.export, ATen graph), its softmax attentions fused into SDPA nodes by the same
 exact pass the backend runs, and each attention replaced by one of effopt's approximate ops. The result is
@@ -107,7 +107,7 @@ def _attention(gm, opts, example_leaves, cal, run) -> PassRecord:
                       record_name=f"reparameterize_{config.kind}")
     _, record = p.run(gm)
     if not record.matches:
-        warnings.warn("effopt.passes.reparameterize: every attention layer was rolled back by the accuracy guard; the "
+        warnings.warn("effopt.reparameterize: every attention layer was rolled back by the accuracy guard; the "
                       "module computes exact attention", UserWarning, stacklevel=3)
     return record
 
@@ -130,7 +130,7 @@ def shift_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
     graph = getattr(module, "graph", None)
     if not isinstance(graph, fx.Graph):
-        raise TypeError("shift_parameters takes the module effopt.passes.reparameterize returned")
+        raise TypeError("shift_parameters takes the module effopt.reparameterize returned")
     params = dict(module.named_parameters())
     found = set()
     for n in graph.nodes:
@@ -177,7 +177,7 @@ def attention_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     """
     graph = getattr(module, "graph", None)
     if not isinstance(graph, fx.Graph):
-        raise TypeError("attention_parameters takes the module effopt.passes.reparameterize returned")
+        raise TypeError("attention_parameters takes the module effopt.reparameterize returned")
     params = dict(module.named_parameters())
     found: dict[str, torch.nn.Parameter] = {}
     seen: set[fx.Node] = set()

@@ -54,7 +54,7 @@ class LinearSite:
     name: str
     terms: int
     bits: int
-    trained: bool = False  # from effopt.passes.reparameterize: shift_weight / act_quant in the graph
+    trained: bool = False  # from effopt.reparameterize: shift_weight / act_quant in the graph
     conv: tuple | None = None  # a convolution's (kernel, stride, padding, dilation), each (h, w)
     new: fx.Node | None = None
     added: list = field(default_factory=list)  # the nodes the rewrite added, in creation order (erased by a revert)
@@ -89,7 +89,7 @@ def is_mlp(site_node: fx.Node, x: fx.Node) -> bool:
 
 def _weight(gm, wt: fx.Node) -> tuple[torch.Tensor, int | None] | None:
     """(W [N, K], trained terms or None) of a GEMM's right operand: a frozen W^T, t(W) (an exported
-    module's parameter), or t(shift_weight(W)) (trained by effopt.passes.reparameterize)."""
+    module's parameter), or t(shift_weight(W)) (trained by effopt.reparameterize)."""
     if wt.op == "get_attr":
         w = attr(gm, wt.target)
         return (w.t(), None) if w.dim() == 2 else None
@@ -239,7 +239,7 @@ def undo_rewrite(gm: fx.GraphModule, site: LinearSite) -> None:
 
 
 class TrainableShift:
-    """For `effopt.passes.reparameterize`: each site's weight goes through `shift_weight` (and its input through
+    """For `effopt.reparameterize`: each site's weight goes through `shift_weight` (and its input through
     `act_quant` for the integer path), straight-through, so the float weights fine-tune under the rounding;
     the backend converts those layers to shift_linear when it compiles the result."""
 
@@ -307,7 +307,7 @@ def has_trained_layers(gm: fx.GraphModule) -> bool:
 
 class ShiftAddPass(GuardedPass):
     """The `shift_add` option: gm's linear layers with power-of-two weights, the untrained ones guarded;
-    config None converts only the layers trained for it (effopt.passes.reparameterize). `trainable`
+    config None converts only the layers trained for it (effopt.reparameterize). `trainable`
     (reparameterize itself): the layers become TrainableShift's straight-through forms instead."""
 
     name = "shift_add"
@@ -346,7 +346,7 @@ class ShiftAddPass(GuardedPass):
         record.layers = [layer_savings(s) for s in kept]
         trained = [s for s in self.all_sites if s.trained] if not self.trainable else []
         if trained:
-            record.notes.append(f"{len(trained)} layer(s) trained by effopt.passes.reparameterize converted")
+            record.notes.append(f"{len(trained)} layer(s) trained by effopt.reparameterize converted")
         if guard is not None:
             record.notes.append(guard.summary())
         elif not self.all_sites:

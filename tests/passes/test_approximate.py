@@ -1,4 +1,4 @@
-"""Approximate attentions (hamming, linear, lmul), the accuracy guard, and effopt.passes.reparameterize."""
+"""Approximate attentions (hamming, linear, lmul), the accuracy guard, and effopt.reparameterize."""
 import warnings
 
 import pytest
