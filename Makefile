@@ -7,7 +7,7 @@ STAMP := $(VENV)/.effopt-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test bench clean browser fuzz
+.PHONY: setup demo test test-fast bench clean browser fuzz
 
 $(STAMP): pyproject.toml requirements.txt constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: setup
 
 test: setup browser
 	$(PY) -m pytest -q tests
+
+# the loop while developing: everything but the tests marked slow (whole models, tuning, fuzzing), about a minute
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 # differential fuzzing against eager for FUZZ_SECONDS (default 600); failures as minimized repro scripts
 fuzz: setup

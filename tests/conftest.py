@@ -47,3 +47,13 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "effopt reliability")
         for name, text in FIGURES.items():
             terminalreporter.write_line(f"{name}: {text}")
+
+
+SLOW_DIRS = ("e2e", "fuzz", "autotune")  # whole models, random graphs, MetaSchedule: every test in them is slow
+
+
+def pytest_collection_modifyitems(config, items):
+    root = os.path.dirname(os.path.abspath(__file__))
+    for item in items:
+        if os.path.relpath(str(item.fspath), root).split(os.sep)[0] in SLOW_DIRS:
+            item.add_marker(pytest.mark.slow)

@@ -2,7 +2,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 
+
+@pytest.mark.slow
 def test_backend_registered_through_entry_point_without_import():
     # A fresh interpreter that never imports effopt: torch finds the backend through the entry point.
     code = textwrap.dedent("""

@@ -99,6 +99,7 @@ def test_html_is_self_contained_and_highlights_the_rewrites(vit_report, tmp_path
     assert page.count("<svg") >= 2  # the graph and the profile's bars
 
 
+@pytest.mark.slow
 def test_a_twelve_layer_vit_stays_readable():
     torch.manual_seed(0)
     model = vit_tiny_test(depth=12).eval()
@@ -130,6 +131,7 @@ def test_fallbacks_are_listed_with_their_reason(tmp_path):
     assert "1 op(s) in eager" in " ".join(str(report).splitlines()[:2])
 
 
+@pytest.mark.slow
 def test_token_merging_adds_the_merged_patch_picture():
     torch.manual_seed(0)
     model = vit_tiny_test(depth=4, img_size=64).eval()
@@ -141,6 +143,7 @@ def test_token_merging_adds_the_merged_patch_picture():
     assert "data:image/png;base64," in report.to_html()
 
 
+@pytest.mark.slow
 def test_effopt_inspect_command(tmp_path):
     model_file = tmp_path / "tiny.py"
     model_file.write_text("import torch\nfrom effopt.testing.models import vit_tiny_test\n\n"
@@ -163,6 +166,7 @@ def test_effopt_inspect_command(tmp_path):
     assert proc.returncode != 0 and "token_merge" in proc.stderr
 
 
+@pytest.mark.slow
 def test_effopt_log_channels():
     assert logs.parse("passes, lowering") == ["passes", "lowering"]
     assert logs.parse("all") == list(logs.CHANNELS)
@@ -182,6 +186,7 @@ def test_effopt_log_channels():
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium (make test installs Debian's chromium when it can)")
 def test_the_page_renders_in_headless_chromium(vit_report, tmp_path):
     path = vit_report.save_html(str(tmp_path / "report.html"))

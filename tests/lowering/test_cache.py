@@ -4,6 +4,7 @@ import glob
 import os
 import warnings
 
+import pytest
 import torch
 
 import effopt
@@ -19,6 +20,7 @@ def _compile_and_run(model, x, cache_dir):
     return effopt.last_report().lowering
 
 
+@pytest.mark.slow
 def test_second_compile_hits_cache(cache_dir):
     model, x = vit_tiny_test().eval(), torch.randn(1, 3, 32, 32)
     first = _compile_and_run(model, x, cache_dir)
@@ -28,6 +30,7 @@ def test_second_compile_hits_cache(cache_dir):
     assert [k.choice for k in second.kernels] == [k.choice for k in first.kernels]
 
 
+@pytest.mark.slow
 def test_truncated_or_foreign_entries_are_rebuilt(cache_dir):
     model, x = vit_tiny_test().eval(), torch.randn(1, 3, 32, 32)
     _compile_and_run(model, x, cache_dir)
@@ -76,6 +79,7 @@ def test_second_compile_reuses_measurements(cache_dir, monkeypatch):
     assert [g["kernel"] for g in second.gemms] == [g["kernel"] for g in first.gemms]
 
 
+@pytest.mark.slow
 def test_damaged_decision_file_is_measured_again(cache_dir):
     model, x = vit_tiny_test().eval(), torch.randn(2, 3, 32, 32)
     first = _compile_and_run(model, x, cache_dir)

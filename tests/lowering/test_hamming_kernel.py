@@ -81,6 +81,7 @@ def _run(fn, *args):
     return torch.from_dlpack(fn(*[a for a in args if a is not None]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(vm, name):
     _, _, machine = vm
@@ -88,6 +89,7 @@ def test_matches_reference(vm, name):
     _check(_run(machine[name], qp, kp, v, mask), hamming_attention_ref(qp, kp, v, mask, BETA))
 
 
+@pytest.mark.slow
 def test_symbolic_batch(vm):
     _, _, machine = vm
     for B in (1, 3):

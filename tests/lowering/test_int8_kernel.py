@@ -81,6 +81,7 @@ RUNS = [(isa, case) for isa in X86 + [EMULATED] for case in range(len(CASES))
         if (_HOST is not None and _HOST.name == isa) or case % 3 == 0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa, case", RUNS)
 def test_fused_kernel_is_exact(isa, case):
     (m, n, k), quant, (activation, bias, residual, smooth) = CASES[case]
@@ -101,6 +102,7 @@ def test_fused_kernel_is_exact(isa, case):
     assert torch.equal(got, ref), (got - ref).abs().max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa", X86 + [EMULATED])
 @pytest.mark.parametrize("m, n, k", [(7, 48, 50), (256, 384, 1536)])
 @pytest.mark.parametrize("prequantized", [False, True])
@@ -161,6 +163,7 @@ ASM = {"avx512vnni": (["vpdpbusd"], None), "avxvnni": (["vpdpbusd"], "zmm"),
        "neon-i8mm": (["smmla", "zip1", "zip2"], None)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa", list(ASM))
 @pytest.mark.parametrize("lo", [1, 0])
 def test_each_isa_builds_with_its_dot_product_instruction(isa, lo):

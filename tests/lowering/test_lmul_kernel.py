@@ -66,6 +66,7 @@ def _inputs(batch=B, n=N):
     return q, k, v
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mantissa_bits", [3, 8])
 @pytest.mark.parametrize("mask_kind", [None, "padding"])
 def test_lmul_attention_matches_reference(vm, mantissa_bits, mask_kind):
@@ -86,6 +87,7 @@ def test_lmul_attention_matches_reference(vm, mantissa_bits, mask_kind):
     assert (out - sdpa).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_lmul_attention_symbolic_batch(vm):
     for batch in (1, 3):
         q, k, v = _inputs(batch)

@@ -38,6 +38,7 @@ def _run(target, m, n, k, tile, x, w, b):
     return y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unit", list(UNITS))
 @pytest.mark.parametrize("m, n, k", [(197, 384, 384), (13, 40, 24), (1, 1000, 64), (30, 64, 1)])
 def test_every_tile_setting_matches_eager(unit, m, n, k):

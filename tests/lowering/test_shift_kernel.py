@@ -50,6 +50,7 @@ def test_shift_float_kernel_is_exact_where_summation_order_cannot_matter(m, n, k
     assert torch.equal(y, so.shift_linear_ref(x, packed, scale, None, k))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("m,n,k,terms,bits", [(1, 10, 37, 1, 8), (3, 24, 64, 2, 8), (6, 7, 100, 3, 8),
                                               (5, 17, 96, 1, 4), (512, 8, 1536, 1, 8)])
 def test_matshift_integer_kernel_is_bit_exact(m, n, k, terms, bits):

@@ -51,6 +51,7 @@ def _fuse_record():
     return next(r for r in effopt.last_report().passes if r.name == "fuse_attention")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spelling", ["div_scores", "mul_scores", "scale_q", "bmm_3d", "masked"])
 def test_spellings_are_fused_and_stay_exact(spelling, no_fallback_warnings):
     model = Spelled(spelling).eval()
@@ -66,6 +67,7 @@ def test_spellings_are_fused_and_stay_exact(spelling, no_fallback_warnings):
     assert not any(n.target is torch.ops.aten._softmax.default for n in graph.nodes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spelling", ["index", "unbind"])
 def test_vit_blocks_each_fused(spelling, no_fallback_warnings):
     model = vit_tiny_test(qkv_spelling=spelling).eval()
@@ -140,6 +142,7 @@ def _hf(name, impl):
     return model_cls(cfg).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("name", ["vit", "dinov2"])
 def test_hugging_face_vit_and_dinov2_attention(name, impl, no_fallback_warnings):
@@ -196,6 +199,7 @@ class BoolMasked(nn.Module):
         return (a.softmax(-1) @ v).transpose(1, 2).reshape(B, N, H * D)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spelling, fused", [("where_min", 1), ("masked_fill_min", 1), ("causal_inf", 1),
                                              ("runtime_inf", 0), ("runtime_1e9", 0)])
 def test_boolean_masks(spelling, fused, no_fallback_warnings):

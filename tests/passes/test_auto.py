@@ -87,6 +87,7 @@ def test_time_budget_spellings():
     assert auto.AutoConfig.parse("auto") == auto.AutoConfig()
 
 
+@pytest.mark.slow
 def test_auto_chooses_int8_where_it_pays_and_a_second_compile_reuses_the_choice(cache_dir, monkeypatch):
     torch.manual_seed(0)
     model = vit_tiny_test(img_size=64, dim=256, depth=2).eval()  # 512 tokens x 256 features: int8 pays
@@ -127,6 +128,7 @@ def test_auto_chooses_int8_where_it_pays_and_a_second_compile_reuses_the_choice(
     assert again.rewrites() == rep.rewrites()
 
 
+@pytest.mark.slow
 def test_auto_with_a_zero_budget_keeps_the_exact_model(cache_dir):
     torch.manual_seed(0)
     model = vit_tiny_test().eval()

@@ -20,6 +20,7 @@ def _loss(f, model, cal):
         return sum(cosine_loss(model(c), f(c)) for c in cal) / len(cal)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", [0.01, 0.02])
 def test_all_four_families_stay_within_one_budget_end_to_end(budget):
     torch.manual_seed(0)
@@ -39,6 +40,7 @@ def test_all_four_families_stay_within_one_budget_end_to_end(budget):
     assert last.guard.loss == pytest.approx(loss, rel=1e-3, abs=1e-6)  # the record reports the end-to-end loss
 
 
+@pytest.mark.slow
 def test_a_later_pass_gets_only_what_the_earlier_ones_left():
     """With a budget the first pass uses part of, the last pass keeps other layers than it does alone: its
     guard measures each layer on top of the first pass, against the original model, and its loss is the
@@ -63,6 +65,7 @@ def test_a_later_pass_gets_only_what_the_earlier_ones_left():
     assert both["shift_add"].guard.loss == pytest.approx(end_to_end, rel=1e-3, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_held_out_validation_backs_the_guards_off_until_it_holds():
     """Decided on 2 calibration inputs at 0.01, shift/add + int8 cost 0.022 on 2 held-out inputs from the
     same distribution: the passes run again at a lower budget until the held-out loss holds, and the
@@ -94,6 +97,7 @@ def test_validation_needs_calibration():
         effopt.Options.from_dict({"shift_add": "all", "validation": [torch.randn(1, 3, 32, 32)]})
 
 
+@pytest.mark.slow
 def test_a_quarter_of_the_calibration_is_held_out_by_default():
     """8 calibration inputs and no validation option: the guards decide on the first 6 and the loss on the
     last 2 is reported (and bounded); validation=False decides on all 8."""
@@ -121,6 +125,7 @@ def test_a_quarter_of_the_calibration_is_held_out_by_default():
         assert guard.loss == pytest.approx(_loss(g, model, cal), rel=1e-3, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_disable_passes_names_every_pass():
     """Every approximate pass has a name in disable_passes, and disabling it leaves that family out of the
     pipeline (the exact passes' names stay valid too)."""
@@ -149,6 +154,7 @@ def _per_layer(model, cal, budget, **options):
     return f, next(r for r in effopt.last_report().passes if r.guard is not None)
 
 
+@pytest.mark.slow
 def test_per_layer_forms_retry_a_layer_over_budget_in_the_next_form():
     """Attention kinds in order, shift terms 1 -> 2 -> 3, int8 static -> dynamic: a layer that exceeds the
     budget in its first form is measured again in the next; the records say which layer took which form,

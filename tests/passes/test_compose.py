@@ -20,6 +20,7 @@ RECORDS = {"tokens": "token_merge", "attention": "attention_hamming", "shift_add
 COMBINATIONS = [list(c) for c in itertools.combinations(FAMILIES, 2)] + [list(FAMILIES)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("families", COMBINATIONS, ids=["+".join(c) for c in COMBINATIONS])
 def test_combined_families_compile_to_their_eager_reference(families, cache_dir):
     torch.manual_seed(0)

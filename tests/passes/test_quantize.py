@@ -83,6 +83,7 @@ def test_invalid_quantize_options(bad, match):
         Options.from_dict(bad)
 
 
+@pytest.mark.slow
 def test_dynamic_int8_matches_the_integer_oracle_and_runs_int8_gemms():
     model, x = _model()
     with torch.no_grad(), warnings.catch_warnings():
@@ -113,6 +114,7 @@ def test_dynamic_int8_matches_the_integer_oracle_and_runs_int8_gemms():
     assert not torch.equal(got, exact) and F.cosine_similarity(got.flatten(), exact.flatten(), dim=0) > 0.999
 
 
+@pytest.mark.slow
 def test_static_int8_uses_scales_calibrated_on_the_calibration_inputs():
     model, x = _model()
     cal = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]

@@ -61,6 +61,7 @@ def test_invalid_shift_options(bad, match):
         Options.from_dict(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layers, names, terms, bits", [("mlp", MLP, 1, 0), ("all", ALL, 2, 0), ("mlp", MLP, 1, 8)])
 def test_shift_add_rewrites_the_chosen_layers_and_matches_the_eager_oracle(layers, names, terms, bits):
     model, x = _model()
@@ -130,6 +131,7 @@ class _Convs(torch.nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
+@pytest.mark.slow
 def test_convolutions_become_shift_convolutions_except_grouped_ones():
     torch.manual_seed(0)
     model, x = _Convs().eval(), torch.randn(2, 3, 15, 17)
@@ -154,6 +156,7 @@ def test_no_matching_layer_warns():
 
 
 # ---- the fine-tune path: effopt.reparameterize(shift_add=...) -------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [0, 8])
 def test_reparameterized_shift_layers_fine_tune_and_compile_to_the_shift_kernels(bits):
     teacher, x = _model()
@@ -208,6 +211,7 @@ def test_reparameterize_shift_guard_keeps_costly_layers_exact():
 
 
 # ---- ShiftAddViT's mixture of experts -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_moe_routes_tokens_trains_with_the_latency_aware_loss_and_compiles():
     from effopt.ops.moe import ShiftMoE
 

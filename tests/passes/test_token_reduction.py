@@ -162,6 +162,7 @@ def test_r0_is_exactly_the_original():
     assert _record().matches == 0 and _record().tokens == [17, 17, 17, 17]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option,expected", [
     (2, [15, 13, 11]),
     ([3, 0, 1], [14, 13]),
@@ -194,6 +195,7 @@ def _token_kernels(op):
     return [k for k in effopt.last_report().lowering.kernels if op in k.ops]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option,op,n", [({"token_merge": 2}, "tome_merge", 3),
                                          ({"token_prune": {"keep_rate": 0.5, "layers": [0, 2]}}, "evit_prune", 2)])
 def test_lowered_graph_matches_the_unlowered_one(option, op, n, no_fallback_warnings):
@@ -209,6 +211,7 @@ def test_lowered_graph_matches_the_unlowered_one(option, op, n, no_fallback_warn
     assert len(kernels) == n and all(k.choice == "tvm" for k in kernels), kernels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option,op", [({"token_merge": 5}, "tome_merge"), ({"token_prune": 0.5}, "evit_prune")])
 def test_lowered_reduction_with_padding(option, op, no_fallback_warnings):
     """Padding ties (equal scores, zero CLS attention) break the same way in the kernels as in torch."""
@@ -250,6 +253,7 @@ def _tiny_bert():
     return BertModel(cfg).eval()
 
 
+@pytest.mark.slow
 def test_text_padding_is_protected_and_masks_follow():
     """Real tokens' outputs do not depend on what the padding holds: padding merges only with padding,
     and every later attention masks the (merged) padding."""
@@ -270,6 +274,7 @@ def test_text_padding_is_protected_and_masks_follow():
     assert torch.nn.functional.cosine_similarity(out[0, :10], ref[0, :10], dim=-1).mean() > 0.9
 
 
+@pytest.mark.slow
 def test_guard_backs_off_the_schedule():
     model = vit_tiny_test(depth=3).eval()
     gen = torch.Generator().manual_seed(5)
