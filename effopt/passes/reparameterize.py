@@ -134,8 +134,9 @@ def shift_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     params = dict(module.named_parameters())
     found = set()
     for n in graph.nodes:
-        if n.op == "call_function" and n.target is SHIFT_WEIGHT and n.args[0].op == "get_attr":
-            found.add(n.args[0].target)
+        weight = spec_of(n.target).bind(n)["weight"] if n.op == "call_function" and n.target is SHIFT_WEIGHT else None
+        if weight is not None and weight.op == "get_attr":
+            found.add(weight.target)
             for u in n.users:  # a convolution's bias, or through the transpose, a linear's (addmm)
                 layers = [u] if u.target is _aten.convolution.default else list(u.users)
                 for layer in layers:

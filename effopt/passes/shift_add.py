@@ -30,6 +30,7 @@ import torch.fx as fx
 from ..ops import shift as so
 from .guarded import GuardContext, GuardedPass
 from ..graph import add_constant, attr, source_location, through_views
+from ..ops.spec import spec_of
 from ..options.shift_add import LAYERS, ShiftConfig
 
 aten = torch.ops.aten
@@ -40,6 +41,7 @@ ACTIVATIONS = {aten.gelu.default, aten.relu.default, aten.silu.default, aten.har
                aten.hardtanh.default, aten.relu6.default}
 SHIFT_WEIGHT = torch.ops.effopt.shift_weight.default
 ACT_QUANT = torch.ops.effopt.act_quant.default
+SW, AQ = spec_of(SHIFT_WEIGHT), spec_of(ACT_QUANT)  # their arguments by name
 
 
 @dataclass
@@ -97,8 +99,9 @@ def _weight(gm, wt: fx.Node) -> tuple[torch.Tensor, int | None] | None:
         w = wt.args[0]
         if isinstance(w, fx.Node) and w.op == "get_attr" and attr(gm, w.target).dim() == 2:
             return attr(gm, w.target), None
-        if isinstance(w, fx.Node) and w.target is SHIFT_WEIGHT and w.args[0].op == "get_attr":
-            return (attr(gm, w.args[0].target), int(w.args[1])) if attr(gm, w.args[0].target).dim() == 2 else None
+        if isinstance(w, fx.Node) and w.target is SHIFT_WEIGHT and SW.bind(w)["weight"].op == "get_attr":
+            b = SW.bind(w)
+            return (attr(gm, b["weight"].target), int(b["terms"])) if attr(gm, b["weight"].target).dim() == 2 else None
     return None
 
 
@@ -107,7 +110,7 @@ def _conv_site(gm, node: fx.Node, config: ShiftConfig | None, skipped: list) -> 
     x, w, b, stride, padding, dilation, transposed, _, groups = node.args
     name = module_path(node) or source_location(node) or node.name
     trained = isinstance(w, fx.Node) and w.target is SHIFT_WEIGHT
-    wnode = w.args[0] if trained else w
+    wnode = SW.bind(w)["weight"] if trained else w
     if not trained and (config is None or config.layers != "all"):
         return None
     if not isinstance(wnode, fx.Node) or wnode.op != "get_attr" or (b is not None and b.op != "get_attr"):
@@ -121,7 +124,7 @@ def _conv_site(gm, node: fx.Node, config: ShiftConfig | None, skipped: list) -> 
         return None
     conv = (tuple(int(k) for k in weight.shape[2:]), tuple(stride), tuple(padding), tuple(dilation))
     return LinearSite(node, x, w, weight.detach().reshape(weight.shape[0], -1), b, name,
-                      int(w.args[1]) if trained else config.first_terms, 0, trained, conv=conv)
+                      int(SW.bind(w)["terms"]) if trained else config.first_terms, 0, trained, conv=conv)
 
 
 def linear_sites(gm: fx.GraphModule, config: ShiftConfig | None, skipped: list | None = None) -> list[LinearSite]:
@@ -155,7 +158,8 @@ def linear_sites(gm: fx.GraphModule, config: ShiftConfig | None, skipped: list |
         if w.dtype != torch.float32:
             continue
         quant = through_views(x, False)
-        trained_bits = int(quant.args[1]) if quant.op == "call_function" and quant.target is ACT_QUANT else None
+        trained_bits = int(AQ.bind(quant)["bits"]) if quant.op == "call_function" and quant.target is ACT_QUANT \
+            else None
         trained = trained_terms is not None
         if not trained and (config is None or config.layers == "mlp" and not is_mlp(node, x)):
             continue
@@ -188,9 +192,10 @@ class ShiftRewriter:
         if not (quant.op == "call_function" and quant.target is ACT_QUANT):
             return site.x
         if quant is site.x:
-            return quant.args[0]
+            return AQ.bind(quant)["x"]
         with self.gm.graph.inserting_before(site.node):
-            view = self.gm.graph.call_function(aten.reshape.default, (quant.args[0], list(site.x.meta["val"].shape)))
+            view = self.gm.graph.call_function(aten.reshape.default,
+                                               (AQ.bind(quant)["x"], list(site.x.meta["val"].shape)))
         view.meta = dict(site.x.meta)
         return view
 
