@@ -98,7 +98,7 @@ def _tune(args) -> int:
 
 def _tune_report(target, cache_dir) -> int:
     from .lowering.tuning_db import TuningDatabase
-    from .autotune.tune import TaskResult, _result_from_choice, format_table, tuning_target
+    from .autotune.tune import TaskResult, result_from_choice, format_table, tuning_target
 
     db = TuningDatabase.open(tuning_target(target, False), cache_dir)
     choices = db.choices()
@@ -109,7 +109,7 @@ def _tune_report(target, cache_dir) -> int:
     for key, c in choices.items():
         r = TaskResult(key, c.get("kind", "?"), c.get("name", key), int(c.get("weight") or 0),
                        float(c.get("flops") or 0), int(c.get("trials") or 0))
-        results.append(_result_from_choice(r, c))
+        results.append(result_from_choice(r, c))
     print(format_table(results, db.target, db.path))
     return 0
 

@@ -92,7 +92,7 @@ def graph_tasks(gm, target, gemm_decisions: dict | None = None) -> Extraction:
     which are made before the graph is cut into regions (oneDNN takes a GELU into its GEMM)."""
     import tvm
 
-    from ..lowering.build import module_of as _module
+    from ..lowering.build import module_of
     from ..lowering.build import fused_tir
     from ..lowering.kernels import tunable
     from ..lowering.partition import partition
@@ -129,7 +129,7 @@ def graph_tasks(gm, target, gemm_decisions: dict | None = None) -> Extraction:
             entries[fkey][2] += 1
     if entries:
         custom = {gv: f for gv, f in kernels.values()}
-        mod = _module([(name, f.with_attr("global_symbol", name).with_attr("effopt_multiplicity", count), custom)
+        mod = module_of([(name, f.with_attr("global_symbol", name).with_attr("effopt_multiplicity", count), custom)
                        for name, f, count in entries.values()])
         fused = fused_tir(mod, target)
         counts = _call_counts(fused)

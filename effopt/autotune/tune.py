@@ -253,7 +253,7 @@ class Tuner:
         prev = None if self.remeasure else self.db.choices().get(task.key)
         if prev is not None and prev.get("trials") == trials and prev.get("best") == (traces[0]["record"][0] if traces else None) \
                 and (not packed or "packed" in prev):
-            return _result_from_choice(res, prev)  # nothing new since the last comparison
+            return result_from_choice(res, prev)  # nothing new since the last comparison
         mods, names = [self.default_module(task)], ["default"]
         if traces:
             try:
@@ -304,7 +304,7 @@ class Tuner:
         res = TaskResult(task.key, task.kind, task.name, task.weight, task.flops, len(k.space))
         prev = None if self.remeasure else self.db.choices().get(task.key)
         if prev is not None and prev.get("trials") == len(k.space):
-            return _result_from_choice(res, prev)
+            return result_from_choice(res, prev)
         mods = [tvm.IRModule({"main": k.make(kn).with_attr("global_symbol", "main")}) for kn in k.space]
         us = measure(mods, self.target, self.run, args_info=tensor_infos(k.shapes))
         self.progress.update(len(k.space), task.name, min((u for u in us if u), default=None), us[0])
@@ -323,7 +323,7 @@ class Tuner:
         return res
 
 
-def _result_from_choice(res: TaskResult, c: dict) -> TaskResult:
+def result_from_choice(res: TaskResult, c: dict) -> TaskResult:
     res.default_us, res.tuned_us, res.library_us = c.get("default_us"), c.get("tuned_us"), c.get("library_us")
     res.use_tuned = bool(c.get("use_tuned"))
     from ..lowering.kernels import gemm as packed_gemm
