@@ -334,11 +334,11 @@ def _float_products(b, out):
     return m, m
 
 
-declare(hamming_attention, alone=True, approximate=True, cost=_approximate_products)
+declare(hamming_attention, alone=True, cost=_approximate_products)
 # L-Mul truncates mantissas: a probability whose last bit differs between kernel and reference (their exp
 # differ) can land on the other side of a truncation step and move its product by up to 2^-mantissa_bits
 # relative. Such flips are rare and local, so it is checked by relative L2 error, which an indexing or layout
 # bug would still fail by orders of magnitude.
-declare(lmul_attention, tolerance={"relative_l2": 1e-3}, alone=True, approximate=True, cost=_approximate_products)
+declare(lmul_attention, tolerance={"relative_l2": 1e-3}, alone=True, cost=_approximate_products)
 # a few small GEMMs and elementwise ops: torch's kernels (MKL) run it
 declare(linear_attention, library=True, cost=_float_products)

@@ -253,7 +253,7 @@ def _int8_products(b, out):  # int8 x int8 products, int32 accumulation
 
 declare(quantize_rows, tolerance=OFF_BY_ONE)
 declare(quantize_affine, tolerance=OFF_BY_ONE)
-declare(int8_linear, tolerance=OFF_BY_ONE, alone=True, approximate=True, cost=_int8_products)
+declare(int8_linear, tolerance=OFF_BY_ONE, alone=True, cost=_int8_products)
 
 __all__ = ["int8_linear", "FloatLinear", "int_mm", "int_mm_usable", "int8_linear_fused_ref", "pack_weight", "unpack_weight", "quantize_u8", "ACTIVATIONS",
            "SYMMETRIC", "quantize_rows", "quantize_rows_ref", "quantize_affine", "quantize_affine_ref", "quantize_weight", "int8_linear_ref", "QMAX"]

@@ -271,8 +271,8 @@ def _conv_products(b, out):
 
 # each lowered alone, so the lowering measures it against its eager form (torch's GEMM on the dequantized
 # weights) shape by shape
-declare(shift_linear, alone=True, approximate=True, cost=_linear_products)
-declare(shift_conv2d, alone=True, approximate=True, cost=_conv_products)
+declare(shift_linear, alone=True, cost=_linear_products)
+declare(shift_conv2d, alone=True, cost=_conv_products)
 # training-time ops of a reparameterized model (straight-through); the shift pass converts them
 declare(shift_weight)
 declare(act_quant)

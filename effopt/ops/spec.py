@@ -1,17 +1,17 @@
 """One declaration per custom op: what every stage reads of it.
 
 Each op module (attention.py, tokens.py, shift.py, int8.py, moe.py) defines its op with
-`torch.library.custom_op` and its fake with `register_fake`, then declares it here with `declare(...)`:
+`torch.library.custom_op` and its fake with `register_fake`, then declares it here with `declare(...)`.
+The op's own body is its plain-PyTorch reference: the oracle of the lowering's self-check, which runs it under
+`ops.attention.reference_kernels()` (so no op forward calls a compiled kernel there), and of the tests.
 
-    reference    the plain-PyTorch implementation, the oracle of the lowering's self-check and of the tests
-                 (default: the op itself, which runs its PyTorch implementation under `reference_kernels()`)
     tolerance    how far a compiled kernel may be from the reference in the self-check (None: float rounding;
                  a dict of the keys `lowering.select.TOLERANCES` takes, e.g. {"relative_l2": 1e-3})
     alone        lowered in a region of its own, so its kernel is measured alone against its eager form
     library      no TVM kernel: it runs as its torch implementation, as a library call does
-    approximate  its products are not float multiplications (the report counts them apart)
     cost         (bound arguments, output) -> (multiply-accumulates, of them float multiplications) of one
-                 call; the output is the call's fx node (its value's shape), or None
+                 call; the output is the call's fx node (its value's shape), or None. Products that are not
+                 float multiplications (shifts, int8, Hamming, L-Mul) are what the report counts apart.
 
 Nothing reads an op's arguments by position: `spec.bind(node)` gives them by the names of the op's schema,
 and `spec.arguments(**named)` puts named values back in the schema's order.
@@ -29,11 +29,9 @@ import torch.fx as fx
 @dataclass(frozen=True)
 class OpSpec:
     op: Any
-    reference: Callable | None = None
     tolerance: dict | None = None
     alone: bool = False
     library: bool = False
-    approximate: bool = False
     cost: Callable[[dict, Any], tuple[int, int]] | None = None
 
     @property

@@ -228,20 +228,12 @@ def parser_of(f: dataclasses.Field, hint) -> Callable:
 
 
 # ---- the rules that tie options together: each raises ValueError saying what to pass --------------------------
-def _needs_calibration(what: str, why: str):
+def _needs_calibration(given: Callable[[Options], bool], why: str):
+    """A rule: where `given(options)`, calibration data must be passed too."""
     def rule(o: Options) -> None:
-        if o.calibration is None and _given(o, what):
+        if o.calibration is None and given(o):
             raise ValueError(f"{why}: pass options={{'calibration': [inputs, ...]}} as well")
     return rule
-
-
-def _given(o: Options, what: str) -> bool:
-    if what == "smooth":
-        return o.quantize is not None and o.quantize.smooth is not None
-    v = getattr(o, what)
-    if what == "quantize":
-        return v is not None and v.mode in ("static", "mixed")
-    return v is not None and v is not False
 
 
 def _one_token_reduction(o: Options) -> None:
@@ -258,15 +250,19 @@ def _auto_alone(o: Options) -> None:
 
 
 RULES: list[Callable[[Options], None]] = [
-    _needs_calibration("quantize", "quantize='int8' (static activation scales) needs calibration data, or use "
-                                   "quantize='int8-dynamic'"),
-    _needs_calibration("smooth", "quantize smooth (SmoothQuant) needs calibration data for the activation ranges"),
+    _needs_calibration(lambda o: o.quantize is not None and o.quantize.mode in ("static", "mixed"),
+                       "quantize='int8' (static activation scales) needs calibration data, or use "
+                       "quantize='int8-dynamic'"),
+    _needs_calibration(lambda o: o.quantize is not None and o.quantize.smooth is not None,
+                       "quantize smooth (SmoothQuant) needs calibration data for the activation ranges"),
     _one_token_reduction,
-    _needs_calibration("approximate", "approximate='auto' searches within the accuracy budget on calibration data"),
+    _needs_calibration(lambda o: o.approximate is not None,
+                       "approximate='auto' searches within the accuracy budget on calibration data"),
     _auto_alone,
-    _needs_calibration("accuracy_budget", "accuracy_budget needs calibration data to be measured on"),
-    _needs_calibration("validation", "validation (held-out inputs) checks what the guards decided on calibration "
-                                     "data"),
+    _needs_calibration(lambda o: o.accuracy_budget is not None,
+                       "accuracy_budget needs calibration data to be measured on"),
+    _needs_calibration(lambda o: o.validation is not None and o.validation is not False,
+                       "validation (held-out inputs) checks what the guards decided on calibration data"),
 ]
 
 __all__ = ["Options", "KernelChoice", "AttentionConfig", "TokenConfig", "ShiftConfig", "QuantConfig", "AutoConfig",

@@ -99,9 +99,10 @@ def _weight(gm, wt: fx.Node) -> tuple[torch.Tensor, int | None] | None:
         w = wt.args[0]
         if isinstance(w, fx.Node) and w.op == "get_attr" and attr(gm, w.target).dim() == 2:
             return attr(gm, w.target), None
-        if isinstance(w, fx.Node) and w.target is SHIFT_WEIGHT and SW.bind(w)["weight"].op == "get_attr":
+        if isinstance(w, fx.Node) and w.target is SHIFT_WEIGHT:
             b = SW.bind(w)
-            return (attr(gm, b["weight"].target), int(b["terms"])) if attr(gm, b["weight"].target).dim() == 2 else None
+            if b["weight"].op == "get_attr" and attr(gm, b["weight"].target).dim() == 2:
+                return attr(gm, b["weight"].target), int(b["terms"])
     return None
 
 
@@ -110,7 +111,8 @@ def _conv_site(gm, node: fx.Node, config: ShiftConfig | None, skipped: list) -> 
     x, w, b, stride, padding, dilation, transposed, _, groups = node.args
     name = module_path(node) or source_location(node) or node.name
     trained = isinstance(w, fx.Node) and w.target is SHIFT_WEIGHT
-    wnode = SW.bind(w)["weight"] if trained else w
+    bound = SW.bind(w) if trained else None
+    wnode = bound["weight"] if trained else w
     if not trained and (config is None or config.layers != "all"):
         return None
     if not isinstance(wnode, fx.Node) or wnode.op != "get_attr" or (b is not None and b.op != "get_attr"):
@@ -124,7 +126,7 @@ def _conv_site(gm, node: fx.Node, config: ShiftConfig | None, skipped: list) -> 
         return None
     conv = (tuple(int(k) for k in weight.shape[2:]), tuple(stride), tuple(padding), tuple(dilation))
     return LinearSite(node, x, w, weight.detach().reshape(weight.shape[0], -1), b, name,
-                      int(SW.bind(w)["terms"]) if trained else config.first_terms, 0, trained, conv=conv)
+                      int(bound["terms"]) if trained else config.first_terms, 0, trained, conv=conv)
 
 
 def linear_sites(gm: fx.GraphModule, config: ShiftConfig | None, skipped: list | None = None) -> list[LinearSite]:
