@@ -13,6 +13,11 @@ bench-results/attention_pareto.png (speed-up against the task metric).
 First, each option's attention op alone at both models' shapes against torch's SDPA
 (bench-results/approximate_ops.json; `--ops-only` stops there).
 
+Each row says what the compiled model runs for the rewritten attention (the lowering's choices: its kernel,
+or the float32 layers where those measured faster on this CPU), and, beside the compiled model's metric, the
+metric of the rewrite itself run in eager (effopt.reparameterize). `--metric-only` prints only the latter
+(bench-results/approximate_rewrite.json): a few minutes, no compile.
+
     python benchmarks/approximate.py [--models minilm,dinov2] [--options hamming,linear,lmul] [--steps 40]
 """
 from __future__ import annotations
@@ -117,6 +122,42 @@ def warm(task, fn, batch):
         task.call(fn, batch)
 
 
+def runs(report, op: str) -> str:
+    """What the compiled model runs for the regions holding `op` (the lowering's choices, counted): 'tvm' its
+    kernel, 'eager' its op in torch, 'float32' the float layers it replaced (measured faster on this CPU)."""
+    choices = [k.choice for k in report.lowering.kernels if op in k.ops]
+    return ", ".join(f"{c} {choices.count(c)}" for c in sorted(set(choices))) or "torch (not a region)"
+
+
+def rewrite_metric(task, **options) -> float:
+    """The task metric of the rewrite itself: the model reparameterized with `options` (effopt.reparameterize,
+    guard included when calibration is given) run in eager on the ops' own forwards, whatever the lowering
+    then chooses to run on this CPU."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        student = effopt.reparameterize(task.model, task.example(), **options)
+    return task.metric(student)
+
+
+def rewrite_metrics(key, options, no_guard=()) -> list[dict]:
+    """--metric-only: each option's rewrite, training-free and guarded, by rewrite_metric; no compile, no
+    latency."""
+    task = TASKS[key]()
+    print(f"\n== {task.name} ({task.metric_name}) of the rewrite in eager, batch {BATCH}", flush=True)
+    cal = [task.inputs(b) for b in task.train[:2]]
+    rows = []
+    for opt in options:
+        variants = {"training-free": {}}
+        if opt not in no_guard:
+            variants["guard 0.01"] = {"calibration": cal, "accuracy_budget": 0.01}
+        for variant, guard in variants.items():
+            rows.append({"model": task.name, "option": opt, "variant": variant,
+                         "rewrite_metric": rewrite_metric(task, attention=opt, **guard)})
+            print(f"  {opt:8s} {variant:22s} {task.metric_name} of the rewrite {rows[-1]['rewrite_metric']:.4f}",
+                  flush=True)
+    return rows
+
+
 def latency(task, exact_fn, fn, batch, rounds: int) -> tuple[float, float]:
     with torch.no_grad():
         m = interleaved_medians({"exact": lambda: task.call(exact_fn, batch), "option": lambda: task.call(fn, batch)},
@@ -164,8 +205,8 @@ def run_task(key, options, finetune, steps, lr, rounds, no_guard=()):
             warnings.simplefilter("ignore", effopt.passes.guard.EffoptAccuracyWarning)
             variants["training-free"] = (compiled(task.model, attention=opt), None)
         # 2. the accuracy guard: budget 0.01 (1 - cosine of the model's outputs) on two training batches
+        cal = [task.inputs(b) for b in task.train[:2]]
         if opt not in no_guard:
-            cal = [task.inputs(b) for b in task.train[:2]]
             variants["guard 0.01"] = (compiled(task.model, attention=opt, calibration=cal, accuracy_budget=0.01),
                                       None)
         # 3. fine-tuned: reparameterize, distill, compile
@@ -181,13 +222,19 @@ def run_task(key, options, finetune, steps, lr, rounds, no_guard=()):
             rec = next((r for r in report.passes if r.name.startswith("attention_")), None)
             kept = f"{len(rec.guard.kept)}/{len(rec.guard.kept) + len(rec.guard.rolled_back)}" if rec else "all"
             metric = task.metric(fn)
+            ran = runs(report, f"{opt}_attention")
             exact_ms, ms = latency(task, exact_fn, fn, batch, rounds)
+            rewrite = None if secs else rewrite_metric(  # fine-tuned models hold the op itself: they run it
+                task, attention=opt, **({"calibration": cal, "accuracy_budget": 0.01} if variant == "guard 0.01"
+                                        else {}))
             row = {"model": task.name, "option": opt, "variant": variant, "metric": metric, "exact_ms": exact_ms,
-                   "ms": ms, "speedup": exact_ms / ms, "layers": kept, "fine_tune_s": secs}
+                   "ms": ms, "speedup": exact_ms / ms, "layers": kept, "fine_tune_s": secs, "runs": ran,
+                   "rewrite_metric": rewrite}
             rows.append(row)
-            print(f"  {opt:8s} {variant:22s} {task.metric_name} {metric:.4f}  latency {ms:8.1f} ms vs exact "
-                  f"{exact_ms:8.1f} ms ({exact_ms / ms:.2f}x)  layers {kept}"
-                  + (f"  fine-tune {secs:.0f} s" if secs else ""), flush=True)
+            print(f"  {opt:8s} {variant:22s} {task.metric_name} {metric:.4f}"
+                  + (f" (the rewrite in eager: {rewrite:.4f})" if rewrite is not None else "")
+                  + f"  latency {ms:8.1f} ms vs exact {exact_ms:8.1f} ms ({exact_ms / ms:.2f}x)  layers {kept}"
+                  f"  runs {ran}" + (f"  fine-tune {secs:.0f} s" if secs else ""), flush=True)
     return rows
 
 
@@ -269,12 +316,23 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--ops-only", action="store_true", help="only the attention op alone (a minute), no models")
+    ap.add_argument("--metric-only", action="store_true",
+                    help="only each rewrite's task metric in eager (training-free and guarded), no compile or timing")
     args = ap.parse_args()
     torch.manual_seed(0)
     from effopt.testing import machine
 
     print(f"{machine.describe()['line']}, {torch.get_num_threads()} threads")
     os.makedirs("bench-results", exist_ok=True)
+    if args.metric_only:
+        rows = []
+        for key in args.models.split(","):
+            skip = {p.split(":")[1] for p in args.no_guard.split(",") if p.startswith(key + ":")}
+            rows += rewrite_metrics(key, args.options.split(","), skip)
+        with open("bench-results/approximate_rewrite.json", "w") as f:
+            json.dump(rows, f, indent=1)
+        print("wrote bench-results/approximate_rewrite.json")
+        return
     print("\n== the attention op alone, compiled by effopt, against torch's SDPA in eager")
     with open("bench-results/approximate_ops.json", "w") as f:
         json.dump(op_level(args.rounds * 2), f, indent=1)

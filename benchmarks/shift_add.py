@@ -11,14 +11,18 @@ int8 path), with the accuracy guard (budget 0.01 of 1 - output cosine, on two tr
 ShiftAddViT's mixture of experts (reparameterize(shift_add='moe'), fine-tuned with its latency-aware
 load-balancing loss). Each row gives the layers rewritten, the multiplications removed, the weight memory
 and the arithmetic-energy estimate of the rewritten layers (effopt.passes.shift_add: Horowitz 45 nm), and
-latency against eager, Inductor and effopt without the option (interleaved medians, one process).
-Writes bench-results/shift_add.json.
+latency against eager, Inductor and effopt without the option (interleaved medians, one process), what the
+compiled model runs for the shift layers (their kernel, torch on the dequantized weights, or the float32
+layers where those measured faster on this CPU), and, beside the compiled model's metric, the metric of the
+rewrite itself in eager (effopt.reparameterize). Writes bench-results/shift_add.json.
 
     python benchmarks/shift_add.py [--models minilm,dinov2] [--steps 40] [--rounds 7] [--variants int8,moe]
+    python benchmarks/shift_add.py --metric-only    # the rewrites' metrics alone, no compile (a few minutes)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -29,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 import effopt  # noqa: E402
-from approximate import TASKS, compiled, distill, warm  # noqa: E402
+from approximate import TASKS, compiled, distill, rewrite_metric, runs, warm  # noqa: E402
 from effopt.timing import interleaved_medians, merge_results  # noqa: E402
 
 OPTIONS = {  # variant -> shift_add option
@@ -49,6 +53,22 @@ def savings(rec) -> dict:
             "multiplications_removed": 1 - tot["multiplications_after"] / tot["multiplications_before"],
             "weight_mb": (tot["weight_bytes_before"] / 2 ** 20, tot["weight_bytes_after"] / 2 ** 20),
             "energy_uj": (tot["energy_uj_before"], tot["energy_uj_after"])}
+
+
+def rewrite_metrics(key, only=()) -> list[dict]:
+    """--metric-only: each training-free and guarded variant's rewrite in eager (approximate.rewrite_metric);
+    no compile, no latency."""
+    task = TASKS[key]()
+    print(f"\n== {task.name} ({task.metric_name}) of the rewrite in eager, batch 8", flush=True)
+    cal = {"calibration": [task.inputs(b) for b in task.train[:2]], "accuracy_budget": 0.01}
+    rows = []
+    for variant, opt in {**OPTIONS, **GUARDED}.items():
+        if only and not any(o in variant for o in only):
+            continue
+        m = rewrite_metric(task, shift_add=opt, **(cal if variant in GUARDED else {}))
+        rows.append({"model": task.name, "variant": variant, "rewrite_metric": m})
+        print(f"  {variant:34s} {task.metric_name} of the rewrite {m:.4f}", flush=True)
+    return rows
 
 
 def run_task(key, steps, lr, rounds, moe_steps, only=()):
@@ -107,6 +127,9 @@ def run_task(key, steps, lr, rounds, moe_steps, only=()):
         rec = next((r for r in report.passes if r.name == "shift_add"), None)
         guard = rec.guard if rec is not None else None
         metric = task.metric(fn)
+        opt = OPTIONS.get(variant, GUARDED.get(variant))
+        rewrite = None if opt is None else rewrite_metric(
+            task, shift_add=opt, **({"calibration": cal, "accuracy_budget": 0.01} if variant in GUARDED else {}))
         with torch.no_grad():
             t = interleaved_medians({"eager": lambda: task.call(task.model, batch),
                                      "inductor": lambda: task.call(inductor, batch),
@@ -118,6 +141,7 @@ def run_task(key, steps, lr, rounds, moe_steps, only=()):
                "ms": {k: v * 1e3 for k, v in t.items()}, "speedup_vs_eager": t["eager"] / t["option"],
                "speedup_vs_effopt": t["effopt"] / t["option"], "inductor_vs_eager": t["eager"] / t["inductor"],
                "shift_kernels_on_tvm": f"{sum(k.choice == 'tvm' for k in kernels)}/{len(kernels)}",
+               "runs": runs(report, "shift_linear"), "rewrite_metric": rewrite,
                "compile_s": compile_s, "fine_tune_s": secs, "lr": lr if secs else None, **extra}
         rows.append(row)
         sav = (f"{row['layers']} layers, mults -{row.get('multiplications_removed', 0):.1%}, weights "
@@ -125,9 +149,10 @@ def run_task(key, steps, lr, rounds, moe_steps, only=()):
                f"{row['energy_uj'][1]:.0f} uJ" if row["layers"] else
                f"{extra['moe_layers']} MoE layers, {extra['shift_token_share']:.0%} of tokens to the shift expert"
                if extra else "no layer rewritten")
-        print(f"  {variant:34s} {task.metric_name} {metric:.4f}  {sav}; "
+        print(f"  {variant:34s} {task.metric_name} {metric:.4f}"
+              + (f" (the rewrite in eager: {rewrite:.4f})" if rewrite is not None else "") + f"  {sav}; "
               f"{row['speedup_vs_eager']:.2f}x eager (inductor {row['inductor_vs_eager']:.2f}x, effopt "
-              f"{t['eager'] / t['effopt']:.2f}x); shift kernels on TVM {row['shift_kernels_on_tvm']}"
+              f"{t['eager'] / t['effopt']:.2f}x); shift layers run: {row['runs']}"
               + (f"; rolled back {len(row['rolled_back'])}" if guard else "")
               + (f"; fine-tune {secs:.0f} s" if secs else ""), flush=True)
     return rows
@@ -143,15 +168,24 @@ def main():
                          "accuracy fell from 0.69 to 0.09 in 40 steps at 1e-4)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--variants", default="", help="comma-separated substrings of the variants to run (default all)")
+    ap.add_argument("--metric-only", action="store_true",
+                    help="only each rewrite's task metric in eager (training-free and guarded), no compile or timing")
     args = ap.parse_args()
     from effopt.testing import machine
 
     print(f"{machine.describe()['line']}, {torch.get_num_threads()} threads")
+    only = [v for v in args.variants.split(",") if v]
+    if args.metric_only:
+        rows = [r for key in args.models.split(",") for r in rewrite_metrics(key, only)]
+        os.makedirs("bench-results", exist_ok=True)
+        with open("bench-results/shift_add_rewrite.json", "w") as f:
+            json.dump(rows, f, indent=1)
+        print("wrote bench-results/shift_add_rewrite.json")
+        return
     rows = []
     for key in args.models.split(","):
         lr = args.lr if args.lr is not None else {"minilm": 1e-4, "dinov2": 1e-5}[key]
-        rows += run_task(key, args.steps, lr, args.rounds, args.moe_steps,
-                         [v for v in args.variants.split(",") if v])
+        rows += run_task(key, args.steps, lr, args.rounds, args.moe_steps, only)
         merge_results("bench-results/shift_add.json", rows, lambda r: (r["model"], r["variant"]))
 
 
