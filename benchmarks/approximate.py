@@ -129,6 +129,12 @@ def runs(report, op: str) -> str:
     return ", ".join(f"{c} {choices.count(c)}" for c in sorted(set(choices))) or "torch (not a region)"
 
 
+def guard_options(task) -> dict:
+    """The options of every "guard 0.01" variant: budget 0.01 (1 - cosine of the model's outputs) on two training
+    batches."""
+    return {"calibration": [task.inputs(b) for b in task.train[:2]], "accuracy_budget": 0.01}
+
+
 def rewrite_metric(task, **options) -> float:
     """The task metric of the rewrite itself: the model reparameterized with `options` (effopt.reparameterize,
     guard included when calibration is given) run in eager on the ops' own forwards, whatever the lowering
@@ -144,15 +150,13 @@ def rewrite_metrics(key, options, no_guard=()) -> list[dict]:
     latency."""
     task = TASKS[key]()
     print(f"\n== {task.name} ({task.metric_name}) of the rewrite in eager, batch {BATCH}", flush=True)
-    cal = [task.inputs(b) for b in task.train[:2]]
+    guard = guard_options(task)
     rows = []
     for opt in options:
-        variants = {"training-free": {}}
-        if opt not in no_guard:
-            variants["guard 0.01"] = {"calibration": cal, "accuracy_budget": 0.01}
-        for variant, guard in variants.items():
+        variants = {"training-free": {}} | ({} if opt in no_guard else {"guard 0.01": guard})
+        for variant, extra in variants.items():
             rows.append({"model": task.name, "option": opt, "variant": variant,
-                         "rewrite_metric": rewrite_metric(task, attention=opt, **guard)})
+                         "rewrite_metric": rewrite_metric(task, attention=opt, **extra)})
             print(f"  {opt:8s} {variant:22s} {task.metric_name} of the rewrite {rows[-1]['rewrite_metric']:.4f}",
                   flush=True)
     return rows
@@ -198,17 +202,16 @@ def run_task(key, options, finetune, steps, lr, rounds, no_guard=()):
     rows = [{"model": task.name, "option": "exact", "variant": "exact", "metric": task.metric(task.model),
              "speedup": 1.0}]
     print(f"  exact attention: {task.metric_name} {rows[0]['metric']:.4f}")
+    guard = guard_options(task)
     for opt in options:
         variants = {}
         # 1. training-free, every layer rewritten
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", effopt.passes.guard.EffoptAccuracyWarning)
             variants["training-free"] = (compiled(task.model, attention=opt), None)
-        # 2. the accuracy guard: budget 0.01 (1 - cosine of the model's outputs) on two training batches
-        cal = [task.inputs(b) for b in task.train[:2]]
+        # 2. the accuracy guard (guard_options)
         if opt not in no_guard:
-            variants["guard 0.01"] = (compiled(task.model, attention=opt, calibration=cal, accuracy_budget=0.01),
-                                      None)
+            variants["guard 0.01"] = (compiled(task.model, attention=opt, **guard), None)
         # 3. fine-tuned: reparameterize, distill, compile
         if opt in finetune:
             with warnings.catch_warnings():
@@ -225,8 +228,7 @@ def run_task(key, options, finetune, steps, lr, rounds, no_guard=()):
             ran = runs(report, f"{opt}_attention")
             exact_ms, ms = latency(task, exact_fn, fn, batch, rounds)
             rewrite = None if secs else rewrite_metric(  # fine-tuned models hold the op itself: they run it
-                task, attention=opt, **({"calibration": cal, "accuracy_budget": 0.01} if variant == "guard 0.01"
-                                        else {}))
+                task, attention=opt, **(guard if variant == "guard 0.01" else {}))
             row = {"model": task.name, "option": opt, "variant": variant, "metric": metric, "exact_ms": exact_ms,
                    "ms": ms, "speedup": exact_ms / ms, "layers": kept, "fine_tune_s": secs, "runs": ran,
                    "rewrite_metric": rewrite}

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 import effopt  # noqa: E402
-from approximate import TASKS, compiled, distill, rewrite_metric, runs, warm  # noqa: E402
+from approximate import TASKS, compiled, distill, guard_options, rewrite_metric, runs, warm  # noqa: E402
 from effopt.timing import interleaved_medians, merge_results  # noqa: E402
 
 OPTIONS = {  # variant -> shift_add option
@@ -60,12 +60,12 @@ def rewrite_metrics(key, only=()) -> list[dict]:
     no compile, no latency."""
     task = TASKS[key]()
     print(f"\n== {task.name} ({task.metric_name}) of the rewrite in eager, batch 8", flush=True)
-    cal = {"calibration": [task.inputs(b) for b in task.train[:2]], "accuracy_budget": 0.01}
+    guard = guard_options(task)
     rows = []
     for variant, opt in {**OPTIONS, **GUARDED}.items():
         if only and not any(o in variant for o in only):
             continue
-        m = rewrite_metric(task, shift_add=opt, **(cal if variant in GUARDED else {}))
+        m = rewrite_metric(task, shift_add=opt, **(guard if variant in GUARDED else {}))
         rows.append({"model": task.name, "variant": variant, "rewrite_metric": m})
         print(f"  {variant:34s} {task.metric_name} of the rewrite {m:.4f}", flush=True)
     return rows
@@ -87,10 +87,9 @@ def run_task(key, steps, lr, rounds, moe_steps, only=()):
         warnings.simplefilter("ignore", effopt.passes.guard.EffoptAccuracyWarning)
         for name, opt in OPTIONS.items():
             variants[name] = lambda opt=opt: (compiled(task.model, shift_add=opt), None, {})
-    cal = [task.inputs(b) for b in task.train[:2]]
+    guard = guard_options(task)
     for name, opt in GUARDED.items():
-        variants[name] = lambda opt=opt: (compiled(task.model, shift_add=opt, calibration=cal, accuracy_budget=0.01),
-                                          None, {})
+        variants[name] = lambda opt=opt: (compiled(task.model, shift_add=opt, **guard), None, {})
 
     def finetuned():
         with warnings.catch_warnings():
@@ -129,7 +128,7 @@ def run_task(key, steps, lr, rounds, moe_steps, only=()):
         metric = task.metric(fn)
         opt = OPTIONS.get(variant, GUARDED.get(variant))
         rewrite = None if opt is None else rewrite_metric(
-            task, shift_add=opt, **({"calibration": cal, "accuracy_budget": 0.01} if variant in GUARDED else {}))
+            task, shift_add=opt, **(guard if variant in GUARDED else {}))
         with torch.no_grad():
             t = interleaved_medians({"eager": lambda: task.call(task.model, batch),
                                      "inductor": lambda: task.call(inductor, batch),
