@@ -1,4 +1,7 @@
 """effopt: a torch.compile backend that lowers transformer graphs through Apache TVM."""
+from .host import apply_torch_environment as _limit_torch
+
+_limit_torch()  # EFFOPT_HOST_ISA=avx2: torch's own kernels limited too, where the caller did not set them
 from .version import __version__  # noqa: E402
 
 from .backend import backend, effopt_backend  # noqa: E402

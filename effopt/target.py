@@ -28,15 +28,13 @@ def physical_cores() -> int:
 
 
 def host_target_dict() -> dict[str, Any]:
-    """The CPU this process runs on, with LLVM's name for it (which carries its feature flags).
-    $EFFOPT_HOST_CPU names another LLVM CPU for 'host' (e.g. znver3: AVX2 kernels on an AVX-512 machine,
-    to test or benchmark what a lower ISA gets; the CPU must be able to execute that ISA)."""
-    from tvm.target import codegen
+    """The CPU this process runs on, as effopt.host describes it: LLVM's name for it (which carries its
+    feature flags), cross-checked with the CPU's own flags and limited by EFFOPT_HOST_ISA / EFFOPT_HOST_CPU."""
+    from .host import host
 
-    cpu = os.environ.get("EFFOPT_HOST_CPU", "").strip() or str(codegen.llvm_get_system_cpu())
     # fast-math-reassoc lets LLVM vectorize float sums and maxima (row reductions in softmax and norms);
     # it only reorders additions, within the float tolerances every kernel is checked against.
-    return {"kind": "llvm", "mcpu": cpu, "num-cores": physical_cores(), "fast-math-reassoc": True}
+    return {"kind": "llvm", "mcpu": host().llvm_cpu, "num-cores": physical_cores(), "fast-math-reassoc": True}
 
 
 def target_dict(spec: str | dict) -> dict[str, Any]:

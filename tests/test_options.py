@@ -37,25 +37,6 @@ def test_bad_option_through_torch_compile_raises_value_error():
     assert "valid options" in str(info.value)
 
 
-def test_host_target_detects_this_cpu(monkeypatch):
-    from tvm.target import codegen
-
-    from effopt.target import host_target_dict, resolve_target
-
-    monkeypatch.delenv("EFFOPT_HOST_CPU", raising=False)
-    d = host_target_dict()
-    assert d["kind"] == "llvm" and d["mcpu"] == str(codegen.llvm_get_system_cpu()) and d["num-cores"] >= 1
-    assert resolve_target("host").kind.name == "llvm"
-    monkeypatch.setenv("EFFOPT_HOST_CPU", "haswell")  # another CPU's kernels (AVX2) for 'host'
-    assert host_target_dict()["mcpu"] == "haswell" and target_features(resolve_target("host")) == (True, False)
-
-
-def target_features(target):
-    from tvm.target import codegen
-
-    return tuple(bool(codegen.target_has_features(f, target)) for f in ("avx2", "avx512f"))
-
-
 def test_backend_binds_options():
     be = effopt.backend(kernel_choice="tvm", cache=False)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU()).eval()

@@ -9,7 +9,7 @@
 An int8 linear is then int_mm(xq, wq^T) (int32 accumulation) times step * w_step, plus bias: the
 quantizer has a TVM kernel (the MatShift path's, effopt/lowering/kernels/shift.py, bit-exact against this
 reference), the GEMM runs on torch's int8 GEMM (oneDNN VNNI) where that is exact and fast on this CPU
-(`int_mm_usable`), and the dequantization fuses with what follows it in a TVM region.
+(`int_mm_usable`, which asks effopt.host), and the dequantization fuses with what follows it in a TVM region.
 
 torch._int_mm is not trusted blindly: without VNNI it is a reference loop (3 GOPS on a Zen 3, against
 70-150 GFLOPS for float32), and oneDNN limited to AVX2 on a VNNI CPU (ONEDNN_MAX_CPU_ISA=AVX2) returns
@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from ..host import torch_int8_gemm
 from .shift import act_quantize
 from .spec import declare, numel, shape
 
@@ -29,33 +30,10 @@ Tensor = torch.Tensor
 QMAX = 127
 
 
-_INT_MM: list = []  # [why torch._int_mm is unusable, or None], found once per process
-
-
 def int_mm_usable() -> str | None:
-    """Why torch._int_mm must not run int8 GEMMs on this CPU (wrong sums, or slower than the float32 GEMM
-    of the same shape), or None."""
-    if not _INT_MM:
-        from ..timing import interleaved_medians
-
-        g = torch.Generator().manual_seed(0)
-        a = torch.randint(-128, 128, (128, 512), dtype=torch.int8, generator=g)
-        b = torch.randint(-128, 128, (512, 256), dtype=torch.int8, generator=g)
-        try:
-            wrong = not torch.equal(torch._int_mm(a, b).to(torch.int64), a.to(torch.int64) @ b.to(torch.int64))
-        except RuntimeError as e:
-            _INT_MM.append(f"torch._int_mm fails here ({str(e).splitlines()[0][:120]})")
-            return _INT_MM[0]
-        if wrong:
-            _INT_MM.append("torch._int_mm returns wrong (saturated) sums on this CPU")
-        else:
-            af, bf = a.to(torch.float32), b.to(torch.float32)
-            t = interleaved_medians({"int8": lambda: torch._int_mm(a, b), "float32": lambda: af @ bf}, [],
-                                    rounds=5, budget_s=0.5)
-            _INT_MM.append(None if t["int8"] <= t["float32"] else
-                           f"torch._int_mm is slower than the float32 GEMM on this CPU ({t['int8'] * 1e6:.0f} us "
-                           f"against {t['float32'] * 1e6:.0f} us at 128x512x256: no fast int8 dot product)")
-    return _INT_MM[0]
+    """Why torch._int_mm must not run int8 GEMMs on this CPU (wrong sums, or no int8 dot product, so slower
+    than the float32 GEMM), or None: effopt.host's answer, which EFFOPT_HOST_ISA can lower."""
+    return torch_int8_gemm()
 
 
 def int_mm(a: Tensor, b: Tensor) -> Tensor:

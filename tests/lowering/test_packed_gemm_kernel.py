@@ -8,15 +8,16 @@ import pytest
 import torch
 import tvm
 
+from effopt.host import host
 from effopt.target import resolve_target
 from effopt.lowering.tuned import normalized
-from effopt.lowering.kernels import gemm, int8
+from effopt.lowering.kernels import gemm
 from effopt.lowering.kernels.common import vector_unit
 
 HOST = resolve_target("host")
-# an LLVM CPU for each unit, and the int8 ISA whose CPU flags imply it (host_runs reads /proc/cpuinfo)
-UNITS = {"avx512": ({"kind": "llvm", "mcpu": "skylake-avx512"}, "avx512vnni"),
-         "avx2": ({"kind": "llvm", "mcpu": "haswell"}, "avx2")}
+# an LLVM CPU for each unit, and the CPU flags (effopt.host's) a machine needs to execute its code
+UNITS = {"avx512": ({"kind": "llvm", "mcpu": "skylake-avx512"}, ("avx512f", "avx512bw")),
+         "avx2": ({"kind": "llvm", "mcpu": "haswell"}, ("avx2", "fma"))}
 
 
 def _target(unit):
@@ -24,7 +25,7 @@ def _target(unit):
     if host is not None and host.name == unit:
         return HOST
     spec, flags = UNITS[unit]
-    why = int8.host_runs(flags)
+    why = host().missing(*flags)
     if why:
         pytest.skip(f"{why}: {unit} code cannot run here")
     return resolve_target(spec)

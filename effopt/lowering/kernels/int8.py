@@ -37,6 +37,7 @@ from tvm import relax
 from tvm.script import tirx as T
 
 from . import tunable
+from ...host import host
 from .common import dims, has_feature, static
 import torch
 
@@ -77,23 +78,11 @@ ISA_TARGETS = {"avx512vnni": ({"kind": "llvm", "mcpu": "icelake-server"}, ("avx5
 
 
 def host_runs(isa_name: str) -> str | None:
-    """Why this machine cannot execute `isa_name`'s kernel, or None (read from /proc/cpuinfo's flags)."""
-    import platform
-
-    needed = ISA_TARGETS[isa_name][1]
-    arch = platform.machine()
-    if isa_name.startswith("neon") != (arch in ("aarch64", "arm64")):
-        return f"this is an {arch} CPU: it cannot execute {isa_name} code"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set()
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    flags.update(line.split(":", 1)[1].split())
-    except OSError:
-        return "no /proc/cpuinfo to read the CPU's features from"
-    missing = [f for f in needed if f not in flags]
-    return f"this CPU has no {', '.join(missing)}" if missing else None
+    """Why this host (effopt.host, under EFFOPT_HOST_ISA) cannot execute `isa_name`'s kernel, or None."""
+    h = host()
+    if isa_name.startswith("neon") == h.x86:
+        return f"this is an {h.arch} CPU: it cannot execute {isa_name} code"
+    return h.missing(*ISA_TARGETS[isa_name][1])
 
 
 def isa_of(target) -> Isa | None:
