@@ -7,7 +7,7 @@ STAMP := $(VENV)/.effopt-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-fast bench clean browser fuzz
+.PHONY: setup demo test test-fast test-avx2 bench clean browser fuzz
 
 $(STAMP): pyproject.toml requirements.txt constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ test: setup browser
 # the loop while developing: everything but the tests marked slow (whole models, tuning, fuzzing), about a minute
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
+
+# the tests not marked slow as an AVX2 CPU gets them (Zen 3, Haswell to Comet Lake), on any CPU that executes
+# AVX2: effopt.host limited by EFFOPT_HOST_ISA, torch's oneDNN, ATen and MKL by their own variables. This checks
+# that the code and every test's expectation are right there; it is not a timing
+AVX2_ENV := EFFOPT_HOST_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
+test-avx2: setup
+	env $(AVX2_ENV) $(PY) -m pytest -q -m "not slow" tests
 
 # differential fuzzing against eager for FUZZ_SECONDS (default 600); failures as minimized repro scripts
 fuzz: setup

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import warnings
 
 import torch
@@ -55,9 +56,13 @@ class CompiledGraph:
     _boxed_call = True
 
     def __init__(self, aten_gm: fx.GraphModule, frozen: list[int], real_inputs, options: Options,
-                 examples=None, calibration=None, validation=None):
+                 examples=None, calibration=None, validation=None, torch_graph=None):
         self.aten_gm, self.frozen, self.options = aten_gm, frozen, options
         self.live = [i for i in range(len(real_inputs)) if i not in set(frozen)]
+        # what torch.compile(backend="eager") would run: dynamo's torch-level graph, with the user's own
+        # modules' kernels; it takes the same arguments as the ATen graph (None where AOT changed them)
+        self.torch_graph = torch_graph
+        self.runs_eager = False  # the whole compiled graph lost to it: the backend calls torch_graph instead
         # real example inputs and calibration inputs (full argument lists), for approximate passes
         self.examples, self.calibration, self.validation = examples, calibration, validation
         self._build(real_inputs)
@@ -68,7 +73,8 @@ class CompiledGraph:
         gm = capture.copy_graph_module(self.aten_gm)
         values = {i: args[i] for i in self.frozen}
         capture.freeze(gm, values)
-        eager_gm = capture.copy_graph_module(gm) if self._measure_whole() else None
+        # the eager form timed against the compiled one where dynamo's own graph cannot be (AOT changed inputs)
+        eager_gm = capture.copy_graph_module(gm) if self._measure_whole() and self.torch_graph is None else None
         before = {"code": gm.code, "stats": graph_stats(gm)}
         seen: set = set()
         tag_new_nodes(gm, seen, None)
@@ -86,7 +92,7 @@ class CompiledGraph:
 
         if has_pt2e_ops(gm):  # a model quantized with PT2E: its int8 linears run as int8
             tagged(pt2e_int8(gm))
-        notes, auto = [], None
+        notes, auto, approx = [], None, None
         if self.options.any_approximate or _has_trained_shift(gm):
             live = lambda full: [full[i] for i in self.live]  # noqa: E731
             examples = live(self.examples if self.examples is not None else args)
@@ -115,6 +121,15 @@ class CompiledGraph:
             else:
                 if auto is None:
                     notes.append("the held-out loss stayed over the budget: no approximate rewrite is kept")
+            if cal is not None:  # what _budget_after_lowering checks the compiled model on
+                check = val if val is not None else cal
+                decided = [r.guard.loss for r in records if r.guard is not None and r.guard.loss is not None]
+                rewritten = Calibrated(None, check, self.options.metric, GuardResult("", budget)).loss(
+                    lambda a: gm(*a))
+                approx = {"inputs": check, "which": "held-out" if val is not None else "calibration",
+                          "budget": budget, "result": {"budget": budget, "decided": decided[-1] if decided else None,
+                                                       "rewritten": rewritten, "compiled": None, "action": None,
+                                                       "inputs": "held-out" if val is not None else "calibration"}}
         after = {"code": gm.code, "stats": graph_stats(gm), "graph": capture.copy_graph_module(gm)}
         publish("graphs", after["graph"])  # for effopt.autotune, which tunes the graphs the passes produce
         lowering = None
@@ -123,15 +138,45 @@ class CompiledGraph:
 
             gm, lowering = lower(gm, self.options)
             log_lowering(lowering)
+            if approx is not None:
+                gm = self._budget_after_lowering(gm, after["graph"], records, approx, notes)
         check = None
-        if eager_gm is not None:
-            check = self._check_whole(gm, eager_gm, args)
+        if self._measure_whole():
+            check = self._check_whole(gm, eager_gm, args, after["code"])
         # the report keeps the compiled graph (what effopt built, for inspection) even where eager runs
-        self.runtime = eager_gm if check is not None and not check["use_compiled"] else gm
+        self.runs_eager = check is not None and not check["use_compiled"]
+        self.runtime = eager_gm if self.runs_eager and self.torch_graph is None else gm
         self.guards = [(i, t.data_ptr(), _version(t), t.shape) for i, t in values.items()]
         self.report = Report(records, lowering, gm, before=before, after=after, versus_eager=check, notes=notes,
-                             auto=auto)
+                             auto=auto, budget=approx["result"] if approx is not None else None,
+                             runs_eager=self.runs_eager)
         set_last_report(self.report)
+
+    def _budget_after_lowering(self, gm, rewritten, records, approx: dict, notes: list):
+        """The accuracy budget judged on what runs: the lowered model's loss on the held-out inputs (the
+        calibration inputs where none are held out), beside the loss the guards decided on. Kernels are only
+        self-checked one region at a time, on random inputs, within each op's tolerance, so lowering can
+        move a guarded model past its budget; then the rewritten graph runs in its torch form, with a
+        warning. Returns the graph to run."""
+        from .passes.guard import EffoptAccuracyWarning
+
+        inputs, which, budget = approx["inputs"], approx["which"], approx["budget"]
+        result = approx["result"]
+        compiled = Calibrated(None, inputs, self.options.metric, GuardResult("", budget)).loss(lambda a: gm(*a))
+        result["compiled"] = compiled
+        notes.append(f"accuracy of the compiled model on the {len(inputs)} {which} input(s): loss {compiled:.4g} "
+                     f"(before lowering {result['rewritten']:.4g}; the guards decided at "
+                     f"{result['decided'] if result['decided'] is not None else float('nan'):.4g}; budget "
+                     f"{budget:g})")
+        if compiled <= budget:
+            return gm
+        result["action"] = "the rewritten graph runs in its torch form (lowering pushed the loss over the budget)"
+        warnings.warn(f"effopt: the compiled model's {self.options.metric} loss on the {which} inputs is "
+                      f"{compiled:.4g}, over the budget {budget:g} (before lowering: {result['rewritten']:.4g}): "
+                      "a kernel moved the result; the rewritten graph runs in its torch form instead of the "
+                      "compiled kernels", EffoptAccuracyWarning, stacklevel=2)
+        notes.append(f"over the budget after lowering: {result['action']}")
+        return capture.copy_graph_module(rewritten)
 
     def _auto(self, gm, examples, cal, val, budget, tagged, notes):
         """approximate='auto' (effopt/auto.py): the stored choice for this graph, target, budget, metric and
@@ -224,15 +269,40 @@ class CompiledGraph:
         """kernel_choice='measure' (the default) with lowering: the whole compiled graph is timed too."""
         return self.options.lower and self.options.kernel_choice is KernelChoice.MEASURE
 
-    def _check_whole(self, gm, eager_gm, args) -> dict:
-        """The compiled graph against the captured graph in eager, on the example inputs (random stand-ins
-        where only fake ones are known); where it loses beyond noise, eager runs, with one warning."""
-        full = self.examples if self.examples is not None else args
-        check = versus_eager(gm, eager_gm, self._example_inputs([full[i] for i in self.live]))
+    def _check_whole(self, gm, eager_gm, args, code: str) -> dict:
+        """The compiled graph against what eager PyTorch runs (dynamo's torch-level graph, as
+        torch.compile(backend="eager") would), on the example inputs (random stand-ins where only fake ones
+        are known); where it loses beyond noise, eager runs, with one warning. The decision is stored with
+        the kernel decisions, so that a warm process does not measure it again."""
+        from .lowering.cache import DecisionStore, make_key
+        from .target import target_dict
+
+        full = self._example_inputs(self.examples if self.examples is not None else args)
+        live = [full[i] for i in self.live]
+        store = DecisionStore(self.options.cache_dir, target_dict(self.options.target)) if self.options.cache else None
+        # the graph the passes produced (approximate rewrites included), the shapes, and what shapes lowering
+        o = self.options
+        shapes = [[list(a.shape), str(a.dtype)] if isinstance(a, torch.Tensor) else repr(a) for a in live]
+        key = make_key("whole-graph", code, json.dumps(shapes), str(self.torch_graph is None),
+                       repr((o.tuning, o.freeze, o.disable_passes, o.attention)))
+        saved = store.load("whole_graph").get(key) if store else None
+        if isinstance(saved, dict) and isinstance(saved.get("use_compiled"), bool):
+            check = dict(saved, reused=True)
+        else:
+            if self.torch_graph is not None:
+                eager = lambda *_: self.torch_graph(*full)  # noqa: E731
+                check = versus_eager(lambda *_: gm(*live), eager, [])
+            else:
+                check = versus_eager(gm, eager_gm, live)
+            check["eager"] = "torch graph" if self.torch_graph is not None else "aten graph"
+            if store:
+                store.save("whole_graph", {key: check})
+            check = dict(check, reused=False)
         if not check["use_compiled"]:
             warnings.warn(f"effopt: the compiled graph measured slower than eager PyTorch on this CPU "
                           f"({check['compiled_ms']:.3g} ms against {check['eager_ms']:.3g} ms on the example "
-                          "inputs): this graph runs in eager (kernel_choice='tvm' keeps the compiled one)",
+                          f"inputs{', measured in an earlier compile' if check['reused'] else ''}): this graph "
+                          "runs in eager (kernel_choice='tvm' keeps the compiled one)",
                           EffoptSlowerWarning, stacklevel=2)
         return check
 
@@ -258,7 +328,8 @@ def _has_trained_shift(gm) -> bool:
     return has_trained_layers(gm)
 
 
-def _inference_compiler(real_inputs, frozen, options, calibration=None, validation=None):
+def _inference_compiler(real_inputs, frozen, options, calibration=None, validation=None, torch_graph=None,
+                        built=None):
     def fw_compiler(gm: fx.GraphModule, fake_inputs):
         same = len(fake_inputs) == len(real_inputs)
         # AOT added or removed inputs (input mutation, aliasing): freeze nothing rather than guess.
@@ -270,7 +341,9 @@ def _inference_compiler(real_inputs, frozen, options, calibration=None, validati
         with unset_fake_temporarily():
             compiled = CompiledGraph(gm, frozen_here, list(real_inputs) if frozen_here else list(fake_inputs), options,
                                      examples=list(real_inputs) if same else None, calibration=calibration,
-                                     validation=validation)
+                                     validation=validation, torch_graph=torch_graph if same else None)
+        if built is not None:
+            built.append(compiled)
         return compiled
     return fw_compiler
 
@@ -329,13 +402,29 @@ def effopt_backend(gm: fx.GraphModule, example_inputs, options: dict | Options |
             return aot_module_simplified(gm, example_inputs, fw_compiler=_training_compiler(opts),
                                          bw_compiler=lambda g, _: make_boxed_func(g.forward))
         frozen = capture.frozen_input_indices(gm, example_inputs)
-        return aot_module_simplified(gm, example_inputs,
-                                     fw_compiler=_inference_compiler(example_inputs, frozen, opts, calibration,
-                                                                     validation))
+        built: list = []
+        compiled = aot_module_simplified(gm, example_inputs, fw_compiler=_inference_compiler(
+            example_inputs, frozen, opts, calibration, validation, torch_graph=gm, built=built))
+        return _dispatch(compiled, gm, built[0] if built else None)
     except Exception as e:  # noqa: BLE001 - any failure in TVM or our passes must not break the user's model
         if opts.strict:
             raise
         return _eager_fallback(gm, f"{type(e).__name__}: {e}", opts)
+
+
+def _dispatch(compiled, torch_graph: fx.GraphModule, graph: CompiledGraph | None):
+    """The compiled function, or dynamo's own torch-level graph where the whole compiled graph lost to it (the
+    graph decides at each rebuild; eager needs no rebuild: it reads the live parameters)."""
+    if graph is None or graph.torch_graph is None:
+        return compiled
+
+    def run(*args):
+        if graph.runs_eager:
+            return torch_graph(*args)
+        return compiled(*args)
+
+    run._effopt_graph = graph  # for tests and benchmarks: which form runs
+    return run
 
 
 def backend(**options):

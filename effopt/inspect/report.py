@@ -31,6 +31,12 @@ class Report:
     # approximate='auto': {"chosen", "candidates" (each: settings, label, ms relative to the exact compile,
     # loss, held_out, within, matches), "speedup_over_exact", "reused"}
     auto: dict | None = None
+    # approximate options with calibration: the accuracy budget judged on what runs: {"budget", "decided" (the
+    # guards' loss on the inputs they decided on), "rewritten" (the rewritten graph before lowering) and
+    # "compiled" (the lowered model) on "inputs" ("held-out", else "calibration"), "action" (None, or what
+    # ran instead because lowering pushed the loss over the budget)}
+    budget: dict | None = None
+    runs_eager: bool = False  # the whole compiled graph lost to eager PyTorch, which runs instead
 
     # ---- text --------------------------------------------------------------------------------------
     def __str__(self) -> str:
@@ -102,6 +108,8 @@ class Report:
             "compile_seconds": self.compile_seconds,
             "versus_eager": self.versus_eager,
             "auto": self.auto,
+            "budget": self.budget,
+            "runs_eager": self.runs_eager,
         }
 
     def to_json(self, indent: int | None = 1) -> str:

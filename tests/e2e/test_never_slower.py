@@ -79,6 +79,9 @@ def test_a_graph_slower_than_eager_runs_eager(monkeypatch, noise, compiled):
     """NOISE 0: the compiled graph would have to take no time at all to be kept; inf: it is always kept."""
     model, x = _model()
     monkeypatch.setattr(BACKEND, "NOISE", noise)
+    calls = []  # effopt's compiled graph called (the ATen-level graph, lowered or not)
+    real_call = BACKEND.CompiledGraph.__call__
+    monkeypatch.setattr(BACKEND.CompiledGraph, "__call__", lambda self, args: calls.append(1) or real_call(self, args))
     f = compile_effopt(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -93,6 +96,28 @@ def test_a_graph_slower_than_eager_runs_eager(monkeypatch, noise, compiled):
         assert torch.equal(got, ref)
     with torch.no_grad():  # and the decision holds for later calls
         assert_same_as_eager(f(x * 2), model(x * 2))
+    # where eager won, what runs is dynamo's torch-level graph (torch.compile(backend="eager")), never
+    # effopt's ATen graph: the user's own modules and kernels
+    assert bool(calls) is compiled and rep.runs_eager is not compiled
+
+
+def test_the_whole_graph_decision_is_stored_and_a_warm_compile_reuses_it(monkeypatch, cache_dir):
+    model, x = _model()
+    with torch.no_grad():
+        compile_effopt(model, cache=True, cache_dir=cache_dir)(x)
+    first = effopt.last_report().versus_eager
+    assert first["reused"] is False and first["eager"] == "torch graph"
+    torch._dynamo.reset()
+    monkeypatch.setattr(BACKEND, "versus_eager", lambda *a, **k: pytest.fail("the whole graph was timed again"))
+    with torch.no_grad():
+        got = compile_effopt(model, cache=True, cache_dir=cache_dir)(x)
+        assert_same_as_eager(got, model(x))
+    again = effopt.last_report().versus_eager
+    assert again["reused"] is True and again["use_compiled"] == first["use_compiled"]
+    assert again["compiled_ms"] == first["compiled_ms"]
+    torch._dynamo.reset()  # another shape is another decision
+    with pytest.raises(pytest.fail.Exception, match="timed again"), torch.no_grad():
+        compile_effopt(model, cache=True, cache_dir=cache_dir, strict=True)(torch.randn(3, 3, 32, 32))
 
 
 def test_forced_kernels_skip_the_check():
