@@ -1,8 +1,8 @@
 """The product as an AVX2-only CPU (Zen 3, Haswell to Comet Lake) gets it, reproduced on any x86 machine
-that executes AVX2: torch limited to AVX2 (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY) and effopt's 'host'
-target built as Zen 3 (EFFOPT_HOST_CPU), in a subprocess. Exact, int8 and bf16 compiles there are eager's
-(or the integer oracle's) result, int8 runs effopt's AVX2 kernel, nothing sends the whole graph to eager,
-and every compile's graph-level check against eager ran and held."""
+that executes AVX2: effopt.host limited by EFFOPT_HOST_ISA=avx2 and torch by the variables it names, in a
+subprocess. Exact, int8 and bf16 compiles there are eager's (or the integer oracle's) result, int8 runs
+effopt's AVX2 kernel, no compile fails, and every compile acts on its graph-level check against eager:
+where eager won, eager's own kernels run (the very same values), else effopt's."""
 import json
 import os
 import subprocess
@@ -10,14 +10,15 @@ import sys
 
 import pytest
 
+from effopt.host import torch_environment
 from effopt.lowering.kernels import int8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "EFFOPT_HOST_CPU": "znver3",
-            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+AVX2_ENV = {"EFFOPT_HOST_ISA": "avx2", **torch_environment("avx2")}
 
 SCRIPT = r'''
 import json, warnings
+import effopt  # first: EFFOPT_HOST_ISA's torch limits are in the environment before torch's first kernel
 import torch
 import torch.nn.functional as F
 import effopt
@@ -38,11 +39,13 @@ def run(name, m, inp, **options):
         warnings.simplefilter("always")
         with torch.no_grad():
             got = torch.compile(m, backend="effopt", options=dict(options, cache=False))(inp)
+            eager = m(inp)
     torch._dynamo.reset()
     rep = effopt.last_report()
-    out[name] = {"versus_eager": rep.versus_eager, "whole_graph_eager": any(
-        "running this graph in eager" in str(w.message) for w in caught),
-        "kernels": [[k.ops, k.choice] for k in rep.lowering.kernels]}
+    out[name] = {"versus_eager": rep.versus_eager, "runs_eager": rep.runs_eager,
+                 "compile_failed": any("compilation failed" in str(w.message) for w in caught),
+                 "bitwise_eager": torch.equal(got, eager),
+                 "kernels": [[k.ops, k.choice] for k in rep.lowering.kernels]}
     return got
 
 
@@ -89,12 +92,15 @@ def test_int8_runs_the_avx2_kernel_exactly(avx2_run):
 
 def test_int8_and_exact_compiles_hold_against_eager(avx2_run):
     """kernel_choice='measure': every int8 layer was timed against its float32 layer, and the whole graph
-    against eager; whichever won runs, so the result is the int8 model or eager's, never a slower one."""
+    against eager; whichever won runs: where eager won, its own kernels (the very same values as the
+    model's), else effopt's compiled graph (which differs from eager in the last bits at least)."""
     for name in ("exact", "int8"):
         r = avx2_run[name]
         v = r["versus_eager"]
-        assert v is not None and not r["whole_graph_eager"], r
-        assert v["use_compiled"] == (v["compiled_ms"] <= v["eager_ms"] * 1.05), v
+        assert v is not None and not r["compile_failed"], r
+        assert r["runs_eager"] is (not v["use_compiled"]), r
+        if r["runs_eager"]:
+            assert r["bitwise_eager"], r
     int8_layers = [c for ops, c in avx2_run["int8"]["kernels"] if "int8_linear" in ops]
     assert len(int8_layers) == 8 and set(int8_layers) <= {"tvm", "float32"}, avx2_run["int8"]["kernels"]
     assert avx2_run["int8"]["cosine"] > 0.999
@@ -102,4 +108,4 @@ def test_int8_and_exact_compiles_hold_against_eager(avx2_run):
 
 def test_bf16_compiles_region_by_region_on_avx2(avx2_run):
     r = avx2_run["bf16"]
-    assert not r["whole_graph_eager"] and any(c == "tvm" for _, c in r["kernels"]), r
+    assert not r["compile_failed"] and not r["runs_eager"] and any(c == "tvm" for _, c in r["kernels"]), r
