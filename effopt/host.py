@@ -128,8 +128,9 @@ class Host:
         return f"{self.cpu} ({self.llvm_cpu}): {self.level}{over}"
 
 
-def read_cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str, str, set]:
-    """(model name, vendor, flags) of the first CPU in /proc/cpuinfo (the kernel fills them from cpuid)."""
+def read_cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str, str, set | None]:
+    """(model name, vendor, flags) of the first CPU in /proc/cpuinfo (the kernel fills them from cpuid);
+    flags None where there is no such file (not Linux): then LLVM's name is all there is to go on."""
     name, vendor, flags = platform.processor() or platform.machine(), "", set()
     try:
         with open(path) as f:
@@ -143,7 +144,7 @@ def read_cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str, str, set]:
                 elif key in ("flags", "Features") and not flags:
                     flags.update(value.split())
     except OSError:
-        pass
+        return name, vendor, None
     return name, vendor, flags
 
 
@@ -175,7 +176,14 @@ def make_host(name: str, vendor: str, flags: set, arch: str, system_cpu: str | N
               cpu_override: str | None = None, features=llvm_features) -> Host:
     """The description from its inputs (host() reads them from this machine): the override's level applied
     to the flags, then LLVM's CPU name cross-checked against them."""
-    flags, notes = set(flags), []
+    notes = []
+    if flags is None:  # no /proc/cpuinfo: the flags LLVM's name implies, said in the notes
+        promised = features(cpu_override or system_cpu) if features is not None and (cpu_override or system_cpu) \
+            else None
+        flags = {LLVM_FEATURES[f] for f, on in (promised or {}).items() if on}
+        notes.append(f"no /proc/cpuinfo to read the CPU's flags from: trusting LLVM's name "
+                     f"{cpu_override or system_cpu}")
+    flags = set(flags)
     if override:
         if override not in LEVELS:
             raise ValueError(f"{ISA_OVERRIDE}={override!r} is not a level effopt knows; valid: "

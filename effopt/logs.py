@@ -47,6 +47,17 @@ def configure(value: str | None = None) -> list[str]:
     return channels
 
 
+_warned: set = set()
+
+
+def warn_once(key: str, message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """A warning the first time `key` comes up in this process (a schedule step that could not be applied
+    is the same on every kernel of its kind: one line says so, not hundreds)."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, category, stacklevel=3)
+
+
 def log_record(record) -> None:
     logging.getLogger("effopt.passes").info("%s", record)
 
@@ -55,4 +66,4 @@ def log_lowering(record) -> None:
     logging.getLogger("effopt.lowering").info("%s", record)
 
 
-__all__ = ["configure", "parse", "log_record", "log_lowering", "CHANNELS"]
+__all__ = ["configure", "parse", "log_record", "log_lowering", "warn_once", "CHANNELS"]

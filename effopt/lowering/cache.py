@@ -207,8 +207,9 @@ class DecisionStore:
                 data = {"versions": versions()}
                 try:
                     data.update(self._read())
-                except Exception:  # noqa: BLE001 - damaged: start afresh
-                    pass
+                except Exception as e:  # noqa: BLE001 - damaged: start afresh, and say so
+                    warnings.warn(f"effopt: the decision file {self.path} was damaged ({e}); its earlier "
+                                  "decisions are lost and it is rewritten with this compile's", RuntimeWarning)
                 data[kind] = {**data.get(kind, {}), **decisions}
                 fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(self.path))
                 with os.fdopen(fd, "w") as f:

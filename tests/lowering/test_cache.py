@@ -93,3 +93,15 @@ def test_damaged_decision_file_is_measured_again(cache_dir):
     assert len(again.gemms) == len(first.gemms)
     with open(path) as f:
         assert '"gemm"' in f.read()  # rewritten whole
+
+
+def test_saving_over_a_damaged_decision_file_says_what_was_lost(cache_dir):
+    from effopt.lowering.cache import DecisionStore
+
+    store = DecisionStore(cache_dir, {"kind": "llvm", "mcpu": "znver3"})
+    store.save("gemm", {"a": 1})
+    with open(store.path, "w") as f:
+        f.write("{not json")
+    with pytest.warns(RuntimeWarning, match="was damaged .* earlier decisions are lost"):
+        store.save("gemm", {"b": 2})
+    assert store.load("gemm") == {"b": 2}

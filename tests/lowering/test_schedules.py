@@ -50,3 +50,40 @@ def test_row_reduction_schedule_applies(build):
     # every block sits under the one parallel row loop
     body = text[text.index("T.parallel("):]
     assert body.count("T.sblock(") == text.count("T.sblock(") - text.count('T.sblock("root")')
+
+
+def softmax_relu(x):  # softmax's division, read by the ReLU alone, is inlined into it
+    return relax.op.nn.relu(relax.op.nn.softmax(x, -1))
+
+
+softmax_relu.shapes = [(2, 64, 64)]
+
+
+def _refusing(monkeypatch, method):
+    """s_tir.Schedule.<method> raising as TVM does where a step does not apply."""
+    from tvm import s_tir
+
+    from effopt import logs
+
+    def refuse(self, *a, **k):
+        raise RuntimeError(f"{method} refused (planted)")
+
+    monkeypatch.setattr(s_tir.Schedule, method, refuse)
+    monkeypatch.setattr(logs, "_warned", set())
+
+
+@pytest.mark.parametrize("rule, method, build, says", [
+    ("ParallelOuter", "parallel", add_layer_norm, "could not be parallelised"),
+    ("RowReduction", "compute_inline", softmax_relu, "could not be fused"),
+])
+def test_a_schedule_step_that_does_not_apply_is_said_once(monkeypatch, rule, method, build, says):
+    from effopt.lowering import schedules
+    from effopt.lowering.records import EffoptSlowerWarning
+
+    target, funcs = _fused_primfuncs(build)
+    _refusing(monkeypatch, method)
+    with pytest.warns(EffoptSlowerWarning, match=says) as caught:
+        for _ in range(2):
+            for f in funcs:
+                getattr(schedules, rule)().apply(f, target, False)
+    assert sum(says in str(w.message) for w in caught) == 1 and "planted" in str(caught[0].message)

@@ -103,13 +103,11 @@ def test_auto_chooses_int8_where_it_pays_and_a_second_compile_reuses_the_choice(
     cand = rep.auto["candidates"][0]
     assert len(rep.auto["candidates"]) == len(auto.CANDIDATES["quantize"])
     assert cand["label"] == "quantize=int8-dynamic" and cand["matches"] > 0
-    fits = [c for c in rep.auto["candidates"] if c["matches"] and c["within"] and c["ms"] < auto.FASTER]
-    if fits:  # int8 pays here (1.9x on AVX-512 and on AVX2): the best gain per unit of held-out loss is chosen
-        picked = max(fits, key=lambda c: (1 - c["ms"]) / max(c["held_out"], 1e-6))
-        assert rep.auto["chosen"] == picked["settings"]
-        assert sum(r.matches for r in rep.passes if r.name == "quantize_int8") == picked["matches"]
-    else:
-        assert rep.auto["chosen"] == {} and not any(r.name == "quantize_int8" for r in rep.passes)
+    # int8 pays here on every CPU (1.9x on AVX-512 and on AVX2: effopt's own int8 kernel where torch's
+    # int8 GEMM is slow) within the budget: the search must choose it, and its passes must run
+    assert cand["within"] and cand["ms"] < auto.FASTER, cand
+    assert rep.auto["chosen"] == {"quantize": "int8-dynamic"} == cand["settings"]
+    assert sum(r.matches for r in rep.passes if r.name == "quantize_int8") == cand["matches"] > 0
     with torch.no_grad():
         assert cosine_loss(model(cal[3]), f(cal[3])) <= 0.02  # the held-out input
         assert out.shape == model(cal[0]).shape

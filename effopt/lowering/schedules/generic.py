@@ -9,6 +9,9 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
+from ...logs import warn_once
+from ..records import EffoptSlowerWarning
+
 
 class ParallelOuter(CPUScheduleRule):
     def apply(self, func, target, _):
@@ -24,6 +27,8 @@ class ParallelOuter(CPUScheduleRule):
             if kinds and kinds[0] == "S" and loops:
                 try:
                     sch.parallel(loops[0])
-                except Exception:  # loop carries a dependence that forbids parallelism: leave it serial
-                    pass
+                except Exception as e:  # noqa: BLE001 - TVM refuses (a dependence, an odd loop): serial
+                    warn_once("parallel-outer", f"effopt: a kernel's outer loop could not be parallelised and runs "
+                              f"on one core ({type(e).__name__}: {str(e).splitlines()[0][:160]}); said once",
+                              EffoptSlowerWarning)
         return sch

@@ -12,6 +12,9 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
+from ...logs import warn_once
+from ..records import EffoptSlowerWarning
+
 
 def _leading_s(kind: str) -> int:
     return len(kind) - len(kind.lstrip("S"))
@@ -37,8 +40,10 @@ class RowReduction(CPUScheduleRule):
                 if info.is_injective() and len(sch.get_consumers(info.block_rv)) == 1:
                     try:
                         sch.compute_inline(info.block_rv)
-                    except Exception:  # noqa: BLE001 - not inlinable (e.g. reads a reduction): keep it
-                        pass
+                    except Exception as e:  # noqa: BLE001 - not inlinable (e.g. reads a reduction): keep it
+                        warn_once("rowwise-inline", "effopt: an elementwise step of a row-wise kernel could not "
+                                  f"be fused and is written to memory ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:160]}); said once", EffoptSlowerWarning)
             blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
             out = blocks[-1]
             loops = sch.get_loops(out)
