@@ -1,7 +1,10 @@
 """Backend benchmark: eager, Inductor, TVM's relax_dynamo and effopt on ViT-S/16 and MiniLM, one process,
-interleaved medians; plus effopt's cold compile time and a second process's compile through the cache.
+interleaved medians; plus effopt's cold compile time and a second process's compile through the cache; plus
+the whole-graph fallback (a compiled graph that lost to eager runs dynamo's torch-level graph) against the
+user's own module on ViT-S b1 and MiniLM s128 b8 (target: >= 0.98x, i.e. within noise).
 
-Writes bench-results/backend.json and bench-results/backend.png. Run with `make bench`.
+Writes bench-results/backend.json and bench-results/backend.png. Run with `make bench`;
+`python benchmarks/backend.py --fallback-only [--rounds 21]` times the fallback alone.
 """
 from __future__ import annotations
 
@@ -69,10 +72,67 @@ def second_process_compile_s() -> dict:
     return {"imports_s": float(imports), "compile_s": float(compile_s)}
 
 
-def main():
+def fallback(rounds: int = 21) -> list[dict]:
+    """The whole-graph fallback against eager: effopt compiled with its noise margin at 0 (the compiled graph
+    would have to take no time to be kept), so that it loses and eager runs; timed interleaved with the
+    user's own module and with torch.compile(backend="eager"), which runs the same dynamo graph."""
+    import importlib
+
+    import effopt
+    from effopt.testing import minilm
+    from effopt.testing.models import vit_small
     from effopt.timing import interleaved_medians
 
+    backend = importlib.import_module("effopt.backend")
+    torch.manual_seed(0)
+    bert, tok = minilm.load()
+    ids, mask = minilm.encode(tok, minilm.SENTENCES[:8], length=128)
+    cases = [("ViT-S/16 b1", vit_small().eval(), (torch.randn(1, 3, 224, 224),)),
+             ("MiniLM s128 b8", lambda i, m: bert(input_ids=i, attention_mask=m).last_hidden_state, (ids, mask))]
+    rows = []
+    with torch.inference_mode():
+        for name, model, args in cases:
+            torch._dynamo.reset()
+            saved, backend.NOISE = backend.NOISE, 0.0
+            try:
+                f = torch.compile(model, backend="effopt", options={"cache": False})
+                f(*args)
+            finally:
+                backend.NOISE = saved
+            rep = effopt.last_report()
+            assert rep.runs_eager, "the forced loss did not send the graph to eager"
+            dyn = torch.compile(model, backend="eager")
+            dyn(*args)
+            t = interleaved_medians({"eager": model, "effopt fallback": f, "backend=eager": dyn}, args,
+                                    rounds=rounds)
+            row = {"model": name, "ms": {k: v * 1e3 for k, v in t.items()},
+                   "vs_eager": {k: t["eager"] / v for k, v in t.items()},
+                   "compiled_ms_at_compile": rep.versus_eager["compiled_ms"]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{describe_machine()['line']}")
+    print("| model | eager | effopt whole-graph fallback | torch.compile(backend=\"eager\") |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['ms']['eager']:.1f} ms | {r['vs_eager']['effopt fallback']:.3f}x | "
+              f"{r['vs_eager']['backend=eager']:.3f}x |")
+    return rows
+
+
+def main():
+    import argparse
+
+    from effopt.timing import interleaved_medians
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fallback-only", action="store_true", help="time the whole-graph fallback alone")
+    ap.add_argument("--rounds", type=int, default=21, help="interleaved rounds for the fallback rows")
+    a = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
+    if a.fallback_only:
+        rows = fallback(a.rounds)
+        with open(os.path.join(OUT, "backend_fallback.json"), "w") as f:
+            json.dump({"machine": describe_machine()["line"], "rows": rows}, f, indent=1)
+        return
     rows = []
     with torch.inference_mode():
         for name, model, args in models():
@@ -98,8 +158,10 @@ def main():
     torch._dynamo.reset()
     second = second_process_compile_s()
     cold = rows[0]["compile_s"].get("effopt")
+    torch._dynamo.reset()
     result = {"machine": describe_machine()["line"], "rows": rows,
-              "effopt_vit_cold_compile_s": cold, "effopt_vit_second_process": second}
+              "effopt_vit_cold_compile_s": cold, "effopt_vit_second_process": second,
+              "fallback": fallback(a.rounds)}
     with open(os.path.join(OUT, "backend.json"), "w") as f:
         json.dump(result, f, indent=1)
     print_table(result)

@@ -5,8 +5,8 @@ compiled with calibration data (4 batches: the guards decide on 3, the 4th is he
 accuracy_budget 0.01 (cosine loss against the original model's outputs), timed against eager and the
 exact compile (interleaved medians in one process), with the task metric on the test batches (MiniLM:
 sentence-embedding cosine to the original on 32 held-out sentences; DINOv2: digits linear-probe accuracy)
-and the end-to-end losses the report gives (decided-on and held-out); and approximate='auto' (its search
-time is in the compile time). Writes bench-results/compose.json.
+and the end-to-end losses the report gives (decided-on, held-out before lowering, and held-out on the
+compiled model: report.budget); and approximate='auto' (its search time is in the compile time). Writes bench-results/compose.json.
 
     python benchmarks/compose.py [--models minilm,dinov2] [--rounds 5] [--budget 0.01] [--variants auto,int8]
 """
@@ -45,6 +45,8 @@ COMBOS = {
 
 
 def held_out_loss(report) -> float | None:
+    if report.budget is not None and report.budget.get("inputs") == "held-out":
+        return report.budget["rewritten"]
     found = [re.search(r"held-out validation input\(s\): loss ([0-9.e+-]+)", n) for n in report.notes]
     found = [float(m.group(1)) for m in found if m]
     return found[-1] if found else None
@@ -74,6 +76,9 @@ def run(key: str, rounds: int, budget: float, only=()) -> list[dict]:
         info[name] = {"compile_s": time.perf_counter() - t0,
                       "decided_loss": guards[-1].guard.loss if guards else None,
                       "held_out_loss": held_out_loss(rep),
+                      # the same held-out inputs through what runs (the lowered model): report.budget
+                      "compiled_loss": rep.budget.get("compiled") if rep.budget else None,
+                      "budget_action": rep.budget.get("action") if rep.budget else None,
                       "kept": {r.name: f"{len(r.guard.kept)}/{len(r.guard.kept) + len(r.guard.rolled_back)}"
                                for r in guards},
                       "runs": "compiled" if rep.versus_eager is None or rep.versus_eager["use_compiled"] else "eager",
@@ -95,6 +100,8 @@ def run(key: str, rounds: int, budget: float, only=()) -> list[dict]:
         rows.append(row)
         losses = (f"  loss decided {i['decided_loss']:.4f} held-out {i['held_out_loss']:.4f}"
                   if i.get("decided_loss") is not None and i.get("held_out_loss") is not None else "")
+        losses += f" compiled {i['compiled_loss']:.4f}" if i.get("compiled_loss") is not None else ""
+        losses += f" ({i['budget_action']})" if i.get("budget_action") else ""
         print(f"  {task.name:16s} {name:28s} {t[name] * 1e3:8.1f} ms  {t['eager'] / t[name]:5.2f}x eager  "
               f"{task.metric_name} {metrics[name]:.4f}{losses}"
               + (f"  kept {i['kept']}" if i.get("kept") else "")
