@@ -27,7 +27,7 @@ demo: setup
 	$(PY) examples/quickstart.py
 
 test: setup browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # the loop while developing: everything but the tests marked slow (whole models, tuning, fuzzing), about a minute
 test-fast: setup

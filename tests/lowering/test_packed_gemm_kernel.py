@@ -21,8 +21,8 @@ UNITS = {"avx512": ({"kind": "llvm", "mcpu": "skylake-avx512"}, ("avx512f", "avx
 
 
 def _target(unit):
-    host = vector_unit(HOST)
-    if host is not None and host.name == unit:
+    own = vector_unit(HOST)
+    if own is not None and own.name == unit:
         return HOST
     spec, flags = UNITS[unit]
     why = host().missing(*flags)
