@@ -139,7 +139,7 @@ class CompiledGraph:
             gm, lowering = lower(gm, self.options)
             log_lowering(lowering)
             if approx is not None:
-                gm = self._budget_after_lowering(gm, after["graph"], records, approx, notes)
+                gm = self._budget_after_lowering(gm, after["graph"], approx, notes)
         check = None
         if self._measure_whole():
             check = self._check_whole(gm, eager_gm, args, after["code"])
@@ -152,7 +152,7 @@ class CompiledGraph:
                              runs_eager=self.runs_eager)
         set_last_report(self.report)
 
-    def _budget_after_lowering(self, gm, rewritten, records, approx: dict, notes: list):
+    def _budget_after_lowering(self, gm, rewritten, approx: dict, notes: list):
         """The accuracy budget judged on what runs: the lowered model's loss on the held-out inputs (the
         calibration inputs where none are held out), beside the loss the guards decided on. Kernels are only
         self-checked one region at a time, on random inputs, within each op's tolerance, so lowering can
@@ -280,7 +280,8 @@ class CompiledGraph:
         full = self._example_inputs(self.examples if self.examples is not None else args)
         live = [full[i] for i in self.live]
         store = DecisionStore(self.options.cache_dir, target_dict(self.options.target)) if self.options.cache else None
-        # the graph the passes produced (approximate rewrites included), the shapes, and what shapes lowering
+        # the graph the passes produced (approximate rewrites included), the shapes, and the options that
+        # change what lowering builds
         o = self.options
         shapes = [[list(a.shape), str(a.dtype)] if isinstance(a, torch.Tensor) else repr(a) for a in live]
         key = make_key("whole-graph", code, json.dumps(shapes), str(self.torch_graph is None),
