@@ -102,7 +102,7 @@ class CompiledGraph:
             val = CalibrationSet.of([live(c) for c in held_out], lambda a: gm(*a)) if held_out and cal else None
             base, kept_records = capture.copy_graph_module(gm), len(records)
             budget = self.options.accuracy_budget if self.options.accuracy_budget is not None else DEFAULT_BUDGET
-            decide = budget
+            decide, held = budget, None
             if self.options.approximate is not None:  # approximate='auto': the search decides the options
                 gm, auto = self._auto(gm, examples, cal, val, budget, tagged, notes)
             for attempt in range(0 if auto is not None else MAX_BACKOFFS + 1):
@@ -124,12 +124,12 @@ class CompiledGraph:
             if cal is not None:  # what _budget_after_lowering checks the compiled model on
                 check = val if val is not None else cal
                 decided = [r.guard.loss for r in records if r.guard is not None and r.guard.loss is not None]
-                rewritten = Calibrated(None, check, self.options.metric, GuardResult("", budget)).loss(
-                    lambda a: gm(*a))
-                approx = {"inputs": check, "which": "held-out" if val is not None else "calibration",
-                          "budget": budget, "result": {"budget": budget, "decided": decided[-1] if decided else None,
-                                                       "rewritten": rewritten, "compiled": None, "action": None,
-                                                       "inputs": "held-out" if val is not None else "calibration"}}
+                # the back-off loop's last held-out loss is this graph's; else (no held-out inputs, or auto) measured
+                rewritten = held if held is not None else Calibrated(
+                    None, check, self.options.metric, GuardResult("", budget)).loss(lambda a: gm(*a))
+                approx = {"inputs": check, "result": {
+                    "budget": budget, "decided": decided[-1] if decided else None, "rewritten": rewritten,
+                    "compiled": None, "action": None, "inputs": "held-out" if val is not None else "calibration"}}
         after = {"code": gm.code, "stats": graph_stats(gm), "graph": capture.copy_graph_module(gm)}
         publish("graphs", after["graph"])  # for effopt.autotune, which tunes the graphs the passes produce
         lowering = None
@@ -160,8 +160,8 @@ class CompiledGraph:
         warning. Returns the graph to run."""
         from .passes.guard import EffoptAccuracyWarning
 
-        inputs, which, budget = approx["inputs"], approx["which"], approx["budget"]
-        result = approx["result"]
+        inputs, result = approx["inputs"], approx["result"]
+        which, budget = result["inputs"], result["budget"]
         compiled = Calibrated(None, inputs, self.options.metric, GuardResult("", budget)).loss(lambda a: gm(*a))
         result["compiled"] = compiled
         notes.append(f"accuracy of the compiled model on the {len(inputs)} {which} input(s): loss {compiled:.4g} "
@@ -424,7 +424,6 @@ def _dispatch(compiled, torch_graph: fx.GraphModule, graph: CompiledGraph | None
             return torch_graph(*args)
         return compiled(*args)
 
-    run._effopt_graph = graph  # for tests and benchmarks: which form runs
     return run
 
 

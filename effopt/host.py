@@ -55,6 +55,7 @@ LLVM_FEATURES = {"avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512bw":
                  "avx512vnni": "avx512_vnni", "avxvnni": "avx_vnni"}
 # int8 dot products whose instruction makes torch's int8 GEMM (oneDNN) faster than its float32 GEMM
 FAST_INT8 = ("avx512vnni", "avxvnni", "amx", "neon-i8mm", "neon-dot")
+X86_ARCHES = ("x86_64", "AMD64", "i686", "i386")
 NAMES = {"avx512vnni": "AVX-512 VNNI", "avxvnni": "AVX-VNNI", "avx512": "AVX-512", "avx2": "AVX2",
          "neon-i8mm": "NEON i8mm", "neon-dot": "NEON dotprod", "neon": "NEON"}
 
@@ -82,7 +83,7 @@ class Host:
 
     @property
     def x86(self) -> bool:
-        return self.arch in ("x86_64", "AMD64", "i686", "i386")
+        return self.arch in X86_ARCHES
 
     @property
     def vector_unit(self) -> str | None:
@@ -153,6 +154,7 @@ def _level_cpu(level: str, vendor: str) -> str:
     return cpus.get(vendor, cpus[""])
 
 
+@functools.lru_cache(maxsize=None)
 def llvm_features(cpu: str) -> dict[str, bool] | None:
     """Which of LLVM_FEATURES LLVM's CPU `cpu` implies (None: no LLVM here to ask)."""
     try:
@@ -194,7 +196,7 @@ def make_host(name: str, vendor: str, flags: set, arch: str, system_cpu: str | N
             raise ValueError(f"{ISA_OVERRIDE}={override}: this CPU ({name}) has no {', '.join(lacking)}, so it "
                              "cannot execute that level's code; choose a lower level or unset it")
         flags = {f for f in flags if not f.startswith(above)}
-    x86 = arch in ("x86_64", "AMD64", "i686", "i386")
+    x86 = arch in X86_ARCHES
     llvm_cpu = cpu_override or system_cpu or ("generic" if not x86 else _level_cpu("avx2", vendor))
     if x86:
         promised = features(llvm_cpu) if features is not None else None
@@ -225,20 +227,22 @@ def make_host(name: str, vendor: str, flags: set, arch: str, system_cpu: str | N
 
 @functools.lru_cache(maxsize=None)
 def host() -> Host:
-    """This machine, under EFFOPT_HOST_ISA / EFFOPT_HOST_CPU; cached for the process (host.cache_clear()
-    after changing them)."""
+    """This machine, under EFFOPT_HOST_ISA / EFFOPT_HOST_CPU; cached for the process (reset() after changing
+    them)."""
     name, vendor, flags = read_cpuinfo()
-    override = os.environ.get(ISA_OVERRIDE, "").strip().lower()
-    override = None if override in ("", "native") else override
     cpu = os.environ.get(CPU_OVERRIDE, "").strip() or None
-    return make_host(name, vendor, flags, platform.machine(), _system_cpu(), override, cpu)
+    return make_host(name, vendor, flags, platform.machine(), _system_cpu(), isa_override(), cpu)
+
+
+def isa_override() -> str | None:
+    """EFFOPT_HOST_ISA's level, or None ("native" or unset)."""
+    level = os.environ.get(ISA_OVERRIDE, "").strip().lower()
+    return None if level in ("", "native") else level
 
 
 def torch_environment(level: str | None = None) -> dict[str, str]:
     """The variables that limit torch's own kernels to `level` (default: the override's; {} for none)."""
-    if level is None:
-        level = os.environ.get(ISA_OVERRIDE, "").strip().lower()
-    return dict(TORCH_ENV.get(level, {}))
+    return dict(TORCH_ENV.get(level or isa_override() or "", {}))
 
 
 def apply_torch_environment() -> None:

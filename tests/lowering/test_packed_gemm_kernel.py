@@ -12,7 +12,6 @@ from effopt.host import host
 from effopt.target import resolve_target
 from effopt.lowering.tuned import normalized
 from effopt.lowering.kernels import gemm
-from effopt.lowering.kernels.common import vector_unit
 
 HOST = resolve_target("host")
 # an LLVM CPU for each unit, and the CPU flags (effopt.host's) a machine needs to execute its code
@@ -21,8 +20,7 @@ UNITS = {"avx512": ({"kind": "llvm", "mcpu": "skylake-avx512"}, ("avx512f", "avx
 
 
 def _target(unit):
-    own = vector_unit(HOST)
-    if own is not None and own.name == unit:
+    if host().vector_unit == unit:
         return HOST
     spec, flags = UNITS[unit]
     why = host().missing(*flags)
