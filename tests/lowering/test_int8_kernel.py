@@ -199,3 +199,40 @@ def test_targets_without_a_dot_product_say_why():
     assert "needs AVX2" in int8.supported(resolve_target({"kind": "llvm", "mcpu": "sandybridge"}))
     arm = resolve_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
     assert int8.isa_of(arm) is None and int8.supported(arm)
+
+
+@pytest.mark.parametrize("isa", X86 + [EMULATED])
+def test_one_symbolic_kernel_serves_every_row_count(isa):
+    """Rows symbolic (a served stream: batch x tokens changes per request): one built kernel, exact at row
+    counts that fill no register tile, one, and several, with the residual and GELU epilogue and the
+    requantized output."""
+    from tvm import tirx
+
+    from effopt.lowering.build import build_function
+
+    target = _target(isa)
+    n, k = 48, 50
+    B, S = tirx.Var("b", "int64"), tirx.Var("s", "int64")
+    if target == EMULATED:
+        target, kisa = "host", dataclasses.replace(int8.ISAS["neon-i8mm"], emulated=True)
+    else:
+        kisa = int8.isa_of(resolve_target(target))
+    out = (0.05, *int8_ops.SYMMETRIC)
+    for out_quant in (None, out):
+        def body(bb, x, p, s, st, b, r):
+            return int8.emit(bb, x, p, s, st, b, r, k, None, *int8_ops.SYMMETRIC, "gelu", None, out_quant, isa=kisa)
+
+        f = build_function(body, ((B, S, k), "float32"), ((n // 16, (k + 3) // 4, 16, 4), "int8"), ((n,), "int32"),
+                           ((n,), "float32"), ((n,), "float32"), ((B, S, n), "float32"), target=target)
+        x0, wq, ws, bias, _ = _case(1, n, k, seed=6)
+        packed, wsum = int8_ops.pack_weight(wq)
+        for b, s in [(1, 1), (1, 3), (3, 5), (2, 37)]:
+            x, _, _, _, r = _case(b * s, n, k, seed=b * 100 + s)
+            got = torch.from_dlpack(f(x.reshape(b, s, k), packed, wsum, ws, bias, r.reshape(b, s, n)))
+            ref = int8_ops.int8_linear_fused_ref(x, packed, wsum, ws, bias, None, *int8_ops.SYMMETRIC, k, "gelu", r,
+                                                 None, *(out_quant or ())).reshape(b, s, n)
+            assert got.shape == ref.shape and got.dtype == ref.dtype, (b, s)
+            if out_quant is None:  # erf: TVM's rational approximation against torch's
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+            else:  # uint8 codes: at most one code apart where erf's rounding differs
+                assert int((got.int() - ref.int()).abs().max()) <= 1, (b, s)

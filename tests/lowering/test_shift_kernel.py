@@ -79,3 +79,25 @@ def test_activation_quantization_rounds_half_to_even_like_the_kernel():
     f = shift.build(1, 2, 32, 1, bits=8)
     assert torch.equal(torch.from_dlpack(f(x, so.pack(codes), scale)),
                        so.matshift_linear_ref(x, so.pack(codes), scale, None, 32, 8))
+
+
+def test_one_symbolic_build_serves_every_row_count():
+    """Rows symbolic (a served stream): the per-token quantizer and both paths of the shift linear, built once,
+    bit for bit the references at row counts that fill no token block, one, and several."""
+    from tvm import tirx
+
+    m = tirx.Var("m", "int64")
+    n, k, terms = 24, 70, 2
+    for bits in (8, 0):
+        f = shift.build(m, n, k, terms, bits=bits, bias=True)
+        for rows in (1, 3, 9):
+            x, packed, scale, bias = _case(rows, n, k, terms, rows)
+            x[0] *= 1e3
+            y = torch.from_dlpack(f(x, packed, scale, bias))
+            ref = so.matshift_linear_ref(x, packed, scale, bias, k, bits) if bits else \
+                so.shift_linear_ref(x, packed, scale, bias, k)
+            assert y.shape == ref.shape == (rows, n) and y.dtype == ref.dtype
+            if bits:
+                assert torch.equal(y, ref), (rows, (y - ref).abs().max())
+            else:  # the float path sums in its own order
+                torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

@@ -36,6 +36,23 @@ def batch(b):
     return b if isinstance(b, int) else tirx.Var("B", "int64")
 
 
+def extent(m, name: str = "M"):
+    """The PrimFunc's own extent for a caller's dim: the int where static, a fresh int64 var where symbolic
+    (match_buffer binds it from the argument's shape at every call, so one built kernel serves every size)."""
+    return m if isinstance(m, int) else tirx.Var(name, "int64")
+
+
+def rows(bb: relax.BlockBuilder, x: relax.Expr, op: str) -> tuple[list, object, relax.Expr]:
+    """(x's dims, M = the product of all but the last, x as [M, K]). The leading dims (batch, tokens) may be
+    symbolic, and M with them; the feature dim K must be static."""
+    xs = dims(x, op, "x")
+    static(xs[-1], op, "the feature dim of x")
+    m = 1
+    for d in xs[:-1]:
+        m = m * d
+    return xs, m, bb.emit(relax.op.reshape(x, [m, xs[-1]]))
+
+
 def as_float32(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
     return x if str(x.ty.dtype) == "float32" else bb.emit(relax.op.astype(x, "float32"))
 

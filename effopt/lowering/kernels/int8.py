@@ -38,10 +38,10 @@ from tvm.script import tirx as T
 
 from . import tunable
 from ...host import host
-from .common import dims, has_feature, static
+from .common import dims, extent, has_feature, rows, static
 import torch
 
-from ..rules import Unsupported, lowers, static_shape
+from ..rules import Unsupported, lowers
 
 LANES = 16  # output channels per packed weight group (the layout of effopt.ops.int8.pack_weight)
 
@@ -142,10 +142,13 @@ def _act(v, activation: str):
     return v
 
 
-def tiles(m: int, n: int, isa: Isa = ISAS["avx512vnni"]) -> tuple[int, int]:
+def tiles(m, n: int, isa: Isa = ISAS["avx512vnni"]) -> tuple[int, int]:
     """(MB rows, NB vectors of isa.lanes columns) per register tile: up to 16 accumulators of AVX-512's 32
-    registers, 8 of AVX2's 16 (the rest hold the weights, the broadcast activations and the pair sums)."""
+    registers, 8 of AVX2's 16 (the rest hold the weights, the broadcast activations and the pair sums).
+    A symbolic m (a served stream of row counts) takes the tiles of many rows; the last tile's missing rows
+    are zeros inside the kernel."""
     most = isa.registers // 2
+    m = m if isinstance(m, int) else 64
     nb = next(b for b in (4, 2, 1) if (n // isa.lanes) % b == 0)
     if isa.pairs:  # rows in pairs (a single row pads its partner with zeros)
         return (2 if m <= 2 else max(2, min(4, most // nb) // 2 * 2)), nb
@@ -239,6 +242,7 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
     generated for; where it takes x - 128 (`_x_type` int8), wsum must be (offset - 128) * sum_k w (`emit`)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"int8 linear activation={activation!r}; valid: {list(ACTIVATIONS)}")
+    M = extent(M)  # symbolic: one built kernel for every row count (rows padded to the tile inside)
     K4 = (K + 3) // 4
     K8 = (K4 + 1) // 2  # i8mm's k groups of 8 (an odd last group of 4 pairs with zero weights)
     XW = 8 * K8 if isa.pairs else 4 * K4  # the quantized row's width, zero padded
@@ -398,15 +402,11 @@ def emit(bb: relax.BlockBuilder, x, packed, wsum, w_step, bias, residual, k: int
          isa: Isa) -> relax.Expr:
     """y [..., N] = int8_linear(x [..., K]) as one call of the kernel above, for `isa`: `isa_of(target)` of
     the target it is built for (another ISA's instructions abort LLVM's code generation)."""
-    xs = [static(d, _OP, "every dim of x") for d in dims(x, _OP, "x")]
-    m = 1
-    for d in xs[:-1]:
-        m *= d
+    xs, m, x2 = rows(bb, x, _OP)  # m symbolic in a graph of symbolic sizes
     ng, k4 = (static(d, _OP, "the packed weight") for d in dims(packed, _OP, "packed weight", 4)[:2])
     n = ng * LANES
     if xs[-1] != k or k4 != (k + 3) // 4:
         raise ValueError(f"{_OP}: x has {xs[-1]} features, the weight {k}")
-    x2 = bb.emit(relax.op.reshape(x, [m, k]))
     b = bias if bias is not None else relax.op.zeros(relax.ShapeExpr([n]), "float32")
     r = bb.emit(relax.op.reshape(residual, [m, n])) if residual is not None else \
         relax.op.zeros(relax.ShapeExpr([1, 1]), "float32")
@@ -428,7 +428,8 @@ def emit(bb: relax.BlockBuilder, x, packed, wsum, w_step, bias, residual, k: int
     most = isa.registers * 3 // 4
     space = [{"mb": mb, "nb": nb}] + [{"mb": a, "nb": c} for a in (1, 2, 4, 6) for c in (1, 2, 4)
                                       if (a, c) != (mb, nb) and (n // isa.lanes) % c == 0 and a * c <= most
-                                      and (a <= m if not isa.pairs else a % 2 == 0 and a <= max(m, 2))]
+                                      and (not isinstance(m, int) or (a <= m if not isa.pairs else a % 2 == 0 and a <= max(m, 2)))
+                                      and (not isa.pairs or a % 2 == 0)]
     params = {"fixed": [str(v) for v in fixed]} if isa.name == "avx512vnni" else \
         {"fixed": [str(v) for v in fixed], "isa": isa.name}  # AVX-512 keys as before: tuned databases stay valid
     knobs = tunable.choose("int8_linear", params,
@@ -446,8 +447,8 @@ def _lower(cv, node, x, packed, wsum, w_step, bias, scale, offset, lo, hi, in_fe
     why = supported(cv.target)
     if why:
         raise Unsupported(why)
-    if not static_shape(node, "x") or cv.dtype_of(x) not in ("float32", "uint8"):
-        raise Unsupported("int8_linear needs static float32 (or requantized uint8) shapes")
+    if cv.dtype_of(x) not in ("float32", "uint8"):
+        raise Unsupported("int8_linear takes float32 (or requantized uint8) activations")
     out = None if out_scale is None else (float(out_scale), int(out_offset), int(out_lo), int(out_hi))
     return emit(cv.bb, x, packed, wsum, w_step, bias, residual, int(in_features),
                 None if scale is None else float(scale), int(offset), int(lo), int(hi), str(activation), smooth,

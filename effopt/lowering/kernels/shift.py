@@ -25,7 +25,7 @@ from tvm import relax, tirx
 from tvm.script import tirx as T
 
 from . import tunable
-from .common import dims, static
+from .common import dims, extent, rows, static
 import torch
 
 from ..rules import Unsupported, lowers, static_shape
@@ -36,9 +36,9 @@ _ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}  # 8
 _OP = "shift linear"
 
 
-def token_block(m: int) -> int:
-    """Tokens that share one decode of a code block."""
-    return 1 if m == 1 else 4
+def token_block(m) -> int:
+    """Tokens that share one decode of a code block (m symbolic: a stream of sizes, most of them several rows)."""
+    return 1 if isinstance(m, int) and m == 1 else 4
 
 
 def _float_term(xi, code):
@@ -65,6 +65,7 @@ def matmul_func(M: int, N: int, K: int, terms: int, xdtype: str = "float32", mb:
     times 2^-6). The epilogue's multiplies are in the kernel, so nothing can contract them with a bias add."""
     KH = (K + 1) // 2
     KF = K // BLK * BLK
+    M = extent(M)  # symbolic: one kernel for every row count
     MB = token_block(M) if mb is None else mb  # tokens per decode: the autotuner's knob
     MP = (M + MB - 1) // MB * MB
     integer = xdtype == "int8"
@@ -121,6 +122,7 @@ def scale_func(M: int, K: int, bits: int) -> tirx.PrimFunc:
     16 lanes, then across them (max is exact in any order)."""
     qmax = float(2 ** (bits - 1) - 1)
     KV = K // LANES * LANES
+    M = extent(M)
 
     @T.prim_func(private=True, s_tir=True)
     def shift_scale(x_h: T.handle, i_h: T.handle, st_h: T.handle):
@@ -153,6 +155,7 @@ def quant_func(M: int, K: int, bits: int, offset: int = 0, lo: int | None = None
     default symmetric, [-qmax, qmax]. (PT2E's uint8 activations use offset zero_point - 128, [-128, 127].)"""
     qmax = 2 ** (bits - 1) - 1
     lo, hi = (-qmax if lo is None else lo), (qmax if hi is None else hi)
+    M = extent(M)
 
     @T.prim_func(private=True, s_tir=True)
     def shift_quant(x_h: T.handle, i_h: T.handle, q_h: T.handle):
@@ -169,16 +172,7 @@ def quant_func(M: int, K: int, bits: int, offset: int = 0, lo: int | None = None
     return shift_quant
 
 
-def _rows(bb: relax.BlockBuilder, x: relax.Expr, op: str) -> tuple[list, int, relax.Expr]:
-    """(x's static dims, M = the product of all but the last, x as [M, K])."""
-    xs = [static(d, op, "every dim of x") for d in dims(x, op, "x")]
-    m = 1
-    for d in xs[:-1]:
-        m *= d
-    return xs, m, bb.emit(relax.op.reshape(x, [m, xs[-1]]))
-
-
-def _quantize(bb, x2, m: int, k: int, bits: int, scale: float | None, offset: int = 0, lo=None, hi=None):
+def _quantize(bb, x2, m, k: int, bits: int, scale: float | None, offset: int = 0, lo=None, hi=None):
     """(xq [m, k] int8, step [m, 1]) of x2 [m, k]: per token, or with a given per-tensor scale (and an
     offset and range, for PT2E's affine quantization)."""
     col = relax.TensorType([m, 1], "float32")
@@ -198,7 +192,7 @@ def _quantize(bb, x2, m: int, k: int, bits: int, scale: float | None, offset: in
 def emit_quantize_affine(bb: relax.BlockBuilder, x: relax.Expr, scale: float, zero_point: int, quant_min: int,
                          quant_max: int) -> relax.Expr:
     """`effopt::quantize_affine` (effopt/ops/int8.py): PT2E's quantize_per_tensor, shifted into int8."""
-    xs, m, x2 = _rows(bb, x, "int8 quantize")
+    xs, m, x2 = rows(bb, x, "int8 quantize")
     shift = 128 if quant_max > 127 else 0
     xq, _ = _quantize(bb, x2, m, xs[-1], 8, scale, zero_point - shift, quant_min - shift, quant_max - shift)
     return bb.emit(relax.op.reshape(xq, xs))
@@ -206,7 +200,7 @@ def emit_quantize_affine(bb: relax.BlockBuilder, x: relax.Expr, scale: float, ze
 
 def emit_quantize(bb: relax.BlockBuilder, x: relax.Expr, scale: float | None) -> relax.Expr:
     """`effopt::quantize_rows` (effopt/ops/int8.py): (xq int8, step [..., 1]) of x [..., K] float32."""
-    xs, m, x2 = _rows(bb, x, "int8 quantize")
+    xs, m, x2 = rows(bb, x, "int8 quantize")
     xq, step = _quantize(bb, x2, m, xs[-1], 8, scale)
     return relax.Tuple([bb.emit(relax.op.reshape(xq, xs)), bb.emit(relax.op.reshape(step, [*xs[:-1], 1]))])
 
@@ -214,7 +208,7 @@ def emit_quantize(bb: relax.BlockBuilder, x: relax.Expr, scale: float | None) ->
 def emit(bb: relax.BlockBuilder, x: relax.Expr, packed: relax.Expr, scale: relax.Expr, bias, k: int,
          bits: int) -> relax.Expr:
     """y [..., N] = shift_linear(x [..., K]) (+ bias [N]) as Relax calls of the kernels above."""
-    xs, m, x2 = _rows(bb, x, _OP)
+    xs, m, x2 = rows(bb, x, _OP)
     terms, n, kh = (static(d, _OP, "the packed weight") for d in dims(packed, _OP, "packed weight", 3))
     if xs[-1] != k or kh != (k + 1) // 2:
         raise ValueError(f"{_OP}: x has {xs[-1]} features, the weight {k} ({kh} bytes per row)")
@@ -229,7 +223,8 @@ def emit(bb: relax.BlockBuilder, x: relax.Expr, packed: relax.Expr, scale: relax
     xdtype = "int8" if bits else "float32"
     mb = tunable.choose("shift_matmul", {"terms": terms, "xdtype": xdtype},
                         tunable.static_shapes([x2, packed, scale, post, out]),
-                        [{"mb": token_block(m)}] + [{"mb": b} for b in (1, 2, 4, 8) if b != token_block(m) and b <= m],
+                        [{"mb": token_block(m)}] + [{"mb": b} for b in (1, 2, 4, 8)
+                                                  if b != token_block(m) and (not isinstance(m, int) or b <= m)],
                         lambda t: matmul_func(m, n, k, terms, xdtype, **t))["mb"]
     y = bb.emit(relax.call_tir(bb.add_func(matmul_func(m, n, k, terms, xdtype, mb), "shift_matmul"),
                                [x2, packed, scale, post], out))
@@ -276,8 +271,6 @@ def build(m: int, n: int, k: int, terms: int, bits: int = 0, bias: bool = False,
 # ---- the lowering rules of effopt/ops/shift.py's ops, and of the activation quantizers of effopt/ops/int8.py ---
 @lowers(torch.ops.effopt.shift_linear.default)
 def _lower_linear(cv, node, x, packed, scale, bias, in_features, activation_bits):
-    if not static_shape(node, "x"):
-        raise Unsupported("shift_linear kernels need static shapes")
     return emit(cv.bb, x, packed, scale, bias, int(in_features), int(activation_bits))
 
 
@@ -290,8 +283,6 @@ def _lower_conv2d(cv, node, x, packed, scale, bias, kernel, stride, padding, dil
 
 @lowers(torch.ops.effopt.quantize_rows.default)
 def _lower_quantize_rows(cv, node, x, scale):
-    if not static_shape(node, "x"):
-        raise Unsupported("quantize_rows needs static shapes")
     if cv.dtype_of(x) != "float32":
         raise Unsupported("quantize_rows takes float32")
     return emit_quantize(cv.bb, x, None if scale is None else float(scale))
@@ -299,8 +290,8 @@ def _lower_quantize_rows(cv, node, x, scale):
 
 @lowers(torch.ops.effopt.quantize_affine.default)
 def _lower_quantize_affine(cv, node, x, scale, zero_point, quant_min, quant_max):
-    if not static_shape(node, "x") or cv.dtype_of(x) != "float32":
-        raise Unsupported("quantize_affine needs static float32 shapes")
+    if cv.dtype_of(x) != "float32":
+        raise Unsupported("quantize_affine takes float32")
     return emit_quantize_affine(cv.bb, x, float(scale), int(zero_point), int(quant_min), int(quant_max))
 
 __all__ = ["matmul_func", "scale_func", "quant_func", "emit", "emit_quantize", "emit_quantize_affine", "emit_conv", "build", "token_block", "LANES"]
