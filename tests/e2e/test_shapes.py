@@ -79,3 +79,30 @@ def test_memory_order_holds_for_symbolic_sizes():
     assert memory_order(_symbolic(lambda x: x + 1, (2, 5, 12, 32))) is None  # contiguous
     assert memory_order(_symbolic(lambda x: x.expand(-1, -1, 12, -1), (2, 5, 1, 32))) is None  # expanded
     assert memory_order(_symbolic(lambda x: x.permute(0, 2, 3, 1), (2, 5, 12, 32))) == [0, 3, 1, 2]
+
+
+def test_int8_linears_run_their_kernels_at_symbolic_rows():
+    """A linear stack served at changing (batch, tokens): dynamo flattens the rows to [s0*s1, K], a size no
+    input has alone; the region reads the product as one size, and every int8 linear of the symbolic graph
+    runs its TVM kernel (issue 27: they ran their eager form, then float32)."""
+    from effopt.lowering.kernels.int8 import supported
+    from effopt.target import resolve_target
+
+    if supported(resolve_target("host")):
+        pytest.skip(supported(resolve_target("host")))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).eval()
+    compiled = compile_effopt(model, quantize="int8-dynamic", kernel_choice="tvm")
+    g = torch.Generator().manual_seed(1)
+    for b, s in [(2, 5), (1, 1), (3, 7), (4, 9)]:  # sizes 1 specialize: the symbolic graph compiles last
+        x = torch.randn(b, s, 64, generator=g)
+        with torch.no_grad():
+            ref, got = model(x), compiled(x)
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
+        assert cos > 0.999, (b, s, float(cos))
+    rep = effopt.last_report()
+    assert any(isinstance(d, torch.SymInt) for n in rep.graph.graph.nodes if n.op == "placeholder"
+               and isinstance(n.meta.get("val"), torch.Tensor) for d in n.meta["val"].shape)
+    int8 = [k for k in rep.lowering.kernels if "int8_linear" in k.ops]
+    assert len(int8) == 2 and {k.choice for k in int8} == {"tvm"}, [(k.ops, k.choice, k.reason) for k in int8]
