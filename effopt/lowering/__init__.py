@@ -3,7 +3,7 @@ PyTorch elsewhere. `lower` runs six named steps, each in its module:
 
     1. library choice   library.choose_library     each GEMM on MKL or oneDNN (and tuned GEMMs, tuned.py)
     2. partition        partition.partition        TVM-convertible regions; ops without a rule stay eager
-    3. convert          convert.convert            each region to a Relax function (to_relax.py, rules.py)
+    3. convert          convert.convert            each region to a Relax function (to_relax.py, aten/, rules.py)
     4. build or load    build.build_or_load        one library for all regions, or the kernel cache's
     5. choose           select.choose_kernels      per region: its kernel against eager, checked and timed
     6. replace          replace.replace            the chosen forms into the graph

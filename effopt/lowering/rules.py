@@ -1,7 +1,7 @@
 """The lowering's rule registry: which ops convert to Relax, how, and which form regions of their own.
 
-ATen ops' rules are in to_relax.py; effopt's own ops' rules sit beside their kernels (lowering/kernels/),
-called with the op's arguments by name (effopt/ops/spec.py). Extension is by registration (`@lowers`), not by
+ATen ops' rules are in lowering/aten/ (one file per op category); effopt's own ops' rules sit beside their
+kernels (lowering/kernels/), called with the op's arguments by name (effopt/ops/spec.py). Extension is by registration (`@lowers`), not by
 edits to the converter.
 """
 from __future__ import annotations
