@@ -55,6 +55,7 @@ browser:
 bench: setup
 	$(PY) benchmarks/backend.py
 	$(PY) benchmarks/isa.py
+	$(PY) benchmarks/served.py
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/approximate.py
 	$(PY) benchmarks/token_reduction.py

@@ -13,6 +13,7 @@ compiled model: report.budget); and approximate='auto' (its search time is in th
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -62,6 +63,13 @@ def run(key: str, rounds: int, budget: float, only=()) -> list[dict]:
     calibration = [task.inputs(b) for b in task.train[:4]]
     torch._dynamo.config.recompile_limit = 64
     fns, info = {"eager": task.model}, {}
+    # what a user would pick instead: Inductor's CPU inference setting, and torch's one-line int8
+    fns["inductor (freezing)"] = torch.compile(copy.deepcopy(task.model), backend="inductor", options={"freezing": True})
+    fns["quantize_dynamic"] = torch.ao.quantization.quantize_dynamic(copy.deepcopy(task.model), {torch.nn.Linear},
+                                                                     dtype=torch.qint8)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        task.call(fns["inductor (freezing)"], batch)
     variants = {"exact": {}, **{k: v for k, v in COMBOS[key].items() if not only or k in only}}
     for name, options in variants.items():
         torch._dynamo.reset()

@@ -12,6 +12,7 @@ relative of eager. Writes bench-results/isa.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -72,6 +73,11 @@ def run_model(task, rounds: int) -> list[dict]:
     fns, compile_s, notes = {"eager": task.model}, {}, {}
     torch._dynamo.reset()
     fns["inductor"] = torch.compile(task.model, backend="inductor")
+    # Inductor's documented CPU inference setting, and torch's one-line int8 (fbgemm / oneDNN, no compiler)
+    fns["inductor (freezing)"] = torch.compile(copy.deepcopy(task.model), backend="inductor",
+                                               options={"freezing": True})
+    fns["quantize_dynamic"] = torch.ao.quantization.quantize_dynamic(copy.deepcopy(task.model), {torch.nn.Linear},
+                                                                     dtype=torch.qint8)
     fns["effopt exact"] = torch.compile(task.model, backend="effopt")
     fns["effopt int8-dynamic"] = torch.compile(task.model, backend="effopt", options={"quantize": "int8-dynamic"})
     for name, fn in fns.items():
@@ -91,7 +97,7 @@ def run_model(task, rounds: int) -> list[dict]:
     with torch.no_grad():
         t = interleaved_medians({k: (lambda f=f: task.call(f, batch)) for k, f in fns.items()}, [], rounds=rounds,
                                 budget_s=1e9)
-        metrics = {k: task.metric(f) for k, f in fns.items() if k in ("eager", "effopt int8-dynamic")}
+        metrics = {k: task.metric(f) for k, f in fns.items() if k in ("eager", "effopt int8-dynamic", "quantize_dynamic")}
     rows = []
     for name in fns:
         rows.append({"model": task.name, "variant": name, "ms": t[name] * 1e3, "speedup": t["eager"] / t[name],

@@ -83,6 +83,10 @@ def run_task(key, rounds):
     fns, compile_s = {"eager fp32": task.model}, {}
     torch._dynamo.reset()
     fns["inductor fp32"] = torch.compile(task.model, backend="inductor")
+    fns["inductor fp32 (freezing)"] = torch.compile(copy.deepcopy(task.model), backend="inductor",
+                                                    options={"freezing": True})
+    fns["quantize_dynamic (torch int8, fbgemm)"] = torch.ao.quantization.quantize_dynamic(
+        copy.deepcopy(task.model), {torch.nn.Linear}, dtype=torch.qint8)
     fns["effopt fp32"] = compiled(task.model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", effopt.passes.guard.EffoptAccuracyWarning)
