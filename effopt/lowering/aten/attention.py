@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 from tvm import relax
 
+from ..kernels import flash
 from ..rules import ISOLATED, LOWERABLE, lowers
 from ...ops.sdpa import FLASH_CPU, sdpa_arguments
 
@@ -31,8 +32,6 @@ def _sdpa_lowerable(node: fx.Node) -> bool:
 
 @lowers(aten.scaled_dot_product_attention.default, FLASH_CPU)
 def _sdpa(cv, node, *args, **kwargs):
-    from .kernels import flash
-
     f = sdpa_arguments(node.target, args, kwargs)
     scale = f["scale"]
     scale = 1.0 / math.sqrt(int(node.args[0].meta["val"].shape[-1])) if scale is None else float(scale)
