@@ -5,8 +5,9 @@ PyTorch elsewhere. `lower` runs six named steps, each in its module:
     2. partition        partition.partition        TVM-convertible regions; ops without a rule stay eager
     3. convert          convert.convert            each region to a Relax function (to_relax.py, aten/, rules.py)
     4. build or load    build.build_or_load        one library for all regions, or the kernel cache's
-    5. choose           select.choose_kernels      per region: its kernel against eager, checked and timed
-    6. replace          replace.replace            the chosen forms into the graph
+    5. choose           select.choose              per region: its kernel against eager (and the float32
+                                                   layers it replaced), checked and timed: decisions as data
+    6. replace          replace.replace            the chosen forms into the graph (measures nothing)
 
 What it did is a LoweringRecord (records.py). Only this package and autotune/ import TVM.
 """
@@ -25,8 +26,8 @@ from .convert import convert
 from .library import choose_library
 from .partition import partition, warn_fallbacks
 from .records import EffoptFallbackWarning, EffoptSlowerWarning, KernelRecord, LoweringRecord
-from .replace import float_instead, replace
-from .select import FloatRegion, choose_kernels
+from .replace import replace
+from .select import FloatRegion, choose
 from .tuned import TunedSchedules, use_tuned_gemms
 
 
@@ -49,14 +50,12 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     warn_fallbacks(gm, record)
     regions = partition(gm)
     conv = convert(regions, target, tuned, record)
-    if not conv.funcs:
-        float_instead(gm, regions, conv.unconverted, record, force, gen, {})
-    else:
-        built = build_or_load(conv.funcs, options, record, target, tuned)
-        picks = choose_kernels(gm, regions, conv, built, record, force, gen)
-        replace(gm, regions, picks, conv, record, force, gen)
+    built = build_or_load(conv.funcs, options, record, target, tuned) if conv.funcs else None
+    picks = choose(gm, regions, conv, built, record, force, gen)
+    replace(gm, regions, picks)
+    if built is not None:
         built.keep(conv.funcs)
-        gm.recompile()
+    gm.recompile()
     record.seconds = time.perf_counter() - t0
     return gm, record
 

@@ -102,7 +102,7 @@ def select_gemm_kernels(gm, decisions: dict) -> list[dict]:
     """Rewrite frozen-weight GEMMs to oneDNN where measured faster; returns one record per distinct shape.
 
     `decisions` maps "MxNxK:dtype:epilogue" to a measured Choice; shapes not in it are timed and added."""
-    from .select import choose, concrete
+    from .select import check_and_time, concrete
 
     if not onednn_supported():
         return []
@@ -135,7 +135,7 @@ def select_gemm_kernels(gm, decisions: dict) -> list[dict]:
             def onednn(x_, w_=_onednn_weight(w, key[0]), b_=b, attr_=attr):
                 return torch.ops.mkldnn._linear_pointwise(x_, w_, b_, attr_, [], "none" if attr_ == "gelu" else "")
 
-            decisions[dkey] = choose(onednn, reference, [xin], force=False)
+            decisions[dkey] = check_and_time(onednn, reference, [xin], force=False)
         c = decisions[dkey]
         records.setdefault(key, {"shape (M,N,K)": key[:3], "dtype": key[3], "epilogue": key[4],
                                  "kernel": "onednn" if c.use_candidate else "mkl", "onednn_us": c.candidate_us,

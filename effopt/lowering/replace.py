@@ -1,16 +1,15 @@
-"""Lowering step 6, replace: each region's chosen form takes its place in the graph: its TVM kernel, or the
-float32 layers its rewritten ops replaced where those measured faster; the rest stays inline as torch ops."""
+"""Lowering step 6, replace: each region's chosen form (select.choose's decisions) takes its place in the graph:
+its TVM kernel, or the float32 layers its rewritten ops replaced; the rest stays inline as torch ops. This step
+measures nothing."""
 from __future__ import annotations
 
 import operator
-import warnings
 
 import torch
 import torch.fx as fx
 
 from .partition import Region
-from .records import EffoptSlowerWarning, KernelRecord, LoweringRecord, region_ops
-from .select import Choice, FloatRegion, concrete, versus_float
+from .select import FloatRegion
 
 
 def replace_region(gm: fx.GraphModule, region: Region, name: str, module: torch.nn.Module,
@@ -61,43 +60,17 @@ def topological_sort(graph: fx.Graph) -> None:
         prev = n
 
 
-def float_instead(gm, regions, graphs: dict, record: LoweringRecord, force: bool, gen, replaced) -> None:
-    """Regions with rewritten ops that run eager (no TVM kernel for them on this target): their eager form
-    timed against the float32 layers they replaced, which run instead where faster (an int8 GEMM without a
-    fast int8 dot product, torch._int_mm's reference loop on AVX2, is 20-50x slower than float32). Then one
-    warning for every region of rewritten ops that stays float32."""
-    for i, graph in ({} if force else graphs).items():
-        region = regions[i]
-        args = [getattr(gm, a.target) if a.op == "get_attr" else concrete(a.meta.get("val"), gen)
-                for a in region.inputs]
-        eager = fx.GraphModule(torch.nn.Module(), graph)
-        c = versus_float(eager, FloatRegion(graph), args, Choice(False, reason="no TVM kernel"))
-        record.kernels.append(KernelRecord(f"eager_region{i}", region_ops(graph), "float32" if c.use_float
-                                           else "eager", None, None, c.reason, float_us=c.float_us))
-        if c.use_float:
-            replace_region(gm, region, f"float_region{i}", FloatRegion(graph), replaced)
-    kept = [k for k in record.kernels if k.choice == "float32"]
-    if kept:
-        rewritten = [k for k in record.kernels if k.float_us is not None]
-        ops = sorted({o for k in kept for o in k.ops})
-        warnings.warn(f"effopt: on this CPU, {len(kept)} of {len(rewritten)} rewritten layer(s) ({', '.join(ops)}) "
-                      "measured slower than the float32 layers they replace, which run instead (the report's "
-                      "lowering lists them)", EffoptSlowerWarning, stacklevel=3)
-
-
-def replace(gm: fx.GraphModule, regions, picks: dict, conv, record: LoweringRecord, force: bool,
-            gen: torch.Generator) -> None:
-    """The choices of `picks` (select.choose_kernels) into gm; then the regions TVM could not take that hold
-    rewritten ops (conv.unconverted) against their float32 layers."""
+def replace(gm: fx.GraphModule, regions, picks: dict) -> None:
+    """The decisions of the choose step (select.choose: {region index: Pick}) applied to gm: a TVM kernel or the
+    float32 layers in each region's place; a region picked "eager" stays inline as its torch ops."""
     replaced: dict = {}
-    for i, (kernel, c) in picks.items():
-        if c.use_float:
-            replace_region(gm, regions[i], f"float_region{i}", FloatRegion(conv.converted[i][0]), replaced)
-        elif c.use_candidate:  # regions that lose stay inline in the graph, as plain torch ops
-            replace_region(gm, regions[i], f"tvm_region{i}", kernel, replaced)
-    float_instead(gm, regions, conv.unconverted, record, force, gen, replaced)
+    for i, p in picks.items():
+        if p.form == "float32":
+            replace_region(gm, regions[i], f"float_region{i}", FloatRegion(p.graph), replaced)
+        elif p.form == "tvm":
+            replace_region(gm, regions[i], f"tvm_region{i}", p.kernel, replaced)
     topological_sort(gm.graph)
     gm.graph.lint()
 
 
-__all__ = ["replace", "replace_region", "topological_sort", "float_instead"]
+__all__ = ["replace", "replace_region", "topological_sort"]

@@ -1,5 +1,6 @@
-"""Per-kernel choice between a candidate kernel (TVM, or another library) and the eager baseline,
-by measurement on the example shapes.
+"""Lowering step 5, choose: per region, the form that runs (its TVM kernel, its eager ops, or the float32
+layers its rewritten ops replaced), by measurement on the example shapes; every decision returned as data
+(`Pick`), which step 6 (replace.py) only applies.
 
 The candidate is first checked against the baseline on random inputs (never silently wrong); then both
 are timed interleaved, and the faster is kept, so a compiled graph is never slower than eager kernel by kernel.
@@ -19,6 +20,16 @@ from ..timing import interleaved_medians
 # Per-dtype tolerances for the self-check; fast-math exp/erf stay within a few float32 ulps.
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-7, 1e-9), torch.bfloat16: (2e-2, 1e-2),
               torch.float16: (2e-3, 1e-3)}
+
+
+@dataclass
+class Pick:
+    """What runs in a region's place: `form` "tvm" (its compiled `kernel`), "float32" (the float32 layers its
+    rewritten ops replaced, `graph`'s FloatRegion) or "eager" (its torch ops stay inline); why: `choice`."""
+    form: str
+    graph: fx.Graph
+    choice: "Choice"
+    kernel: torch.nn.Module | None = None
 
 
 @dataclass
@@ -110,7 +121,9 @@ def versus_float(chosen, float_layers, args, choice: Choice) -> Choice:
     return choice
 
 
-def choose(candidate, baseline, args, force: bool, tolerances=None) -> Choice:
+def check_and_time(candidate, baseline, args, force: bool, tolerances=None) -> Choice:
+    """The candidate checked against the baseline on `args`, then both timed: the faster kept (or the candidate,
+    with `force`)."""
     with torch.no_grad():
         with reference_kernels():  # effopt's own ops as their PyTorch references, not their eager kernels
             ref = baseline(*args)
@@ -172,9 +185,9 @@ def region_tolerances(graph: fx.Graph):
 
 # ---- lowering step 5, choose: per region, its kernel against eager (and against the float32 layers it replaced) --
 def choose_kernels(gm: fx.GraphModule, regions, conv, built, record, force: bool, gen: torch.Generator) -> dict:
-    """{region index: (its TVMKernel, Choice)} for the regions with a built kernel; each kernel checked against
-    the region's eager form and timed beside it (choices already in the kernel cache are reused), and a
-    KernelRecord per region. `conv.unconverted` gains the regions whose kernel did not build."""
+    """{region index: Pick} for the regions with a built kernel; each kernel checked against the region's eager
+    form and timed beside it (choices already in the kernel cache are reused), and a KernelRecord per region.
+    `conv.unconverted` gains the regions whose kernel did not build."""
     from .records import EffoptFallbackWarning, KernelRecord, region_ops
     from .runtime import TVMKernel
 
@@ -193,7 +206,7 @@ def choose_kernels(gm: fx.GraphModule, regions, conv, built, record, force: bool
             args = [getattr(gm, a.target) if a.op == "get_attr" else concrete(a.meta.get("val"), gen)
                     for a in region.inputs]
             eager = fx.GraphModule(torch.nn.Module(), graph)  # the region as torch ops: the baseline
-            c = choose(kernel, eager, args, force, region_tolerances(graph))
+            c = check_and_time(kernel, eager, args, force, region_tolerances(graph))
             if not c.use_candidate and c.reason.startswith("result differs"):
                 warnings.warn(f"effopt: kernel {kname} ({', '.join(region_ops(graph))}) was not used: {c.reason}",
                               EffoptFallbackWarning, stacklevel=3)
@@ -205,5 +218,42 @@ def choose_kernels(gm: fx.GraphModule, regions, conv, built, record, force: bool
                                            "float32" if c.use_float else "tvm" if c.use_candidate else "eager",
                                            c.candidate_us, c.baseline_us, c.reason, conv.scripts[fkey], kname,
                                            float_us=c.float_us))
-        picks[i] = (kernel, c)
+        picks[i] = Pick("float32" if c.use_float else "tvm" if c.use_candidate else "eager", graph, c, kernel)
+    return picks
+
+
+def choose_float_instead(gm, regions, graphs: dict, record, force: bool, gen) -> dict:
+    """{region index: Pick} for the regions with rewritten ops that run eager (no TVM kernel for them on this
+    target): their eager form timed against the float32 layers they replaced, which run instead where faster
+    (an int8 GEMM without a fast int8 dot product, torch._int_mm's reference loop on AVX2, is 20-50x slower
+    than float32)."""
+    from .records import KernelRecord, region_ops
+
+    picks = {}
+    for i, graph in ({} if force else graphs).items():
+        args = [getattr(gm, a.target) if a.op == "get_attr" else concrete(a.meta.get("val"), gen)
+                for a in regions[i].inputs]
+        eager = fx.GraphModule(torch.nn.Module(), graph)
+        c = versus_float(eager, FloatRegion(graph), args, Choice(False, reason="no TVM kernel"))
+        record.kernels.append(KernelRecord(f"eager_region{i}", region_ops(graph), "float32" if c.use_float
+                                           else "eager", None, None, c.reason, float_us=c.float_us))
+        picks[i] = Pick("float32" if c.use_float else "eager", graph, c)
+    return picks
+
+
+def choose(gm: fx.GraphModule, regions, conv, built, record, force: bool, gen: torch.Generator) -> dict:
+    """Every region's Pick: the built kernels against eager (and against the float32 layers they replaced), then
+    the regions of rewritten ops without a kernel against their float32 layers; one warning for every region of
+    rewritten ops that stays float32."""
+    from .records import EffoptSlowerWarning
+
+    picks = choose_kernels(gm, regions, conv, built, record, force, gen) if built is not None else {}
+    picks.update(choose_float_instead(gm, regions, conv.unconverted, record, force, gen))
+    kept = [k for k in record.kernels if k.choice == "float32"]
+    if kept:
+        rewritten = [k for k in record.kernels if k.float_us is not None]
+        ops = sorted({o for k in kept for o in k.ops})
+        warnings.warn(f"effopt: on this CPU, {len(kept)} of {len(rewritten)} rewritten layer(s) ({', '.join(ops)}) "
+                      "measured slower than the float32 layers they replace, which run instead (the report's "
+                      "lowering lists them)", EffoptSlowerWarning, stacklevel=3)
     return picks

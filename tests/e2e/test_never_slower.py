@@ -125,3 +125,25 @@ def test_forced_kernels_skip_the_check():
     with torch.no_grad():
         compile_effopt(model, kernel_choice="tvm")(x)
     assert effopt.last_report().versus_eager is None
+
+
+def test_float32_decisions_apply_where_no_region_has_a_kernel(monkeypatch):
+    """Every region of the graph runs eager (the int8 kernel refused for this target, nothing else to lower):
+    the float32 layers chosen in the choose step still take their place (the graph is recompiled)."""
+    from effopt.lowering.kernels import int8 as int8_kernels
+
+    monkeypatch.setattr(int8_kernels, "supported", lambda target: "refused by the test")
+    _stub(monkeypatch, True)
+    monkeypatch.setattr(BACKEND, "NOISE", float("inf"))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 32)).eval()
+    x = torch.randn(4, 64)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = compile_effopt(model, quantize="int8-dynamic")(x)
+        ref = model(x)
+    rep = effopt.last_report()
+    layers = [k for k in rep.lowering.kernels if "int8_linear" in k.ops]
+    assert layers and {k.choice for k in layers} == {"float32"}, [(k.name, k.choice) for k in layers]
+    assert not [k for k in rep.lowering.kernels if k.choice == "tvm"]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)  # the float32 layers ran, not int8
