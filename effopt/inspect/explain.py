@@ -53,6 +53,19 @@ def profile_graph(gm: fx.GraphModule, inputs: list, rounds: int = 5, region_ops:
     return rows
 
 
+def wall_times(report, compiled, args, kwargs, leaves, rounds: int = 5) -> dict:
+    """The wall time beside the profile's sum of kernels: the compiled graph run as one call (what runs between
+    the kernels: dispatch, copies at region boundaries, thread pools), and the torch.compile'd model as the
+    user calls it (dynamo's guards, and the whole-graph decision)."""
+    from ..timing import interleaved_medians
+
+    with torch.no_grad():
+        m = interleaved_medians({"graph": lambda: report.graph(*leaves), "call": lambda: compiled(*args, **kwargs)},
+                                [], rounds=max(rounds, 3), warmup=1)
+    return {"kernels_ms": sum(p["ms"] for p in report.profile), "graph_ms": m["graph"] * 1e3,
+            "call_ms": m["call"] * 1e3}
+
+
 def _token_picture(model, example_inputs, options) -> bytes | None:
     """The merged patches of the first image, as PNG bytes, for token reduction on an image model."""
     from .token_view import draw_token_merges, token_sources
@@ -106,6 +119,7 @@ def explain(model: torch.nn.Module, example_inputs, profile: bool = True, rounds
             regions = {k.name: [o for o in k.ops if o not in FREE_OPS]
                        for k in report.lowering.kernels} if report.lowering else {}
             report.profile = profile_graph(report.graph, leaves, rounds, regions)
+            report.wall = wall_times(report, compiled, args, kwargs, leaves, rounds)
         except Exception as e:  # noqa: BLE001 - e.g. a graph break left inputs this graph does not take
             report.notes.append(f"profile skipped: {type(e).__name__}: {e}")
     if any(options.get(k) is not None for k in ("token_merge", "token_prune")):
@@ -116,4 +130,4 @@ def explain(model: torch.nn.Module, example_inputs, profile: bool = True, rounds
     return report
 
 
-__all__ = ["explain", "profile_graph"]
+__all__ = ["explain", "profile_graph", "wall_times"]

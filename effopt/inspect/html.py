@@ -158,8 +158,13 @@ def _profile(report) -> str:
     by_op = _table(["runs on", "op(s)", "calls", "ms", "share"],
                    [[g["kind"], _e(g["ops"]), g["calls"], f"{g['ms']:.3f}", f"{100 * g['ms'] / total:.1f}%"]
                     for g in report.profile_by_op()], {2, 3, 4})
+    wall = report.wall
+    outside = "" if not wall else (
+        f"<p>Wall time: the graph as one call {wall['graph_ms']:.2f} ms, {wall['graph_ms'] - wall['kernels_ms']:+.2f} ms "
+        f"beside its kernels' sum (dispatch, copies at region boundaries, thread pools); the model called through "
+        f"torch.compile {wall['call_ms']:.2f} ms.</p>")
     return f"<p>Total {total:.2f} ms over {len(rows)} kernels and ops (median of runs on the example inputs).</p>" \
-        + by_op + svg + _fold("every kernel and op", table)
+        + outside + by_op + svg + _fold("every kernel and op", table)
 
 
 def _images(report) -> str:

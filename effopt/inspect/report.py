@@ -22,6 +22,9 @@ class Report:
     before: dict | None = None  # {"code", "stats"} of the captured ATen graph
     after: dict | None = None  # {"code", "stats", "graph"} after the passes, before lowering
     profile: list[dict] | None = None  # effopt.explain: median ms per TVM region / library call / eager op
+    # effopt.explain: the wall time beside the kernels' sum: {"kernels_ms" (the profile's sum), "graph_ms" (the
+    # compiled graph run as one call), "call_ms" (the torch.compile'd model called as the user calls it)}
+    wall: dict | None = None
     images: dict[str, bytes | None] = field(default_factory=dict)  # PNGs (token merges)
     notes: list[str] = field(default_factory=list)
     compile_seconds: float | None = None
@@ -57,6 +60,11 @@ class Report:
                          "where the time goes:")
             lines += [f"  {g['ms']:8.3f} ms {100 * g['ms'] / total:5.1f}%  {g['calls']:3d} x {g['kind']:7s} {g['ops']}"
                       for g in self.profile_by_op()[:6]]
+        if self.wall:
+            w = self.wall
+            lines.append(f"wall time: the graph {w['graph_ms']:.2f} ms against its kernels' {w['kernels_ms']:.2f} ms "
+                         f"({w['graph_ms'] - w['kernels_ms']:+.2f} ms between kernels: dispatch, copies at region "
+                         f"boundaries, thread pools); a call through torch.compile {w['call_ms']:.2f} ms")
         lines += self.notes
         return "\n".join(_wrap(lines))
 
@@ -104,6 +112,7 @@ class Report:
                 "library_calls": low.library_calls, "fallbacks": low.fallbacks,
                 "eager_regions": low.eager_regions},
             "profile": self.profile,
+            "wall": self.wall,
             "notes": self.notes,
             "compile_seconds": self.compile_seconds,
             "versus_eager": self.versus_eager,

@@ -58,6 +58,11 @@ def test_profile_times_every_kernel_on_the_example_inputs(vit_report):
     assert {p["node"] for p in prof if p["kind"] == "tvm"} <= {f"{n}" for n in tvm_regions} | \
         {p["node"] for p in prof if p["kind"] == "tvm"}
     assert any(p["kind"] == "tvm" and p["ops"] and p["ops"][0] != p["node"] for p in prof)  # ops named
+    # the wall time beside the kernels' sum: the graph as one call, and the model called through torch.compile
+    w = vit_report.wall
+    assert w["kernels_ms"] == pytest.approx(sum(p["ms"] for p in prof))
+    assert w["graph_ms"] > 0 and w["call_ms"] > 0
+    assert "wall time: the graph" in str(vit_report) and "between kernels" in str(vit_report)
 
 
 def test_text_form_fits_a_terminal(vit_report):
@@ -76,6 +81,7 @@ def test_json_form_round_trips(vit_report):
     assert d["graph_before"]["nodes"] > d["graph_after"]["nodes"]
     assert d["lowering"]["kernels"] and {k["choice"] for k in d["lowering"]["kernels"]} <= {"tvm", "eager"}
     assert d["profile"] and d["profile"][0]["ms"] > 0
+    assert set(d["wall"]) == {"kernels_ms", "graph_ms", "call_ms"}
 
 
 def _external_fetches(page: str) -> list[str]:
