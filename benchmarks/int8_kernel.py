@@ -1,7 +1,8 @@
 """The fused int8 linear kernel (effopt/lowering/kernels/int8.py: quantize, VNNI GEMM, dequantize, bias,
 activation / residual add in one TIR kernel) against the library path for the same op (effopt::int8_linear's
 torch form: the quantizer in torch, torch._int_mm on oneDNN, dequantize and epilogue in torch) and against
-the fp32 linear (MKL), at the layer shapes of MiniLM (8 x 128 tokens) and DINOv2-S/14 (8 x 257 tokens).
+the fp32 linear (MKL) and torch's one-line int8 (`quantize_dynamic`'s dynamically quantized linear: fbgemm,
+7-bit activations, epilogue in torch), at the layer shapes of MiniLM (8 x 128 tokens) and DINOv2-S/14 (8 x 257 tokens).
 Interleaved medians in one process; the effopt backend makes the same choice per shape when it compiles.
 
     python benchmarks/int8_kernel.py [--rounds 9]
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -69,19 +71,37 @@ def run(rounds: int):
             y = F.gelu(y) if act == "gelu" else y
             return y + res if res is not None else y
 
+        lin = torch.nn.Linear(k, n)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            lin.bias.copy_(b)
+        with warnings.catch_warnings():  # torch.ao's migration notice
+            warnings.simplefilter("ignore")
+            qlin = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear},
+                                                          dtype=torch.qint8)
+
+        def qdynamic():
+            y = qlin(x)
+            y = F.gelu(y) if act == "gelu" else y
+            return y + res if res is not None else y
+
         ref = int8_ops.int8_linear_fused_ref(x, packed, wsum, ws, b, None, *int8_ops.SYMMETRIC, k, act, res)
         got = torch.from_dlpack(kernel(*kargs))
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-        t = interleaved_medians({"fused": lambda: kernel(*kargs), "library": library, "fp32": fp32}, [],
-                                rounds=rounds, reps=5, budget_s=1e9)
+        with torch.no_grad():
+            t = interleaved_medians({"fused": lambda: kernel(*kargs), "library": library, "fp32": fp32,
+                                     "quantize_dynamic": qdynamic}, [], rounds=rounds, reps=5, budget_s=1e9)
         row = {"model": model, "layer": layer, "shape": f"{m} x {k} -> {n}", "fused_us": t["fused"] * 1e6,
                "library_us": t["library"] * 1e6, "fp32_us": t["fp32"] * 1e6,
+               "quantize_dynamic_us": t["quantize_dynamic"] * 1e6,
                "fused_vs_library": t["library"] / t["fused"], "fused_vs_fp32": t["fp32"] / t["fused"],
+               "fused_vs_quantize_dynamic": t["quantize_dynamic"] / t["fused"],
                "gops_fused": 2 * m * n * k / t["fused"] / 1e9}
         rows.append(row)
         print(f"  {model:7s} {layer:22s} {row['shape']:20s} fused {row['fused_us']:7.0f} us  library "
               f"{row['library_us']:7.0f} us  fp32 {row['fp32_us']:7.0f} us  fused/library "
-              f"{row['fused_vs_library']:.2f}x  fused/fp32 {row['fused_vs_fp32']:.2f}x  ({row['gops_fused']:.0f} GOPS)",
+              f"{row['fused_vs_library']:.2f}x  fused/fp32 {row['fused_vs_fp32']:.2f}x  fused/quantize_dynamic "
+              f"{row['fused_vs_quantize_dynamic']:.2f}x  ({row['gops_fused']:.0f} GOPS)",
               flush=True)
     return rows
 
