@@ -65,9 +65,9 @@ def replace(gm: fx.GraphModule, regions, picks: dict) -> None:
     float32 layers in each region's place; a region picked "eager" stays inline as its torch ops."""
     replaced: dict = {}
     for i, p in picks.items():
-        if p.form == "float32":
+        if p.choice.form == "float32":
             replace_region(gm, regions[i], f"float_region{i}", FloatRegion(p.graph), replaced)
-        elif p.form == "tvm":
+        elif p.choice.form == "tvm":
             replace_region(gm, regions[i], f"tvm_region{i}", p.kernel, replaced)
     topological_sort(gm.graph)
     gm.graph.lint()

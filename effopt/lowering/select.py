@@ -24,9 +24,8 @@ TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-7, 1e-9), torch.bf
 
 @dataclass
 class Pick:
-    """What runs in a region's place: `form` "tvm" (its compiled `kernel`), "float32" (the float32 layers its
-    rewritten ops replaced, `graph`'s FloatRegion) or "eager" (its torch ops stay inline); why: `choice`."""
-    form: str
+    """What runs in a region's place (`choice.form`): its compiled `kernel`, the float32 layers its rewritten ops
+    replaced (`graph`'s FloatRegion), or its torch ops, inline."""
     graph: fx.Graph
     choice: "Choice"
     kernel: torch.nn.Module | None = None
@@ -42,6 +41,11 @@ class Choice:
     # timed beside them, and whether those run instead (faster on this target than either form)
     float_us: float | None = None
     use_float: bool = False
+
+    @property
+    def form(self) -> str:
+        """What runs: "float32" (the layers the rewritten ops replaced), "tvm" (the candidate) or "eager"."""
+        return "float32" if self.use_float else "tvm" if self.use_candidate else "eager"
 
     def to_json(self) -> dict:
         return dict(vars(self))
@@ -183,6 +187,11 @@ def region_tolerances(graph: fx.Graph):
     return out
 
 
+def region_args(gm: fx.GraphModule, region, gen: torch.Generator) -> list:
+    """Inputs to check and time a region on: the graph's own constants, random stand-ins for the rest."""
+    return [getattr(gm, a.target) if a.op == "get_attr" else concrete(a.meta.get("val"), gen) for a in region.inputs]
+
+
 # ---- lowering step 5, choose: per region, its kernel against eager (and against the float32 layers it replaced) --
 def choose_kernels(gm: fx.GraphModule, regions, conv, built, record, force: bool, gen: torch.Generator) -> dict:
     """{region index: Pick} for the regions with a built kernel; each kernel checked against the region's eager
@@ -203,8 +212,7 @@ def choose_kernels(gm: fx.GraphModule, regions, conv, built, record, force: bool
         kernel = TVMKernel(built.vm[kname], r.tensor_inputs, len(region.outputs) == 1, kname, r.sym_sources,
                            r.out_layouts, r.out_strides)
         if fkey not in built.choices:
-            args = [getattr(gm, a.target) if a.op == "get_attr" else concrete(a.meta.get("val"), gen)
-                    for a in region.inputs]
+            args = region_args(gm, region, gen)
             eager = fx.GraphModule(torch.nn.Module(), graph)  # the region as torch ops: the baseline
             c = check_and_time(kernel, eager, args, force, region_tolerances(graph))
             if not c.use_candidate and c.reason.startswith("result differs"):
@@ -214,11 +222,9 @@ def choose_kernels(gm: fx.GraphModule, regions, conv, built, record, force: bool
                 c = versus_float(kernel if c.use_candidate else eager, FloatRegion(graph), args, c)
             built.choices[fkey] = c
         c = built.choices[fkey]
-        record.kernels.append(KernelRecord(f"tvm_region{i}", region_ops(graph),
-                                           "float32" if c.use_float else "tvm" if c.use_candidate else "eager",
-                                           c.candidate_us, c.baseline_us, c.reason, conv.scripts[fkey], kname,
-                                           float_us=c.float_us))
-        picks[i] = Pick("float32" if c.use_float else "tvm" if c.use_candidate else "eager", graph, c, kernel)
+        record.kernels.append(KernelRecord(f"tvm_region{i}", region_ops(graph), c.form, c.candidate_us,
+                                           c.baseline_us, c.reason, conv.scripts[fkey], kname, float_us=c.float_us))
+        picks[i] = Pick(graph, c, kernel)
     return picks
 
 
@@ -231,13 +237,12 @@ def choose_float_instead(gm, regions, graphs: dict, record, force: bool, gen) ->
 
     picks = {}
     for i, graph in ({} if force else graphs).items():
-        args = [getattr(gm, a.target) if a.op == "get_attr" else concrete(a.meta.get("val"), gen)
-                for a in regions[i].inputs]
         eager = fx.GraphModule(torch.nn.Module(), graph)
-        c = versus_float(eager, FloatRegion(graph), args, Choice(False, reason="no TVM kernel"))
-        record.kernels.append(KernelRecord(f"eager_region{i}", region_ops(graph), "float32" if c.use_float
-                                           else "eager", None, None, c.reason, float_us=c.float_us))
-        picks[i] = Pick("float32" if c.use_float else "eager", graph, c)
+        c = versus_float(eager, FloatRegion(graph), region_args(gm, regions[i], gen),
+                         Choice(False, reason="no TVM kernel"))
+        record.kernels.append(KernelRecord(f"eager_region{i}", region_ops(graph), c.form, None, None, c.reason,
+                                           float_us=c.float_us))
+        picks[i] = Pick(graph, c)
     return picks
 
 
