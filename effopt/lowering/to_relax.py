@@ -143,7 +143,7 @@ class Converter:
             for v in (n.meta.get("val") if isinstance(n.meta.get("val"), (tuple, list)) else [n.meta.get("val")]):
                 if isinstance(v, torch.Tensor):
                     self.shape(v)
-        sym_sources = [self._source(sym, dims, self.atoms) for sym in sorted(self.syms)]
+        sym_sources = [self._source(sym, dims) for sym in sorted(self.syms)]
         if sym_sources:
             params.append(relax.Var("sizes", relax.ShapeType([self.syms[s] for s in sorted(self.syms)])))
         bb = relax.BlockBuilder()
@@ -164,15 +164,11 @@ class Converter:
         strides = [restride(o.meta.get("val")) if perm is None else None for o, perm in zip(outs, layouts)]
         return ConvertedRegion(bb.get()[name], tensor_inputs, sym_sources, layouts, strides)
 
-    @staticmethod
-    def _source(sym: str, dims, atoms=()) -> tuple[int, int, int]:
+    def _source(self, sym: str, dims) -> tuple[int, int, int]:
         for k, shape in dims:
             for d, size in enumerate(shape):
                 if isinstance(size, torch.SymInt):
-                    expr = size.node.expr
-                    for product, stand_in in atoms:
-                        expr = expr.subs(product, stand_in)
-                    coeff, rest = expr.as_coeff_Mul()
+                    coeff, rest = self._atomize(size.node.expr).as_coeff_Mul()
                     if str(rest) == sym and coeff.is_Integer and int(coeff) > 0:
                         return k, d, int(coeff)
         raise Unsupported(f"symbolic size {sym} cannot be read from the region's input shapes")

@@ -1,7 +1,6 @@
 """Tensor creation: full, scalar_tensor, arange, zeros/ones (and their new_ forms)."""
 from __future__ import annotations
 
-
 import torch
 from tvm import relax
 

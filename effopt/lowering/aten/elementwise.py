@@ -2,7 +2,6 @@
 selection (where, masked_fill), remainder, logical and bitwise ops."""
 from __future__ import annotations
 
-
 import torch
 import torch.fx as fx
 from tvm import relax

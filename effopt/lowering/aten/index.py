@@ -1,7 +1,6 @@
 """Indexing: index_select, gather, embedding, advanced indexing."""
 from __future__ import annotations
 
-
 import torch
 from tvm import relax
 

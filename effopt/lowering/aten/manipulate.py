@@ -1,7 +1,6 @@
 """Data movement: views and reshapes, permutes, slices, selects, concatenation, flips, tril."""
 from __future__ import annotations
 
-
 import torch
 from tvm import relax
 
