@@ -50,16 +50,22 @@ def _body(m, n, k, scale, quant, activation, bias, residual, smooth, x_dtype, ou
     return body, types
 
 
+def _build_target(target):
+    """(the target to build for, the Isa its kernel is generated for): the emulated i8mm kernel builds for this
+    machine."""
+    if target == EMULATED:
+        return "host", dataclasses.replace(int8.ISAS["neon-i8mm"], emulated=True)
+    isa = int8.isa_of(resolve_target(target))
+    if isa is None:
+        pytest.skip("this CPU has no integer dot product the int8 kernel is generated for")
+    return target, isa
+
+
 def _build(m, n, k, scale, quant, activation, bias, residual, smooth=False, x_dtype="float32", out_quant=None,
            target="host"):
     from effopt.lowering.build import build_function
 
-    if target == EMULATED:
-        target, isa = "host", dataclasses.replace(int8.ISAS["neon-i8mm"], emulated=True)
-    else:
-        isa = int8.isa_of(resolve_target(target))
-    if isa is None:
-        pytest.skip("this CPU has no integer dot product the int8 kernel is generated for")
+    target, isa = _build_target(target)
     body, types = _body(m, n, k, scale, quant, activation, bias, residual, smooth, x_dtype, out_quant, isa)
     return build_function(body, *types, target=target)
 
@@ -210,13 +216,9 @@ def test_one_symbolic_kernel_serves_every_row_count(isa):
 
     from effopt.lowering.build import build_function
 
-    target = _target(isa)
+    target, kisa = _build_target(_target(isa))
     n, k = 48, 50
     B, S = tirx.Var("b", "int64"), tirx.Var("s", "int64")
-    if target == EMULATED:
-        target, kisa = "host", dataclasses.replace(int8.ISAS["neon-i8mm"], emulated=True)
-    else:
-        kisa = int8.isa_of(resolve_target(target))
     out = (0.05, *int8_ops.SYMMETRIC)
     for out_quant in (None, out):
         def body(bb, x, p, s, st, b, r):
