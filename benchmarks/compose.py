@@ -13,7 +13,6 @@ compiled model: report.budget); and approximate='auto' (its search time is in th
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import re
@@ -26,6 +25,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from baselines import inductor_frozen, torch_int8  # noqa: E402
 
 COMBOS = {
     "minilm": {"int8": {"quantize": "int8-dynamic"},
@@ -64,9 +64,8 @@ def run(key: str, rounds: int, budget: float, only=()) -> list[dict]:
     torch._dynamo.config.recompile_limit = 64
     fns, info = {"eager": task.model}, {}
     # what a user would pick instead: Inductor's CPU inference setting, and torch's one-line int8
-    fns["inductor (freezing)"] = torch.compile(copy.deepcopy(task.model), backend="inductor", options={"freezing": True})
-    fns["quantize_dynamic"] = torch.ao.quantization.quantize_dynamic(copy.deepcopy(task.model), {torch.nn.Linear},
-                                                                     dtype=torch.qint8)
+    fns["inductor (freezing)"] = inductor_frozen(task.model)
+    fns["quantize_dynamic"] = torch_int8(task.model)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         task.call(fns["inductor (freezing)"], batch)

@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from baselines import torch_int8  # noqa: E402
 from effopt.ops import int8 as int8_ops  # noqa: E402
 from effopt.lowering.build import build_function  # noqa: E402
 from effopt.lowering.kernels import int8  # noqa: E402
@@ -75,10 +75,7 @@ def run(rounds: int):
         with torch.no_grad():
             lin.weight.copy_(w)
             lin.bias.copy_(b)
-        with warnings.catch_warnings():  # torch.ao's migration notice
-            warnings.simplefilter("ignore")
-            qlin = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear},
-                                                          dtype=torch.qint8)
+        qlin = torch_int8(torch.nn.Sequential(lin))  # quantize_dynamic swaps children, never the root
 
         def qdynamic():
             y = qlin(x)

@@ -12,7 +12,6 @@ relative of eager. Writes bench-results/isa.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess
@@ -27,6 +26,7 @@ from effopt.host import torch_environment
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from baselines import inductor_frozen, torch_int8  # noqa: E402
 OUT = os.path.join(ROOT, "bench-results")
 AVX2_ENV = {"EFFOPT_HOST_ISA": "avx2", **torch_environment("avx2")}  # effopt and torch as on an AVX2 CPU
 SERVED = [(1, 19), (2, 32), (4, 48), (8, 128), (3, 64), (8, 19), (5, 100), (2, 32)]
@@ -74,10 +74,8 @@ def run_model(task, rounds: int) -> list[dict]:
     torch._dynamo.reset()
     fns["inductor"] = torch.compile(task.model, backend="inductor")
     # Inductor's documented CPU inference setting, and torch's one-line int8 (fbgemm / oneDNN, no compiler)
-    fns["inductor (freezing)"] = torch.compile(copy.deepcopy(task.model), backend="inductor",
-                                               options={"freezing": True})
-    fns["quantize_dynamic"] = torch.ao.quantization.quantize_dynamic(copy.deepcopy(task.model), {torch.nn.Linear},
-                                                                     dtype=torch.qint8)
+    fns["inductor (freezing)"] = inductor_frozen(task.model)
+    fns["quantize_dynamic"] = torch_int8(task.model)
     fns["effopt exact"] = torch.compile(task.model, backend="effopt")
     fns["effopt int8-dynamic"] = torch.compile(task.model, backend="effopt", options={"quantize": "int8-dynamic"})
     for name, fn in fns.items():

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 import effopt  # noqa: E402
 from approximate import TASKS, compiled, warm  # noqa: E402
+from baselines import inductor_frozen, torch_int8  # noqa: E402
 from effopt.timing import interleaved_medians, merge_results  # noqa: E402
 
 
@@ -83,10 +84,8 @@ def run_task(key, rounds):
     fns, compile_s = {"eager fp32": task.model}, {}
     torch._dynamo.reset()
     fns["inductor fp32"] = torch.compile(task.model, backend="inductor")
-    fns["inductor fp32 (freezing)"] = torch.compile(copy.deepcopy(task.model), backend="inductor",
-                                                    options={"freezing": True})
-    fns["quantize_dynamic (torch int8, fbgemm)"] = torch.ao.quantization.quantize_dynamic(
-        copy.deepcopy(task.model), {torch.nn.Linear}, dtype=torch.qint8)
+    fns["inductor fp32 (freezing)"] = inductor_frozen(task.model)
+    fns["quantize_dynamic (torch int8, fbgemm)"] = torch_int8(task.model)
     fns["effopt fp32"] = compiled(task.model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", effopt.passes.guard.EffoptAccuracyWarning)

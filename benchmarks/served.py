@@ -37,14 +37,13 @@ def embed(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def variants(model) -> dict:
-    from torch.ao.quantization import quantize_dynamic
-
     import effopt  # noqa: F401 - registers the backend
+    from baselines import inductor_frozen, torch_int8
 
     return {
         "eager": model,
-        "inductor (freezing)": torch.compile(copy.deepcopy(model), backend="inductor", options={"freezing": True}),
-        "quantize_dynamic": quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8),
+        "inductor (freezing)": inductor_frozen(model),
+        "quantize_dynamic": torch_int8(model),
         "effopt exact": torch.compile(copy.deepcopy(model), backend="effopt"),
         "effopt int8-dynamic": torch.compile(copy.deepcopy(model), backend="effopt",
                                              options={"quantize": "int8-dynamic"}),
@@ -112,8 +111,8 @@ def main(argv=None) -> dict:
     for name in fns:
         rows[name].update(stream_ms=t[name] * 1e3, speedup=t["eager"] / t[name])
     q = t["quantize_dynamic"]
-    print(f"\n| variant | graphs | warm-up | stream | vs eager | vs quantize_dynamic | worst embedding cosine |\n"
-          f"|---|---|---|---|---|---|---|")
+    print("\n| variant | graphs | warm-up | stream | vs eager | vs quantize_dynamic | worst embedding cosine |\n"
+          "|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['graphs'] if name not in ('eager', 'quantize_dynamic') else '-'} | "
               f"{r['warmup_s']:.1f} s | {r['stream_ms']:.0f} ms | {r['speedup']:.2f}x | {q / t[name]:.2f}x | "
