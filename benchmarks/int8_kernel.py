@@ -1,8 +1,9 @@
 """The fused int8 linear kernel (effopt/lowering/kernels/int8.py: quantize, VNNI GEMM, dequantize, bias,
-activation / residual add in one TIR kernel) against the library path for the same op (effopt::int8_linear's
-torch form: the quantizer in torch, torch._int_mm on oneDNN, dequantize and epilogue in torch) and against
-the fp32 linear (MKL) and torch's one-line int8 (`quantize_dynamic`'s dynamically quantized linear: fbgemm,
-7-bit activations, epilogue in torch), at the layer shapes of MiniLM (8 x 128 tokens) and DINOv2-S/14 (8 x 257 tokens).
+activation / residual add in one TIR kernel), with 8-bit symmetric and with uint7 per-token activations,
+against the library path for the same op (effopt::int8_linear's torch form: the quantizer in torch,
+torch._int_mm on oneDNN, dequantize and epilogue in torch) and against the fp32 linear (MKL) and torch's
+one-line int8 (`quantize_dynamic`'s dynamically quantized linear: fbgemm, 7-bit activations, epilogue in
+torch), at the layer shapes of MiniLM (8 x 128 tokens) and DINOv2-S/14 (8 x 257 tokens).
 Interleaved medians in one process; the effopt backend makes the same choice per shape when it compiles.
 
     python benchmarks/int8_kernel.py [--rounds 9]
@@ -49,18 +50,23 @@ def run(rounds: int):
         act = "gelu" if epi == "gelu" else "none"
         res = r if epi == "residual" else None
 
-        def body(bb, xv, p, s, st, bv, *rest):
-            return int8.emit(bb, xv, p, s, st, bv, rest[0] if rest else None, k, None, *int8_ops.SYMMETRIC, act,
-                             isa=isa)
+        def build(quant):
+            def body(bb, xv, p, s, st, bv, *rest):
+                return int8.emit(bb, xv, p, s, st, bv, rest[0] if rest else None, k, None, *quant, act, isa=isa)
 
-        types = [((m, k), "float32"), (tuple(packed.shape), "int8"), ((n,), "int32"), ((n,), "float32"),
-                 ((n,), "float32")] + ([((m, n), "float32")] if res is not None else [])
-        kernel = build_function(body, *types)
+            types = [((m, k), "float32"), (tuple(packed.shape), "int8"), ((n,), "int32"), ((n,), "float32"),
+                     ((n,), "float32")] + ([((m, n), "float32")] if res is not None else [])
+            return build_function(body, *types)
+
+        kernel = build(int8_ops.SYMMETRIC)  # 8-bit symmetric activations
+        kernel7 = build(int8_ops.TOKEN_AFFINE)  # 7 bits, each token's range and zero point (AVX2's default)
         kargs = [x, packed, wsum, ws, b] + ([res] if res is not None else [])
+        wsum7 = int8_ops.pack_weight(wq, int8_ops.TOKEN_AFFINE[0])[1]
+        kargs7 = [x, packed, wsum7, ws, b] + ([res] if res is not None else [])
         wq_t = wq.t().contiguous()
 
         def library():  # the op's torch form, with the weight already in _int_mm's layout
-            q, step = int8_ops.quantize_u8(x, None, *int8_ops.SYMMETRIC)
+            q, step, _ = int8_ops.quantize_u8(x, None, *int8_ops.SYMMETRIC)
             acc = torch._int_mm((q - 128).to(torch.int8), wq_t)
             y = acc.to(torch.float32) * (step * ws) + b
             y = F.gelu(y) if act == "gelu" else y
@@ -85,10 +91,15 @@ def run(rounds: int):
         ref = int8_ops.int8_linear_fused_ref(x, packed, wsum, ws, b, None, *int8_ops.SYMMETRIC, k, act, res)
         got = torch.from_dlpack(kernel(*kargs))
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        ref7 = int8_ops.int8_linear_fused_ref(x, packed, wsum7, ws, b, None, *int8_ops.TOKEN_AFFINE, k, act, res)
+        torch.testing.assert_close(torch.from_dlpack(kernel7(*kargs7)), ref7, rtol=1e-5, atol=1e-5)
         with torch.no_grad():
-            t = interleaved_medians({"fused": lambda: kernel(*kargs), "library": library, "fp32": fp32,
-                                     "quantize_dynamic": qdynamic}, [], rounds=rounds, reps=5, budget_s=1e9)
+            t = interleaved_medians({"fused": lambda: kernel(*kargs), "fused uint7": lambda: kernel7(*kargs7),
+                                     "library": library, "fp32": fp32, "quantize_dynamic": qdynamic}, [],
+                                    rounds=rounds, reps=5, budget_s=1e9)
         row = {"model": model, "layer": layer, "shape": f"{m} x {k} -> {n}", "fused_us": t["fused"] * 1e6,
+               "fused_uint7_us": t["fused uint7"] * 1e6,
+               "fused_uint7_vs_quantize_dynamic": t["quantize_dynamic"] / t["fused uint7"],
                "library_us": t["library"] * 1e6, "fp32_us": t["fp32"] * 1e6,
                "quantize_dynamic_us": t["quantize_dynamic"] * 1e6,
                "fused_vs_library": t["library"] / t["fused"], "fused_vs_fp32": t["fp32"] / t["fused"],
@@ -98,7 +109,8 @@ def run(rounds: int):
         print(f"  {model:7s} {layer:22s} {row['shape']:20s} fused {row['fused_us']:7.0f} us  library "
               f"{row['library_us']:7.0f} us  fp32 {row['fp32_us']:7.0f} us  fused/library "
               f"{row['fused_vs_library']:.2f}x  fused/fp32 {row['fused_vs_fp32']:.2f}x  fused/quantize_dynamic "
-              f"{row['fused_vs_quantize_dynamic']:.2f}x  ({row['gops_fused']:.0f} GOPS)",
+              f"{row['fused_vs_quantize_dynamic']:.2f}x  uint7/quantize_dynamic "
+              f"{row['fused_uint7_vs_quantize_dynamic']:.2f}x  ({row['gops_fused']:.0f} GOPS)",
               flush=True)
     return rows
 

@@ -69,6 +69,8 @@ def kernels_of_last_graph() -> str:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3, help="timed passes over the stream per variant")
+    ap.add_argument("--variants", default="all", help="comma-separated names of the variants to run (eager and "
+                    "quantize_dynamic always run: the ratios are against them), or 'all'")
     a = ap.parse_args(argv)
 
     from effopt.testing import machine, minilm
@@ -82,6 +84,12 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         refs = [embed(model(input_ids=i, attention_mask=m).last_hidden_state, m) for i, m in calls]
     fns = variants(model)
+    if a.variants != "all":
+        wanted = {"eager", "quantize_dynamic", *(v.strip() for v in a.variants.split(","))}
+        unknown = wanted - set(fns)
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {sorted(unknown)}; valid: {list(fns)}")
+        fns = {k: f for k, f in fns.items() if k in wanted}
     rows = {}
     print(f"served MiniLM-L6 (sdpa), {len(STREAM)} requests, batch 1-32, lengths 16-128; "
           f"{machine.describe()['cpu']}", flush=True)

@@ -68,3 +68,33 @@ def resolve_target(spec: str | dict):
         return tvm.target.Target(d)
     except Exception as e:  # TVM raises its own error types for unknown kinds/attributes
         raise ValueError(f"TVM refused target {d!r}: {e}") from None
+
+
+def has_feature(target, feature: str) -> bool:
+    """Whether LLVM's description of `target` (a tvm Target) has `feature` (an LLVM feature name)."""
+    from tvm.target import codegen
+
+    try:
+        return bool(codegen.target_has_features(feature, target))
+    except Exception:  # noqa: BLE001 - an LLVM without that query, or a feature it does not know
+        return False
+
+
+# the integer dot products an int8 kernel is generated for, best first, with the LLVM features each needs
+INT8_DOT_PRODUCTS = (("avx512vnni", ("avx512vnni", "avx512bw")), ("avxvnni", ("avxvnni", "avx2")),
+                     ("avx2", ("avx2",)), ("neon-i8mm", ("i8mm",)), ("neon-dot", ("dotprod",)))
+
+
+def int8_dot_product(target) -> str | None:
+    """The best integer dot product of `target` (a tvm Target, or a spelling resolve_target takes), by name
+    ("avx512vnni", "avxvnni", "avx2", "neon-i8mm", "neon-dot"), or None where it has none worth a kernel."""
+    if isinstance(target, (str, dict)):
+        target = resolve_target(target)
+    keys = set(target.keys) if target is not None else set()
+    if "cpu" not in keys:
+        return None
+    arm = "arm_cpu" in keys
+    for name, features in INT8_DOT_PRODUCTS:
+        if name.startswith("neon") == arm and all(has_feature(target, f) for f in features):
+            return name
+    return None

@@ -92,6 +92,17 @@ def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
 # ---- the fused int8 linear: quantize, int8 GEMM, dequantize, bias, activation, residual add as one op ------
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")
 SYMMETRIC = (128, 1, 255)  # (offset, lo, hi) of symmetric int8 activations stored as uint8: q + 128
+# (offset, lo, hi) of per-token asymmetric 7-bit activations: q = nearbyint(x * inv) + z in [0, 127], with the
+# scale and the zero point z of each token's own range [min(x, 0), max(x, 0)]. Offset 1: wsum holds sum_k w,
+# which the GEMM's sum loses z times per token. 7 bits let AVX2's vpmaddubsw take q as it is (one instruction
+# per 4 bytes instead of the sign pair that 8-bit q needs, see lowering/kernels/int8.py); the asymmetric range
+# keeps most of the 8th bit's accuracy (activations after GELU or LayerNorm are far from symmetric).
+TOKEN_AFFINE = (1, 0, 127)
+
+
+def token_zero_point(scale: float | None, lo: int) -> bool:
+    """Whether the activations have a zero point per token (TOKEN_AFFINE) rather than one fixed offset."""
+    return scale is None and lo == 0
 
 
 def pack_weight(wq: Tensor, offset: int = 128) -> tuple[Tensor, Tensor]:
@@ -114,15 +125,28 @@ def unpack_weight(packed: Tensor, k: int) -> Tensor:
     return packed.permute(0, 2, 1, 3).reshape(ng * 16, 4 * k4)[:, :k]
 
 
-def quantize_u8(x: Tensor, scale: float | None, offset: int, lo: int, hi: int) -> tuple[Tensor, Tensor]:
-    """(q [..., K] int32 in [lo, hi] = clamp(round(x * inv) + offset), step [..., 1] float32): per token
-    (scale None: inv = 127 / max|x|, symmetric) or with a per-tensor scale (inv = float32(1 / scale))."""
+def quantize_u8(x: Tensor, scale: float | None, offset: int, lo: int, hi: int) \
+        -> tuple[Tensor, Tensor, Tensor | None]:
+    """(q [..., K] int32 in [lo, hi], step [..., 1] float32, zero point [..., 1] int32 or None):
+    per token symmetric (scale None, lo >= 1: inv = 127 / max|x|, q = nearbyint(x * inv) + offset), per token
+    asymmetric (scale None, lo 0, TOKEN_AFFINE: range r = max(x, 0) - min(x, 0), inv = hi / r,
+    z = nearbyint(-min(x, 0) * inv), q = clamp(nearbyint(x * inv) + z, 0, hi), step r / hi), or with a
+    per-tensor scale (inv = float32(1 / scale), q = clamp(nearbyint(x * inv) + offset, lo, hi)). The zero
+    point is returned only where it is per token; elsewhere it is `offset`, folded into wsum."""
+    if token_zero_point(scale, lo):
+        x = x.to(torch.float32)
+        low = x.amin(dim=-1, keepdim=True).clamp_max(0.0)
+        rng = (x.amax(dim=-1, keepdim=True).clamp_min(0.0) - low).clamp_min(torch.finfo(torch.float32).tiny)
+        inv = torch.full_like(rng, float(hi)) / rng  # a true division, as the kernel's
+        z = torch.round(-low * inv)
+        q = torch.clamp(torch.round(x * inv) + z, 0, hi)
+        return q.to(torch.int32), rng / float(hi), z.to(torch.int32)
     if scale is None:
         xq, step = act_quantize(x, 8)
-        return xq.to(torch.int32) + offset, step
+        return xq.to(torch.int32) + offset, step, None
     inv = torch.tensor(1.0 / scale, dtype=torch.float32)
     q = torch.clamp(torch.round(x.to(torch.float32) * inv) + offset, lo, hi)
-    return q.to(torch.int32), torch.full((*x.shape[:-1], 1), scale, dtype=torch.float32)
+    return q.to(torch.int32), torch.full((*x.shape[:-1], 1), scale, dtype=torch.float32), None
 
 
 def _epilogue(y: Tensor, activation: str, residual: Tensor | None) -> Tensor:
@@ -142,10 +166,17 @@ def _requantize(y: Tensor, out_scale: float | None, offset: int, lo: int, hi: in
 
 
 def _inputs(x: Tensor, scale: float | None, offset: int, lo: int, hi: int, smooth: Tensor | None):
-    """(q int32, step [..., 1]): x quantized, or x itself where it came quantized (uint8, static scale)."""
+    """(q int32, step [..., 1], per-token zero point or None): x quantized, or x itself where it came
+    quantized (uint8, static scale)."""
     if x.dtype == torch.uint8:
-        return x.to(torch.int32), torch.full((*x.shape[:-1], 1), scale, dtype=torch.float32)
+        return x.to(torch.int32), torch.full((*x.shape[:-1], 1), scale, dtype=torch.float32), None
     return quantize_u8(x * smooth if smooth is not None else x, scale, offset, lo, hi)
+
+
+def _offset_term(wsum: Tensor, zp: Tensor | None, rows: int) -> Tensor:
+    """What the GEMM's sum of q * w loses to the activations' offset: wsum [N] (offset * sum w), or each
+    token's zero point times wsum (sum w) [rows, N]."""
+    return wsum if zp is None else zp.reshape(rows, 1).to(torch.int64) * wsum.to(torch.int64)
 
 
 @torch.library.custom_op("effopt::int8_linear", mutates_args=())
@@ -159,11 +190,12 @@ def int8_linear(x: Tensor, packed: Tensor, wsum: Tensor, w_step: Tensor, bias: O
     With out_scale, the result is itself quantized to uint8 (clamp(round(y / out_scale) + out_offset,
     out_lo, out_hi)) for the next int8_linear: the dequantize -> quantize pair between two int8 GEMMs
     folded into one requantize. One kernel per target ISA (effopt/lowering/kernels/int8.py); this eager
-    form runs the GEMM on int_mm (q - 128 as int8, corrected by 128 * sum wq - wsum)."""
-    q, step = _inputs(x, scale, offset, lo, hi, smooth)
+    form runs the GEMM on int_mm (q - 128 as int8, corrected by 128 * sum wq - wsum). With TOKEN_AFFINE
+    activations the offset is each token's zero point, and wsum is sum wq."""
+    q, step, zp = _inputs(x, scale, offset, lo, hi, smooth)
     q8 = (q - 128).to(torch.int8).reshape(-1, in_features)
     wq = unpack_weight(packed, in_features)
-    acc = int_mm(q8, wq.t()) + (128 * wq.to(torch.int32).sum(dim=1) - wsum)
+    acc = (int_mm(q8, wq.t()) + (128 * wq.to(torch.int32).sum(dim=1) - _offset_term(wsum, zp, len(q8)))).to(torch.int32)
     y = acc.to(torch.float32).reshape(*x.shape[:-1], -1) * (step * w_step)
     y = _epilogue(y + bias if bias is not None else y, activation, residual)
     return _requantize(y, out_scale, out_offset, out_lo, out_hi)
@@ -183,9 +215,10 @@ def int8_linear_fused_ref(x: Tensor, packed: Tensor, wsum: Tensor, w_step: Tenso
     """The fused kernel's arithmetic in plain torch, for exact tests: int64 accumulation of q * wq minus
     wsum, then acc * scale + bias with one rounding (the kernel's fused multiply-add: the product of two
     float32 is exact in float64, so only the sum is rounded before float32)."""
-    q, step = _inputs(x, scale, offset, lo, hi, smooth)
+    q, step, zp = _inputs(x, scale, offset, lo, hi, smooth)
     wq = unpack_weight(packed, in_features).to(torch.int64)
-    acc = (q.to(torch.int64).reshape(-1, in_features) @ wq.t() - wsum.to(torch.int64)).to(torch.int32)
+    q2 = q.to(torch.int64).reshape(-1, in_features)
+    acc = (q2 @ wq.t() - _offset_term(wsum.to(torch.int64), zp, len(q2))).to(torch.int32)
     s = (step * w_step).reshape(-1, wq.shape[0])
     b = bias.double() if bias is not None else 0.0
     y = (acc.double() * s.double() + b).to(torch.float32).reshape(*x.shape[:-1], -1)
@@ -210,9 +243,16 @@ class FloatLinear(torch.nn.Module):
         return _requantize(y, out_scale, out_offset, out_lo, out_hi)
 
 
-def int8_linear_ref(x: Tensor, wq: Tensor, w_step: Tensor, bias: Tensor | None, scale: float | None) -> Tensor:
-    """The int8 linear the quantize pass builds, in plain torch (tests)."""
-    xq, step = quantize_rows_ref(x, scale)
+def int8_linear_ref(x: Tensor, wq: Tensor, w_step: Tensor, bias: Tensor | None, scale: float | None,
+                    activations: str = "int8") -> Tensor:
+    """The int8 linear the quantize pass builds, in plain torch (tests); activations 'uint7': per token with a
+    zero point (TOKEN_AFFINE), where scale is None."""
+    if activations == "uint7" and scale is None:
+        q, step, zp = quantize_u8(x, None, *TOKEN_AFFINE)
+        xq = q - zp  # in [-127, 127]
+    else:
+        xq, step = quantize_rows_ref(x, scale)
+    xq = xq.to(torch.int8)
     acc = int_mm(xq.reshape(-1, xq.shape[-1]), wq.t()).reshape(*x.shape[:-1], -1)
     y = acc.to(torch.float32) * (step * w_step)
     return y + bias if bias is not None else y
@@ -234,4 +274,4 @@ declare(quantize_affine, tolerance=OFF_BY_ONE)
 declare(int8_linear, tolerance=OFF_BY_ONE, alone=True, cost=_int8_products)
 
 __all__ = ["int8_linear", "FloatLinear", "int_mm", "int_mm_usable", "int8_linear_fused_ref", "pack_weight", "unpack_weight", "quantize_u8", "ACTIVATIONS",
-           "SYMMETRIC", "quantize_rows", "quantize_rows_ref", "quantize_affine", "quantize_affine_ref", "quantize_weight", "int8_linear_ref", "QMAX"]
+           "SYMMETRIC", "TOKEN_AFFINE", "token_zero_point", "quantize_rows", "quantize_rows_ref", "quantize_affine", "quantize_affine_ref", "quantize_weight", "int8_linear_ref", "QMAX"]

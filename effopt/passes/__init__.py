@@ -37,11 +37,13 @@ def approximate_passes(options, ctx: GuardContext, trained_shift: bool = False) 
     from .quantize import QuantizePass
     from .shift_add import ShiftAddPass
     from .token_reduction import TokenReductionPass
+    from ..target import int8_dot_product
 
     wanted = {"tokens": options.tokens is not None and TokenReductionPass(options.tokens, ctx),
               "attention": str(options.attention) != "exact" and AttentionPass(options.attention, ctx),
               "shift_add": (options.shift_add is not None or trained_shift) and ShiftAddPass(options.shift_add, ctx),
-              "quantize": options.quantize is not None and QuantizePass(options.quantize, ctx)}
+              "quantize": options.quantize is not None and QuantizePass(
+                  options.quantize.for_dot_product(int8_dot_product(options.target)), ctx)}
     return [wanted[n] for n in GUARDED_ORDER if wanted[n] and n not in options.disable_passes]
 
 

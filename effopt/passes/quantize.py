@@ -188,8 +188,10 @@ class Int8Rewriter:
     SmoothQuant configured, `retry` turns a site over budget into its smoothed form."""
 
     def __init__(self, gm: fx.GraphModule, stats: dict | None, fuse: bool = True, smooth: float | None = None,
-                 static: bool = False, mixed: bool = False):
+                 static: bool = False, mixed: bool = False, activations: str = "int8"):
         self.gm, self.stats, self.fuse, self.alpha, self.static = gm, stats or {}, fuse, smooth, static
+        # per-token activations of the fused op: symmetric int8, or uint7 with a zero point (TOKEN_AFFINE)
+        self.token_quant = int8_ops.TOKEN_AFFINE if activations == "uint7" else int8_ops.SYMMETRIC
         self.mixed = mixed  # static layers over budget are retried with dynamic (per-token) scales
         self.smoothed: set[str] = set()
         self.dynamic: set[str] = set()  # mixed: the layers that went dynamic
@@ -225,8 +227,8 @@ class Int8Rewriter:
 
         wq, w_step, smooth, scale = self._weights(site)
         at = site.node
-        fused = int8_linear(self.gm, site.x, wq, w_step, site.bias, scale, int8_ops.SYMMETRIC, at, smooth) \
-            if self.fuse else None
+        quant = self.token_quant if scale is None else int8_ops.SYMMETRIC
+        fused = int8_linear(self.gm, site.x, wq, w_step, site.bias, scale, quant, at, smooth) if self.fuse else None
         if fused is not None:
             added = fused
         else:  # output channels not a multiple of 16: quantizer, torch's int8 GEMM, dequantization
@@ -300,7 +302,8 @@ class QuantizePass(GuardedPass):
         config = self.config
         stats = calibrate(gm, sites, self.ctx.calibration) if config.mode != "dynamic" or config.smooth is not None \
             else None
-        return Int8Rewriter(gm, stats, config.fuse, config.smooth, config.mode != "dynamic", config.mode == "mixed")
+        return Int8Rewriter(gm, stats, config.fuse, config.smooth, config.mode != "dynamic", config.mode == "mixed",
+                            config.activations)
 
     def finish(self, gm, sites, rewriter, guard, record):
         from .dce import DeadCodeElimination
@@ -323,8 +326,12 @@ class QuantizePass(GuardedPass):
                                 f"{self.library}")
         if kept:
             one = sum(1 for n in gm.graph.nodes if n.target is INT8_LINEAR)
+            affine = sum(1 for n in gm.graph.nodes if n.target is INT8_LINEAR
+                         and int8_ops.token_zero_point(INT8.bind(n)["scale"], INT8.bind(n)["lo"]))
             record.notes.append(f"{len(kept)} int8 layer(s); weights {before / 2 ** 20:.2f} -> {after / 2 ** 20:.2f} MB; "
                                 f"{one} as one quantize-GEMM-dequantize kernel"
+                                + (f" ({affine} with uint7 per-token activations, zero point per token)" if affine
+                                   else "")
                                 + (f" with {fused['activation']} activation(s) and {fused['residual']} residual add(s) "
                                    f"fused in; {fused['requantize']} dequantize-quantize pair(s) folded into a "
                                    "requantize" if config.fuse else " (fuse off)"))

@@ -71,7 +71,8 @@ def _build(m, n, k, scale, quant, activation, bias, residual, smooth=False, x_dt
 
 
 QUANTS = {"dynamic": (None, int8_ops.SYMMETRIC), "static": (0.02, int8_ops.SYMMETRIC),
-          "pt2e-uint8": (0.021, (3, 0, 255))}  # PT2E's affine uint8: zero point 3, [0, 255]
+          "pt2e-uint8": (0.021, (3, 0, 255)),  # PT2E's affine uint8: zero point 3, [0, 255]
+          "token-affine": (None, int8_ops.TOKEN_AFFINE)}  # 7 bits, each token's own range and zero point
 
 
 EPILOGUES = [("none", True, False, False), ("relu", True, True, False), ("none", False, True, False),

@@ -26,21 +26,32 @@ def quantizable():
 
 
 class _Int8(torch.nn.Module):
-    def __init__(self, lin, scale):
+    def __init__(self, lin, scale, activations="int8"):
         super().__init__()
-        self.lin, self.scale = lin, scale
+        self.lin, self.scale, self.activations = lin, scale, activations
         self.wq, self.ws = int8_ops.quantize_weight(lin.weight)
 
     def forward(self, x):
-        return int8_ops.int8_linear_ref(x, self.wq, self.ws, self.lin.bias, self.scale)
+        return int8_ops.int8_linear_ref(x, self.wq, self.ws, self.lin.bias, self.scale, self.activations)
 
 
-def quantized(model, names, scales=None):
+def host_activations() -> str:
+    """The per-token activations quantize='int8-dynamic' gives on this host (activations='auto')."""
+    from effopt.options.quantize import QuantConfig
+    from effopt.target import int8_dot_product
+
+    return QuantConfig.parse("int8-dynamic").for_dot_product(int8_dot_product("host")).activations
+
+
+def quantized(model, names, scales=None, activations=None):
+    """The model with the named linears as the integer oracle of their int8 form (activations: 'int8' or
+    'uint7' for the per-token ones; None: what 'int8-dynamic' gives on this host)."""
+    activations = activations or host_activations()
     m = copy.deepcopy(model)
     for name in names:
         parent, _, child = name.rpartition(".")
         owner = m.get_submodule(parent) if parent else m
-        setattr(owner, child, _Int8(owner.get_submodule(child), (scales or {}).get(name)))
+        setattr(owner, child, _Int8(owner.get_submodule(child), (scales or {}).get(name), activations))
     return m
 
 
@@ -77,19 +88,38 @@ def _model():
     ({"quantize": {"mode": "dynamic", "smooth": 1.5}}, r"smooth=1.5; valid: None or a migration strength"),
     ({"quantize": {"mode": "dynamic", "smooth": 0.5}}, r"smooth \(SmoothQuant\) needs calibration data"),
     ({"quantize": "int8"}, r"needs calibration data"),
+    ({"quantize": {"mode": "dynamic", "activations": "uint8"}},
+     r"activations='uint8'; valid: \['auto', 'int8', 'uint7'\]"),
 ])
 def test_invalid_quantize_options(bad, match):
     with pytest.raises(ValueError, match=match):
         Options.from_dict(bad)
 
 
+def test_auto_activations_are_uint7_where_the_best_dot_product_is_avx2():
+    from effopt.options.quantize import QuantConfig
+    from effopt.target import int8_dot_product
+
+    cfg = QuantConfig.parse("int8-dynamic")
+    assert cfg.activations == "auto"
+    assert int8_dot_product({"kind": "llvm", "mcpu": "znver3"}) == "avx2"
+    assert int8_dot_product({"kind": "llvm", "mcpu": "icelake-server"}) == "avx512vnni"
+    assert int8_dot_product({"kind": "llvm", "mcpu": "alderlake"}) == "avxvnni"
+    assert int8_dot_product({"kind": "cuda"}) is None
+    assert cfg.for_dot_product("avx2").activations == "uint7"
+    assert [cfg.for_dot_product(d).activations for d in ("avx512vnni", "avxvnni", "neon-dot", None)] == ["int8"] * 4
+    pinned = QuantConfig.parse({"mode": "dynamic", "activations": "int8"})
+    assert pinned.for_dot_product("avx2") is pinned and "int8 activations" in str(pinned)
+
+
 @pytest.mark.slow
-def test_dynamic_int8_matches_the_integer_oracle_and_runs_int8_gemms():
+@pytest.mark.parametrize("activations", ["int8", "uint7"])
+def test_dynamic_int8_matches_the_integer_oracle_and_runs_int8_gemms(activations):
     model, x = _model()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", EffoptAccuracyWarning)
-        got = compile_effopt(model, quantize="int8-dynamic", kernel_choice="tvm")(x)
-        ref = quantized(model, LINEARS)(x)
+        got = compile_effopt(model, quantize={"mode": "dynamic", "activations": activations}, kernel_choice="tvm")(x)
+        ref = quantized(model, LINEARS, activations=activations)(x)
         exact = model(x)
     report = effopt.last_report()
     rec = next(r for r in report.passes if r.name == "quantize_int8")
@@ -105,10 +135,12 @@ def test_dynamic_int8_matches_the_integer_oracle_and_runs_int8_gemms():
         assert rec.matches == len(LINEARS) - 1 and not report.lowering.library_calls.get("_int_mm")
         assert not quantizers and "1 layer(s) stay float32 (head)" in str(rec), str(rec)
         with torch.no_grad():
-            ref = quantized(model, LINEARS[:-1])(x)
+            ref = quantized(model, LINEARS[:-1], activations=activations)(x)
     # each MLP's GELU, and the residual add after attn.proj and mlp.2, are in their kernels
-    assert "8 as one quantize-GEMM-dequantize kernel with 2 activation(s) and 4 residual add(s) fused in; 0 " \
-        "dequantize-quantize pair(s) folded" in str(rec)  # dynamic scales: nothing to fold
+    assert "8 as one quantize-GEMM-dequantize kernel" in str(rec)
+    assert ("(8 with uint7 per-token activations" in str(rec)) == (activations == "uint7")
+    assert "with 2 activation(s) and 4 residual add(s) fused in; 0 dequantize-quantize pair(s) folded" \
+        in str(rec)  # dynamic scales: nothing to fold
     assert_same_as_eager(got, ref)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert not torch.equal(got, exact) and F.cosine_similarity(got.flatten(), exact.flatten(), dim=0) > 0.999
@@ -284,7 +316,8 @@ def test_batchnorm_folds_into_the_linear_before_it_is_quantized():
     w = (lin.weight.t() * scale[None, :]).t()
     b = lin.bias * scale + (bn.bias - bn.running_mean * scale)
     with torch.no_grad():
-        h = torch.relu(int8_ops.int8_linear_ref(x, *int8_ops.quantize_weight(w), b, None))
-        ref = int8_ops.int8_linear_ref(h, *int8_ops.quantize_weight(model[3].weight), model[3].bias, None)
+        acts = host_activations()
+        h = torch.relu(int8_ops.int8_linear_ref(x, *int8_ops.quantize_weight(w), b, None, acts))
+        ref = int8_ops.int8_linear_ref(h, *int8_ops.quantize_weight(model[3].weight), model[3].bias, None, acts)
     assert_same_as_eager(got, ref)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

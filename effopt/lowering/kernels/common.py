@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import tvm
 from tvm import relax, tirx
 
+from ...target import has_feature
+
 
 def dims(expr: relax.Expr, op: str, name: str, ndim: int | None = None) -> list:
     """The dims of a tensor expression: ints where static, TIR expressions where symbolic."""
@@ -67,16 +69,6 @@ class VectorUnit:
 
 VECTOR_UNITS = {"avx512": VectorUnit("avx512", 16, 32), "avx2": VectorUnit("avx2", 8, 16),
                 "neon": VectorUnit("neon", 4, 32)}
-
-
-def has_feature(target, feature: str) -> bool:
-    """Whether LLVM's description of `target` (a tvm Target) has `feature` (an LLVM feature name)."""
-    from tvm.target import codegen
-
-    try:
-        return bool(codegen.target_has_features(feature, target))
-    except Exception:  # noqa: BLE001 - an LLVM without that query, or a feature it does not know
-        return False
 
 
 def vector_unit(target) -> VectorUnit | None:

@@ -38,7 +38,9 @@ from tvm.script import tirx as T
 
 from . import tunable
 from ...host import host
-from .common import dims, extent, has_feature, rows, static
+from .common import dims, extent, rows, static
+from ...target import int8_dot_product
+from ...ops.int8 import token_zero_point
 import torch
 
 from ..rules import Unsupported, lowers
@@ -87,21 +89,10 @@ def host_runs(isa_name: str) -> str | None:
 
 def isa_of(target) -> Isa | None:
     """The best integer dot product of `target` (a tvm Target), or None where it has none worth a kernel."""
-    if target is None or "cpu" not in set(target.keys):
-        return None
+    name = int8_dot_product(target) if target is not None else None
+    return ISAS[name] if name else None
 
-    def has(feature: str) -> bool:
-        return has_feature(target, feature)
 
-    if "arm_cpu" in set(target.keys):
-        if has("i8mm"):
-            return ISAS["neon-i8mm"]
-        return ISAS["neon-dot"] if has("dotprod") else None
-    for name, features in (("avx512vnni", ("avx512vnni", "avx512bw")), ("avxvnni", ("avxvnni", "avx2")),
-                           ("avx2", ("avx2",))):
-        if all(has(f) for f in features):
-            return ISAS[name]
-    return None
 _ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}  # 8: kOpaque
 _OP = "int8 linear"
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")
@@ -156,14 +147,20 @@ def tiles(m, n: int, isa: Isa = ISAS["avx512vnni"]) -> tuple[int, int]:
     return mb, nb
 
 
-def _x_type(isa: Isa, lo: int) -> str:
-    """The dtype of the kernel's quantized activations: uint8 as quantized, or int8 x - 128."""
-    return "int8" if (isa.name.startswith("neon") or (isa.name == "avx2" and lo >= 1)) else "uint8"
+def _x_form(isa: Isa, lo: int, hi: int) -> tuple[str, int]:
+    """(dtype, shift) of the kernel's quantized activations x in [lo, hi]: stored as x - shift, uint8 as
+    quantized, or int8 x - 128 (NEON's signed dot product; AVX2's sign pair for [1, 255]). 7-bit values
+    ([0, 127], TOKEN_AFFINE) are both: no shift anywhere."""
+    if lo >= 0 and hi <= 127:
+        return ("int8" if isa.name.startswith("neon") else "uint8"), 0
+    if isa.name.startswith("neon") or (isa.name == "avx2" and lo >= 1):
+        return "int8", 128
+    return "uint8", 0
 
 
-def _dot(isa: Isa, lo: int, acc, xword, w):
-    """acc (int32 x isa.lanes) + the products of 4 activation bytes (`xword`, one int32) with a vector of
-    weights (4 bytes per lane), exactly."""
+def _dot(isa: Isa, lo: int, hi: int, acc, xword, w):
+    """acc (int32 x isa.lanes) + the products of 4 activation bytes (`xword`, one int32, values in [lo, hi]
+    less _x_form's shift) with a vector of weights (4 bytes per lane), exactly."""
     n = isa.lanes
     if isa.name in ("avx512vnni", "avxvnni"):
         return T.call_llvm_pure_intrin(f"llvm.x86.avx512.vpdpbusd.{32 * n}", acc,
@@ -173,6 +170,10 @@ def _dot(isa: Isa, lo: int, acc, xword, w):
         return T.call_llvm_pure_intrin("llvm.aarch64.neon.sdot.v4i32.v16i8", acc,
                                        T.reinterpret(T.broadcast(xword, n), dtype="int8x16"), w, dtype="int32x4")
     maddubs, maddwd = "llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"
+    if lo >= 0 and hi <= 127:  # 7 bits: pair sums of at most 2 * 127 * 127, as vpmaddubsw takes them
+        pairs = T.call_llvm_pure_intrin(maddubs, T.reinterpret(T.broadcast(xword, n), dtype="uint8x32"), w,
+                                        dtype="int16x16")
+        return acc + T.call_llvm_pure_intrin(maddwd, pairs, T.broadcast(T.int16(1), 16), dtype="int32x8")
     if lo >= 1:  # x - 128 in [-127, 127]: |w| (unsigned) times x with w's sign
         xb = T.reinterpret(T.broadcast(xword, n), dtype="int8x32")
         wabs = T.call_llvm_pure_intrin("llvm.x86.avx2.psign.b", w, w, dtype="int8x32")  # -128 -> 0x80 = 128
@@ -201,10 +202,12 @@ def _smmla(isa: Isa, acc, a, b):
     return acc + v
 
 
-def _result(acc, m, n, bufs, activation: str, residual: bool, quant):
-    """The epilogue's value y[m, n] from the int32 accumulator; bufs: (WSUM, STEP, S, B, R)."""
-    wsum, step, s, b, r = bufs
-    y = _act(T.Cast("float32", acc - wsum[n]) * (step[m] * s[n]) + b[n], activation)
+def _result(acc, m, n, bufs, activation: str, residual: bool, quant, affine: bool):
+    """The epilogue's value y[m, n] from the int32 accumulator; bufs: (WSUM, STEP, S, B, R, ZP). `affine`
+    (TOKEN_AFFINE): ZP holds each token's zero point and WSUM sum w; else WSUM is the offset's term."""
+    wsum, step, s, b, r, zp = bufs
+    off = zp[m] * wsum[n] if affine else wsum[n]
+    y = _act(T.Cast("float32", acc - off) * (step[m] * s[n]) + b[n], activation)
     return _out(y + r[m, n] if residual else y, quant)
 
 
@@ -258,11 +261,11 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
     NT = N // VL // NB
     # a uint8 input handed over by the kernel before may hold any byte (the lowering's self-check feeds
     # zeros; [lo, hi] holds only for what a kernel wrote): the full-range form is exact for all of them
-    dot_lo = 0 if prequantized else lo
-    xq_t = _x_type(isa, dot_lo)
-    shift = 128.0 if xq_t == "int8" else 0.0
+    dot_lo, dot_hi = (0, 255) if prequantized else (lo, hi)
+    xq_t, shift = _x_form(isa, dot_lo, dot_hi)
     KV = K // LANES * LANES
     dynamic = scale is None
+    affine = token_zero_point(scale, lo)  # TOKEN_AFFINE: each token's range and zero point
     RM, RN = (M, N) if residual else (1, 1)
     SK, XM, XK = (K, M, K) if smooth else (1, 1, 1)
     inv_c, step_c = (1.0, 1.0) if dynamic else (_f32(1.0 / scale), _f32(scale))
@@ -286,14 +289,41 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
         with T.sblock("root"):
             XQ = T.alloc_buffer((MP, XW), xq_t)
             STEP = T.alloc_buffer((MP,), "float32")
+            ZP = T.alloc_buffer((MP,), "int32")  # TOKEN_AFFINE's zero points (unused otherwise)
             XS = T.alloc_buffer((XM, XK), "float32")
             for m in T.parallel(MP):
                 inv = T.alloc_buffer((1,), "float32", scope="local")
+                zero = T.alloc_buffer((1,), "float32", scope="local")
+                zero[0] = T.float32(offset)
                 if m < M:
                     if smooth:
                         for k in T.vectorized(K):
                             XS[m, k] = X[m, k] * SM[k]
-                    if dynamic:
+                    if affine:  # min(x, 0) and max(x, 0) of the row, then its scale and zero point
+                        vlo = T.alloc_buffer((LANES,), "float32", scope="local")
+                        vhi = T.alloc_buffer((LANES,), "float32", scope="local")
+                        ext = T.alloc_buffer((2,), "float32", scope="local")
+                        for l in T.vectorized(LANES):
+                            vlo[l] = T.float32(0.0)
+                            vhi[l] = T.float32(0.0)
+                        for kb in range(KV // LANES):
+                            for l in T.vectorized(LANES):
+                                vlo[l] = T.min(vlo[l], _load(X, XS, m, kb * LANES + l, smooth))
+                                vhi[l] = T.max(vhi[l], _load(X, XS, m, kb * LANES + l, smooth))
+                        ext[0] = T.float32(0.0)
+                        ext[1] = T.float32(0.0)
+                        for l in range(LANES):
+                            ext[0] = T.min(ext[0], vlo[l])
+                            ext[1] = T.max(ext[1], vhi[l])
+                        for k in range(KV, K):
+                            ext[0] = T.min(ext[0], _load(X, XS, m, k, smooth))
+                            ext[1] = T.max(ext[1], _load(X, XS, m, k, smooth))
+                        ext[1] = T.max(ext[1] - ext[0], T.float32(_TINY))  # the range
+                        inv[0] = T.float32(hi) / ext[1]
+                        STEP[m] = ext[1] / T.float32(hi)
+                        zero[0] = T.nearbyint(-ext[0] * inv[0])
+                        ZP[m] = T.Cast("int32", zero[0])
+                    elif dynamic:
                         lanes = T.alloc_buffer((LANES,), "float32", scope="local")
                         amax = T.alloc_buffer((1,), "float32", scope="local")
                         for l in T.vectorized(LANES):
@@ -317,12 +347,13 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
                     else:
                         for k in T.vectorized(K):
                             XQ[m, k] = T.Cast(xq_t, T.max(T.min(T.nearbyint(_load(X, XS, m, k, smooth) * inv[0])
-                                                                + T.float32(offset), T.float32(hi)), T.float32(lo))
+                                                                + zero[0], T.float32(hi)), T.float32(lo))
                                               - T.float32(shift))
                     for k in range(K, XW):  # padding: its weights are 0
                         XQ[m, k] = T.Cast(xq_t, 0)
                 else:
                     STEP[m] = T.float32(0.0)
+                    ZP[m] = T.int32(0)
                     for k in range(XW):
                         XQ[m, k] = T.Cast(xq_t, 0)
             if isa.pairs:
@@ -360,7 +391,8 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
                                         n = T.meta_var((t * NB + j) * VL + l)
                                         m = T.meta_var(mb * MB + i)
                                         Y[m, n] = _result(pacc[i // 2, j * 2 + l // 2, i % 2 * 2 + l % 2], m, n,
-                                                          (WSUM, STEP, S, B, R), activation, residual, oq)
+                                                          (WSUM, STEP, S, B, R, ZP), activation, residual,
+                                                          oq, affine)
             else:
                 for t in T.parallel(NT):
                     acc = T.alloc_buffer((MB, NB * VL), "int32", scope="local")
@@ -373,7 +405,7 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
                             for i in T.unroll(MB):
                                 for j in T.unroll(NB):
                                     acc[i, T.ramp(j * VL, 1, VL)] = _dot(
-                                        isa, dot_lo, acc[i, T.ramp(j * VL, 1, VL)],
+                                        isa, dot_lo, dot_hi, acc[i, T.ramp(j * VL, 1, VL)],
                                         T.reinterpret(XQ.vload([mb * MB + i, k4 * 4], f"{xq_t}x4"), dtype="int32"),
                                         W.vload([(t * NB + j) // PARTS, k4, (t * NB + j) % PARTS * VL, 0],
                                                 f"int8x{4 * VL}"))
@@ -383,8 +415,8 @@ def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: in
                                     for l in T.vectorized(VL):
                                         n = T.meta_var((t * NB + j) * VL + l)
                                         m = T.meta_var(mb * MB + i)
-                                        Y[m, n] = _result(acc[i, j * VL + l], m, n, (WSUM, STEP, S, B, R), activation,
-                                                          residual, oq)
+                                        Y[m, n] = _result(acc[i, j * VL + l], m, n, (WSUM, STEP, S, B, R, ZP),
+                                                          activation, residual, oq, affine)
 
     return int8_linear
 
@@ -412,14 +444,14 @@ def emit(bb: relax.BlockBuilder, x, packed, wsum, w_step, bias, residual, k: int
         relax.op.zeros(relax.ShapeExpr([1, 1]), "float32")
     sm = smooth if smooth is not None else relax.op.zeros(relax.ShapeExpr([1]), "float32")
     prequantized = str(x.ty.dtype) == "uint8"
-    dot_lo = 0 if prequantized else lo  # as linear_func decides
-    if _x_type(isa, dot_lo) == "int8" and offset != 128:  # the kernel sums (x - 128) w: (offset - 128) sum w
+    shift = _x_form(isa, *((0, 255) if prequantized else (lo, hi)))[1]  # as linear_func decides
+    if shift and offset != 128:  # the kernel sums (x - 128) w: (offset - 128) sum w
         if offset == 0:  # wsum is 0 and says nothing of sum w: summed from the weights
             sw = bb.emit(relax.op.sum(relax.op.astype(packed, "int32"), axis=[1, 3]))
         else:
             sw = bb.emit(relax.op.floor_divide(wsum, relax.const(offset, "int32")))
         wsum = bb.emit(relax.op.multiply(relax.op.reshape(sw, [n]), relax.const(offset - 128, "int32")))
-    elif _x_type(isa, dot_lo) == "int8":
+    elif shift:
         wsum = relax.op.zeros(relax.ShapeExpr([n]), "int32")
     out = relax.TensorType([m, n], "float32" if out_quant is None else "uint8")
     fixed = (m, n, k, scale, offset, lo, hi, activation, residual is not None, smooth is not None, prequantized,
