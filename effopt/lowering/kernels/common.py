@@ -44,6 +44,27 @@ def extent(m, name: str = "M"):
     return m if isinstance(m, int) else tirx.Var(name, "int64")
 
 
+def memo_kernel(make):
+    """`make` (a PrimFunc generator that gives each symbolic dim its own var through `extent`) remembered per
+    arguments: parsing a kernel's TVMScript takes 0.2-0.5 s, and a graph asks for the same kernel once per
+    layer and again in each recompile. A symbolic dim is one key whatever the caller's var is."""
+    import functools
+
+    symbolic = object()
+
+    @functools.lru_cache(maxsize=512)
+    def cached(key, kwargs):
+        return make(*[tirx.Var("M", "int64") if a is symbolic else a for a in key], **dict(kwargs))
+
+    @functools.wraps(make)
+    def wrapper(*args, **kwargs):
+        key = tuple(symbolic if isinstance(a, tirx.Expr) and not isinstance(a, tirx.IntImm) else a for a in args)
+        return cached(key, tuple(sorted(kwargs.items())))
+
+    wrapper.cache_clear = cached.cache_clear
+    return wrapper
+
+
 def rows(bb: relax.BlockBuilder, x: relax.Expr, op: str) -> tuple[list, object, relax.Expr]:
     """(x's dims, M = the product of all but the last, x as [M, K]). The leading dims (batch, tokens) may be
     symbolic, and M with them; the feature dim K must be static."""

@@ -38,7 +38,7 @@ from tvm.script import tirx as T
 
 from . import tunable
 from ...host import host
-from .common import dims, extent, rows, static
+from .common import dims, extent, memo_kernel, rows, static
 from ...target import int8_dot_product
 from ...ops.int8 import token_zero_point
 import torch
@@ -231,6 +231,7 @@ def _out(v, quant):
                                  T.float32(lo)))
 
 
+@memo_kernel
 def linear_func(M: int, N: int, K: int, scale: float | None, offset: int, lo: int, hi: int, activation: str,
                 residual: bool, smooth: bool = False, prequantized: bool = False, out_quant=None, mb: int | None = None,
                 nb: int | None = None, *, isa: Isa):
