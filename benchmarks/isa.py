@@ -77,6 +77,8 @@ def run_model(task, rounds: int) -> list[dict]:
     fns["inductor (freezing)"] = inductor_frozen(task.model)
     fns["quantize_dynamic"] = torch_int8(task.model)
     fns["effopt exact"] = torch.compile(task.model, backend="effopt")
+    # effopt's own kernels wherever they build (no measured fallback to torch's), as the column
+    fns["effopt kernel_choice=tvm"] = torch.compile(task.model, backend="effopt", options={"kernel_choice": "tvm"})
     fns["effopt int8-dynamic"] = torch.compile(task.model, backend="effopt", options={"quantize": "int8-dynamic"})
     for name, fn in fns.items():
         t0 = time.perf_counter()
