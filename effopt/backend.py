@@ -30,16 +30,33 @@ MAX_BACKOFFS = 3
 HOLD_OUT = 4
 
 
-def versus_eager(compiled, eager, inputs, budget_s: float = 1.0) -> dict:
+def versus_eager(compiled, eager, inputs, budget_s: float = 1.0, rounds: int = 15) -> dict:
     """Interleaved medians (ms) of the compiled and the eager graph on `inputs`, and the decision."""
     from .timing import interleaved_medians
 
     with torch.no_grad():
-        m = interleaved_medians({"compiled": compiled, "eager": eager}, inputs, rounds=15, warmup=1,
+        m = interleaved_medians({"compiled": compiled, "eager": eager}, inputs, rounds=rounds, warmup=1,
                                 budget_s=budget_s, min_rounds=3)
     c, e = m["compiled"] * 1e3, m["eager"] * 1e3
     return {"compiled_ms": c, "eager_ms": e, "speedup": e / c if c > 0 else float("inf"),
             "use_compiled": c <= e * NOISE}
+
+
+def symbolic_inputs(gm: fx.GraphModule) -> list[int]:
+    """The indices of the inputs of dynamo's graph that are tensors with a symbolic size (batch, length)."""
+    values = [n.meta.get("example_value", n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder"]
+    return [i for i, v in enumerate(values)
+            if isinstance(v, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in v.shape)]
+
+
+def size_bucket(args, symbolic: list[int]) -> int | None:
+    """The size class of one call of a graph with symbolic sizes: the largest element count among its
+    inputs of symbolic size (`symbolic`, their indices), rounded up to a power of two. For a text encoder's
+    token ids that is batch x length, the row count of its linears. None for a graph of static sizes."""
+    if not symbolic:
+        return None
+    rows = max(max(args[i].numel() for i in symbolic), 1)
+    return 1 << (rows - 1).bit_length()
 
 
 def _version(t: torch.Tensor):
@@ -63,6 +80,11 @@ class CompiledGraph:
         # modules' kernels; it takes the same arguments as the ATen graph (None where AOT changed them)
         self.torch_graph = torch_graph
         self.runs_eager = False  # the whole compiled graph lost to it: the backend calls torch_graph instead
+        # graphs of symbolic sizes: the whole-graph decision per size bucket (size_bucket), made on the first
+        # call of each bucket (the first call of all is the one measured at compile time)
+        self.buckets: dict[int, dict] = {}
+        self._whole_key = None
+        self.symbolic: list[int] = []  # which of dynamo's arguments have symbolic sizes (set by the backend)
         # real example inputs and calibration inputs (full argument lists), for approximate passes
         self.examples, self.calibration, self.validation = examples, calibration, validation
         self._build(real_inputs)
@@ -141,6 +163,7 @@ class CompiledGraph:
             if approx is not None:
                 gm = self._budget_after_lowering(gm, after["graph"], approx, notes)
         check = None
+        self.buckets = {}
         if self._measure_whole():
             check = self._check_whole(gm, eager_gm, args, after["code"])
         # the report keeps the compiled graph (what effopt built, for inspection) even where eager runs
@@ -286,6 +309,7 @@ class CompiledGraph:
         shapes = [[list(a.shape), str(a.dtype)] if isinstance(a, torch.Tensor) else repr(a) for a in live]
         key = make_key("whole-graph", code, json.dumps(shapes), str(self.torch_graph is None),
                        repr((o.tuning, o.freeze, o.disable_passes, o.attention)))
+        self._whole_key = key
         saved = store.load("whole_graph").get(key) if store else None
         if isinstance(saved, dict) and isinstance(saved.get("use_compiled"), bool):
             check = dict(saved, reused=True)
@@ -306,6 +330,38 @@ class CompiledGraph:
                           "runs in eager (kernel_choice='tvm' keeps the compiled one)",
                           EffoptSlowerWarning, stacklevel=2)
         return check
+
+    def compiled_for(self, args, compiled, eager) -> bool:
+        """Whether the compiled graph runs for this call (dynamo's arguments `args`); `compiled` and `eager`
+        take them. A graph of static sizes keeps the decision its compile made. A graph of symbolic sizes
+        decides per size bucket: the first call (the size it was compiled and checked at) takes the compile's
+        decision; the first call of each other bucket takes the one stored by an earlier process, or times
+        both on its own arguments (one measurement: 4 calls of each) and stores it."""
+        bucket = size_bucket(args, self.symbolic)
+        check = self.report.versus_eager
+        if bucket is None or check is None or self.torch_graph is None or self._whole_key is None:
+            return not self.runs_eager
+        got = self.buckets.get(bucket)
+        if got is None:
+            got = self.buckets[bucket] = self._decide_bucket(bucket, args, compiled, eager, first=not self.buckets)
+            check.setdefault("buckets", {})[bucket] = got
+        return got["use_compiled"]
+
+    def _decide_bucket(self, bucket: int, args, compiled, eager, first: bool) -> dict:
+        from .lowering.cache import DecisionStore, make_key
+        from .target import target_dict
+
+        if first:
+            return {k: v for k, v in self.report.versus_eager.items() if k != "buckets"}
+        store = DecisionStore(self.options.cache_dir, target_dict(self.options.target)) if self.options.cache else None
+        key = make_key(self._whole_key, f"rows <= {bucket}")
+        saved = store.load("whole_graph").get(key) if store else None
+        if isinstance(saved, dict) and isinstance(saved.get("use_compiled"), bool):
+            return dict(saved, reused=True)
+        check = versus_eager(lambda: compiled(*args), lambda: eager(*args), [], budget_s=0.5, rounds=3)
+        if store:
+            store.save("whole_graph", {key: check})
+        return dict(check, reused=False)
 
     def _stale(self, args) -> bool:
         for i, ptr, ver, shape in self.guards:
@@ -406,6 +462,8 @@ def effopt_backend(gm: fx.GraphModule, example_inputs, options: dict | Options |
         built: list = []
         compiled = aot_module_simplified(gm, example_inputs, fw_compiler=_inference_compiler(
             example_inputs, frozen, opts, calibration, validation, torch_graph=gm, built=built))
+        if built:
+            built[0].symbolic = symbolic_inputs(gm)
         return _dispatch(compiled, gm, built[0] if built else None)
     except Exception as e:  # noqa: BLE001 - any failure in TVM or our passes must not break the user's model
         if opts.strict:
@@ -415,14 +473,15 @@ def effopt_backend(gm: fx.GraphModule, example_inputs, options: dict | Options |
 
 def _dispatch(compiled, torch_graph: fx.GraphModule, graph: CompiledGraph | None):
     """The compiled function, or dynamo's own torch-level graph where the whole compiled graph lost to it (the
-    graph decides at each rebuild; eager needs no rebuild: it reads the live parameters)."""
+    graph decides at each rebuild, and per size bucket where its sizes are symbolic; eager needs no rebuild:
+    it reads the live parameters)."""
     if graph is None or graph.torch_graph is None:
         return compiled
 
     def run(*args):
-        if graph.runs_eager:
-            return torch_graph(*args)
-        return compiled(*args)
+        if graph.compiled_for(args, compiled, torch_graph):
+            return compiled(*args)
+        return torch_graph(*args)
 
     return run
 

@@ -91,6 +91,10 @@ class Report:
             tail += (f"; {v['speedup']:.2f}x eager on the example inputs" if v["use_compiled"] else
                      f"; runs in EAGER: the compiled graph measured {v['compiled_ms']:.3g} ms against eager's "
                      f"{v['eager_ms']:.3g} ms")
+            if v.get("buckets"):  # a graph of symbolic sizes, decided per size bucket of its calls
+                tail += "; per size bucket: " + ", ".join(
+                    f"rows <= {b} {'compiled' if d['use_compiled'] else 'eager'} ({d['speedup']:.2f}x)"
+                    for b, d in sorted(v["buckets"].items()))
         return f"effopt report: {rewrites} rewrite(s) by {sum(bool(r.matches) for r in self.passes)} pass(es){tail}"
 
     def rewrites(self) -> dict[str, int]:

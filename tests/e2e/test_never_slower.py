@@ -147,3 +147,61 @@ def test_float32_decisions_apply_where_no_region_has_a_kernel(monkeypatch):
     assert layers and {k.choice for k in layers} == {"float32"}, [(k.name, k.choice) for k in layers]
     assert not [k for k in rep.lowering.kernels if k.choice == "tvm"]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)  # the float32 layers ran, not int8
+
+
+def test_a_graph_of_symbolic_sizes_decides_per_size_bucket_and_stores_each(monkeypatch, cache_dir):
+    """dynamic=True: one graph serves every row count. The compile's check decides the first call's bucket;
+    the first call of each other bucket times both graphs once on its own arguments (here: eager wins
+    below 4096 elements, the compiled graph from there on); later calls of a bucket, and a warm process,
+    measure nothing."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64)).eval()
+    timed = []
+
+    def versus(compiled, eager, inputs, budget_s=1.0, rounds=15):
+        big = bool(timed) and timed[-1] >= 4096  # the bucket being decided (recorded by the spy below)
+        timed.append(None)
+        return {"compiled_ms": 1.0, "eager_ms": 2.0 if big else 0.5, "speedup": 2.0 if big else 0.5,
+                "use_compiled": big}
+
+    real_decide = BACKEND.CompiledGraph._decide_bucket
+
+    def spy(self, bucket, *a, **k):
+        timed.append(bucket)
+        return real_decide(self, bucket, *a, **k)
+
+    monkeypatch.setattr(BACKEND, "versus_eager", versus)
+    monkeypatch.setattr(BACKEND.CompiledGraph, "_decide_bucket", spy)
+    calls = []
+    real_call = BACKEND.CompiledGraph.__call__
+    monkeypatch.setattr(BACKEND.CompiledGraph, "__call__", lambda self, args: calls.append(1) or real_call(self, args))
+    f = torch.compile(model, backend="effopt", dynamic=True, options={"cache_dir": cache_dir})
+    sizes = [3, 5, 100, 6, 120, 3]  # rows x 64 elements: buckets 256, 512, 8192, 512, 8192, 256
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", EffoptSlowerWarning)
+        for n in sizes:
+            x = torch.randn(n, 64)
+            assert_same_as_eager(f(x), model(x))
+    rep = effopt.last_report()
+    buckets = rep.versus_eager["buckets"]
+    assert sorted(buckets) == [256, 512, 8192]
+    assert buckets[256]["use_compiled"] is False  # the compile's own check (stubbed: eager faster)
+    assert buckets[512]["use_compiled"] is False and buckets[8192]["use_compiled"] is True
+    measured = [b for b in timed if b is not None]
+    assert measured == [256, 512, 8192]  # once per bucket; the first is the compile's, not timed again
+    assert timed.count(None) == 3  # the compile's check and two buckets timed: none for later calls
+    assert len(calls) == 2  # only the two calls of the 8192 bucket ran the compiled graph
+    assert "per size bucket: rows <= 256 eager (0.50x), rows <= 512 eager (0.50x), rows <= 8192 compiled " \
+        "(2.00x)" in rep.headline()
+    # a warm process: the stored decisions, nothing timed
+    torch._dynamo.reset()
+    timed.clear()
+    monkeypatch.setattr(BACKEND, "versus_eager", lambda *a, **k: pytest.fail("a bucket was timed again"))
+    f = torch.compile(model, backend="effopt", dynamic=True, options={"cache_dir": cache_dir})
+    with torch.no_grad():
+        for n in sizes:
+            x = torch.randn(n, 64)
+            assert_same_as_eager(f(x), model(x))
+    again = effopt.last_report().versus_eager["buckets"]
+    assert {b: d["use_compiled"] for b, d in again.items()} == {256: False, 512: False, 8192: True}
+    assert all(d.get("reused") for b, d in again.items())
