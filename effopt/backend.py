@@ -23,6 +23,9 @@ _warned_training = False
 # The compiled graph runs only if its median is within this factor of eager's on the example inputs: 2-core
 # timing noise between interleaved medians stays under 5% (benchmarks/backend.py's repeated runs).
 NOISE = 1.05
+# a graph of symbolic sizes whose compiled form won or lost its compile-time check by more than this factor
+# keeps that decision for every size bucket; closer calls are timed again in each bucket (compiled_for)
+BUCKET_MARGIN = 1.25
 # held-out validation over budget: the approximate passes run again at most this many times, each with the
 # guards' budget scaled down, the last time with none (no approximate rewrite)
 MAX_BACKOFFS = 3
@@ -335,8 +338,9 @@ class CompiledGraph:
         """Whether the compiled graph runs for this call (dynamo's arguments `args`); `compiled` and `eager`
         take them. A graph of static sizes keeps the decision its compile made. A graph of symbolic sizes
         decides per size bucket: the first call (the size it was compiled and checked at) takes the compile's
-        decision; the first call of each other bucket takes the one stored by an earlier process, or times
-        both on its own arguments (one measurement: 4 calls of each) and stores it."""
+        decision, and so does every bucket where that decision was clear (won or lost by more than
+        BUCKET_MARGIN); else the first call of each other bucket takes the one stored by an earlier process,
+        or times both on its own arguments (one measurement: 4 calls of each) and stores it."""
         bucket = size_bucket(args, self.symbolic)
         check = self.report.versus_eager
         if bucket is None or check is None or self.torch_graph is None or self._whole_key is None:
@@ -351,8 +355,11 @@ class CompiledGraph:
         from .lowering.cache import DecisionStore, make_key
         from .target import target_dict
 
+        compiled_check = {k: v for k, v in self.report.versus_eager.items() if k != "buckets"}
         if first:
-            return {k: v for k, v in self.report.versus_eager.items() if k != "buckets"}
+            return compiled_check
+        if not 1 / BUCKET_MARGIN <= compiled_check["speedup"] <= BUCKET_MARGIN:  # a clear decision holds
+            return dict(compiled_check, margin=True)
         store = DecisionStore(self.options.cache_dir, target_dict(self.options.target)) if self.options.cache else None
         key = make_key(self._whole_key, f"rows <= {bucket}")
         saved = store.load("whole_graph").get(key) if store else None

@@ -171,6 +171,7 @@ def test_a_graph_of_symbolic_sizes_decides_per_size_bucket_and_stores_each(monke
         return real_decide(self, bucket, *a, **k)
 
     monkeypatch.setattr(BACKEND, "versus_eager", versus)
+    monkeypatch.setattr(BACKEND, "BUCKET_MARGIN", 10.0)  # the compile's 0.5x is a close call: buckets are timed
     monkeypatch.setattr(BACKEND.CompiledGraph, "_decide_bucket", spy)
     calls = []
     real_call = BACKEND.CompiledGraph.__call__
@@ -205,3 +206,25 @@ def test_a_graph_of_symbolic_sizes_decides_per_size_bucket_and_stores_each(monke
     again = effopt.last_report().versus_eager["buckets"]
     assert {b: d["use_compiled"] for b, d in again.items()} == {256: False, 512: False, 8192: True}
     assert all(d.get("reused") for b, d in again.items())
+
+
+def test_a_clear_compile_time_decision_holds_for_every_size_bucket(monkeypatch):
+    """The compiled graph won (or lost) its compile-time check by more than BUCKET_MARGIN: a new bucket takes
+    that decision without timing anything."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU()).eval()
+    timed = []
+
+    def versus(compiled, eager, inputs, budget_s=1.0, rounds=15):
+        timed.append(1)
+        return {"compiled_ms": 1.0, "eager_ms": 2.0, "speedup": 2.0, "use_compiled": True}
+
+    monkeypatch.setattr(BACKEND, "versus_eager", versus)
+    f = torch.compile(model, backend="effopt", dynamic=True, options={"cache": False})
+    with torch.no_grad():
+        for n in (3, 100, 1000):
+            x = torch.randn(n, 64)
+            assert_same_as_eager(f(x), model(x))
+    buckets = effopt.last_report().versus_eager["buckets"]
+    assert len(timed) == 1 and sorted(buckets) == [256, 8192, 65536]  # the compile's check only
+    assert all(d["use_compiled"] for d in buckets.values()) and buckets[8192]["margin"] is True
