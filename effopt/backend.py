@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from . import capture
 from .graph import publish
-from .lowering import EffoptFallbackWarning, EffoptSlowerWarning
+from .lowering import EffoptFallbackWarning, EffoptSlowerWarning, size_bucket
 from .passes.guard import DEFAULT_BUDGET, Calibrated, CalibrationSet, GuardResult
 from .options import KernelChoice, Options
 from .passes import default_pass_manager
@@ -52,7 +52,7 @@ def symbolic_inputs(gm: fx.GraphModule) -> list[int]:
             if isinstance(v, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in v.shape)]
 
 
-def size_bucket(args, symbolic: list[int]) -> int | None:
+def bucket_of(args, symbolic: list[int]) -> int | None:
     """The size class of one call of a graph with symbolic sizes: the largest element count among its
     inputs of symbolic size (`symbolic`, their indices), rounded up to a power of two. For a text encoder's
     token ids that is batch x length, the row count of its linears. None for a graph of static sizes."""
@@ -83,7 +83,7 @@ class CompiledGraph:
         # modules' kernels; it takes the same arguments as the ATen graph (None where AOT changed them)
         self.torch_graph = torch_graph
         self.runs_eager = False  # the whole compiled graph lost to it: the backend calls torch_graph instead
-        # graphs of symbolic sizes: the whole-graph decision per size bucket (size_bucket), made on the first
+        # graphs of symbolic sizes: the whole-graph decision per size bucket (bucket_of), made on the first
         # call of each bucket (the first call of all is the one measured at compile time)
         self.buckets: dict[int, dict] = {}
         self._whole_key = None
@@ -341,7 +341,7 @@ class CompiledGraph:
         decision, and so does every bucket where that decision was clear (won or lost by more than
         BUCKET_MARGIN); else the first call of each other bucket takes the one stored by an earlier process,
         or times both on its own arguments (one measurement: 4 calls of each) and stores it."""
-        bucket = size_bucket(args, self.symbolic)
+        bucket = bucket_of(args, self.symbolic)
         check = self.report.versus_eager
         if bucket is None or check is None or self.torch_graph is None or self._whole_key is None:
             return not self.runs_eager
@@ -365,7 +365,11 @@ class CompiledGraph:
         saved = store.load("whole_graph").get(key) if store else None
         if isinstance(saved, dict) and isinstance(saved.get("use_compiled"), bool):
             return dict(saved, reused=True)
-        check = versus_eager(lambda: compiled(*args), lambda: eager(*args), [], budget_s=0.5, rounds=3)
+        def run_compiled():
+            with size_bucket(bucket):  # its regions serve this bucket (lowering/buckets.py)
+                return compiled(*args)
+
+        check = versus_eager(run_compiled, lambda: eager(*args), [], budget_s=0.5, rounds=3)
         if store:
             store.save("whole_graph", {key: check})
         return dict(check, reused=False)
@@ -472,6 +476,8 @@ def effopt_backend(gm: fx.GraphModule, example_inputs, options: dict | Options |
         if built:
             built[0].symbolic = symbolic_inputs(gm)
         return _dispatch(compiled, gm, built[0] if built else None)
+    except torch._dynamo.exc.RestartAnalysis:  # dynamo's own signal to trace again (e.g. scalars to tensors)
+        raise
     except Exception as e:  # noqa: BLE001 - any failure in TVM or our passes must not break the user's model
         if opts.strict:
             raise
@@ -487,7 +493,8 @@ def _dispatch(compiled, torch_graph: fx.GraphModule, graph: CompiledGraph | None
 
     def run(*args):
         if graph.compiled_for(args, compiled, torch_graph):
-            return compiled(*args)
+            with size_bucket(bucket_of(args, graph.symbolic)):  # regions that choose per size bucket
+                return compiled(*args)
         return torch_graph(*args)
 
     return run

@@ -22,6 +22,8 @@ from ..options import KernelChoice, Options
 from ..target import resolve_target, target_dict
 from . import eager as _eager  # noqa: F401 - registers the ops' eager kernels
 from .build import build_or_load
+from .buckets import size_bucket
+from .cache import DecisionStore
 from .convert import convert
 from .library import choose_library
 from .partition import partition, warn_fallbacks
@@ -52,7 +54,8 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     conv = convert(regions, target, tuned, record)
     built = build_or_load(conv.funcs, options, record, target, tuned) if conv.funcs else None
     picks = choose(gm, regions, conv, built, record, force, gen)
-    replace(gm, regions, picks)
+    store = DecisionStore(options.cache_dir, record.target) if options.cache and not force else None
+    record.per_bucket = replace(gm, regions, picks, store) if not force else replace(gm, regions, picks)
     if built is not None:
         built.keep(conv.funcs)
     gm.recompile()
@@ -60,4 +63,4 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     return gm, record
 
 
-__all__ = ["lower", "LoweringRecord", "KernelRecord", "EffoptFallbackWarning", "EffoptSlowerWarning", "FloatRegion"]
+__all__ = ["lower", "size_bucket", "LoweringRecord", "KernelRecord", "EffoptFallbackWarning", "EffoptSlowerWarning", "FloatRegion"]

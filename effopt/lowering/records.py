@@ -57,6 +57,9 @@ class LoweringRecord:
     cache_hit: bool = False
     parallel: str = ""  # "omp": TVM's parallel loops run on torch's OpenMP threads; "serial": on one thread
     seconds: float = 0.0
+    # graphs of symbolic sizes: the regions whose compile-time choice was close, chosen per size bucket
+    # (buckets.BucketedRegion, named in the graph)
+    per_bucket: list = field(default_factory=list)
 
     def __str__(self) -> str:
         tvm_n = sum(k.choice == "tvm" for k in self.kernels)
@@ -65,7 +68,8 @@ class LoweringRecord:
                  f"{len(self.kernels) - tvm_n} kept eager; "
                  f"library calls {dict(sorted(self.library_calls.items()))}; "
                  + (f"{len(self.tuned)} kernel(s) tuned; " if self.tuned else "") +
-                 f"{'cache hit' if self.cache_hit else 'compiled'} in {self.seconds:.1f} s"]
+                 f"{'cache hit' if self.cache_hit else 'compiled'} in {self.seconds:.1f} s"
+                 + (f"; {len(self.per_bucket)} region(s) choose per size bucket" if self.per_bucket else "")]
         for op, locs in self.fallbacks.items():
             lines.append(f"  fallback to eager: {op} x{len(locs)}")
         return "\n".join(lines)

@@ -8,6 +8,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from .buckets import BucketedRegion, close_call
 from .partition import Region
 from .select import FloatRegion
 
@@ -60,17 +61,45 @@ def topological_sort(graph: fx.Graph) -> None:
         prev = n
 
 
-def replace(gm: fx.GraphModule, regions, picks: dict) -> None:
+def symbolic(region: Region) -> bool:
+    """Whether the region's inputs have a symbolic size (a graph that serves every batch and length)."""
+    return any(isinstance(d, torch.SymInt) for a in region.inputs
+               for d in getattr(a.meta.get("val"), "shape", ()))
+
+
+def bucketed(p, region: Region, store=None) -> BucketedRegion | None:
+    """The region as a BucketedRegion (its forms chosen per size bucket) where its sizes are symbolic and its
+    compile-time choice was a close call; else None."""
+    times = p.times_us()
+    if not symbolic(region) or not close_call(times):
+        return None
+    forms = {"eager": fx.GraphModule(torch.nn.Module(), p.graph)}
+    if "tvm" in times:
+        forms["tvm"] = p.kernel
+    if "float32" in times:
+        forms["float32"] = FloatRegion(p.graph)
+    return BucketedRegion(forms, p.choice.form, store, p.key)
+
+
+def replace(gm: fx.GraphModule, regions, picks: dict, store=None) -> list[str]:
     """The decisions of the choose step (select.choose: {region index: Pick}) applied to gm: a TVM kernel or the
-    float32 layers in each region's place; a region picked "eager" stays inline as its torch ops."""
+    float32 layers in each region's place; a region picked "eager" stays inline as its torch ops. In a graph of
+    symbolic sizes, a region whose choice was close keeps every form and chooses per size bucket (buckets.py;
+    `store`: the decision store they are kept in). Returns the names of those regions."""
     replaced: dict = {}
+    per_bucket = []
     for i, p in picks.items():
-        if p.choice.form == "float32":
+        b = bucketed(p, regions[i], store)
+        if b is not None:
+            replace_region(gm, regions[i], f"bucketed_region{i}", b, replaced)
+            per_bucket.append(f"bucketed_region{i}")
+        elif p.choice.form == "float32":
             replace_region(gm, regions[i], f"float_region{i}", FloatRegion(p.graph), replaced)
         elif p.choice.form == "tvm":
             replace_region(gm, regions[i], f"tvm_region{i}", p.kernel, replaced)
     topological_sort(gm.graph)
     gm.graph.lint()
+    return per_bucket
 
 
-__all__ = ["replace", "replace_region", "topological_sort"]
+__all__ = ["bucketed", "replace", "replace_region", "symbolic", "topological_sort"]

@@ -29,6 +29,18 @@ class Pick:
     graph: fx.Graph
     choice: "Choice"
     kernel: torch.nn.Module | None = None
+    key: str | None = None  # the region's kernel key (its per-bucket choices are stored under it)
+
+    def times_us(self) -> dict[str, float | None]:
+        """Each form this region can run and its compile-time time (None where not timed): the TVM kernel where
+        it passed its check, its torch ops, and the float32 layers its rewritten ops replaced."""
+        c, out = self.choice, {}
+        if self.kernel is not None and c.candidate_us is not None:
+            out["tvm"] = c.candidate_us
+        out["eager"] = c.baseline_us
+        if c.float_us is not None:
+            out["float32"] = c.float_us
+        return out
 
 
 @dataclass
@@ -224,7 +236,7 @@ def choose_kernels(gm: fx.GraphModule, regions, conv, built, record, force: bool
         c = built.choices[fkey]
         record.kernels.append(KernelRecord(f"tvm_region{i}", region_ops(graph), c.form, c.candidate_us,
                                            c.baseline_us, c.reason, conv.scripts[fkey], kname, float_us=c.float_us))
-        picks[i] = Pick(graph, c, kernel)
+        picks[i] = Pick(graph, c, kernel, key=fkey)
     return picks
 
 
