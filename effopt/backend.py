@@ -208,13 +208,12 @@ class CompiledGraph:
         """approximate='auto' (effopt/auto.py): the stored choice for this graph, target, budget, metric and
         calibration, or a search; then the chosen options' passes on gm. Returns (gm, the search's record)."""
         from .auto import digest, search, with_settings
-        from .target import target_dict
         from .lowering import lower
-        from .lowering.cache import DecisionStore, make_key
+        from .lowering.cache import make_key
         from .timing import interleaved_medians
 
         config, metric = self.options.approximate, self.options.metric
-        store = DecisionStore(self.options.cache_dir, target_dict(self.options.target)) if self.options.cache else None
+        store = self._decisions()
         key = make_key(gm.code, digest(cal, budget, metric), str(config))
         saved = store.load("auto").get(key) if store else None
         if isinstance(saved, dict) and isinstance(saved.get("chosen"), dict):
@@ -300,12 +299,11 @@ class CompiledGraph:
         torch.compile(backend="eager") would), on the example inputs (random stand-ins where only fake ones
         are known); where it loses beyond noise, eager runs, with one warning. The decision is stored with
         the kernel decisions, so that a warm process does not measure it again."""
-        from .lowering.cache import DecisionStore, make_key
-        from .target import target_dict
+        from .lowering.cache import make_key
 
         full = self._example_inputs(self.examples if self.examples is not None else args)
         live = [full[i] for i in self.live]
-        store = DecisionStore(self.options.cache_dir, target_dict(self.options.target)) if self.options.cache else None
+        store = self._decisions()
         # the graph the passes produced (approximate rewrites included), the shapes, and the options that
         # change what lowering builds
         o = self.options
@@ -351,20 +349,28 @@ class CompiledGraph:
             check.setdefault("buckets", {})[bucket] = got
         return got["use_compiled"]
 
-    def _decide_bucket(self, bucket: int, args, compiled, eager, first: bool) -> dict:
-        from .lowering.cache import DecisionStore, make_key
+    def _decisions(self):
+        """The decision store of this target (None with cache=False): the whole-graph, per-bucket and auto
+        decisions live there."""
+        from .lowering.cache import DecisionStore
         from .target import target_dict
+
+        return DecisionStore(self.options.cache_dir, target_dict(self.options.target)) if self.options.cache else None
+
+    def _decide_bucket(self, bucket: int, args, compiled, eager, first: bool) -> dict:
+        from .lowering.cache import make_key
 
         compiled_check = {k: v for k, v in self.report.versus_eager.items() if k != "buckets"}
         if first:
             return compiled_check
         if not 1 / BUCKET_MARGIN <= compiled_check["speedup"] <= BUCKET_MARGIN:  # a clear decision holds
             return dict(compiled_check, margin=True)
-        store = DecisionStore(self.options.cache_dir, target_dict(self.options.target)) if self.options.cache else None
+        store = self._decisions()
         key = make_key(self._whole_key, f"rows <= {bucket}")
         saved = store.load("whole_graph").get(key) if store else None
         if isinstance(saved, dict) and isinstance(saved.get("use_compiled"), bool):
             return dict(saved, reused=True)
+
         def run_compiled():
             with size_bucket(bucket):  # its regions serve this bucket (lowering/buckets.py)
                 return compiled(*args)
