@@ -54,8 +54,9 @@ def lower(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Lowerin
     conv = convert(regions, target, tuned, record)
     built = build_or_load(conv.funcs, options, record, target, tuned) if conv.funcs else None
     picks = choose(gm, regions, conv, built, record, force, gen)
+    # kernel_choice="tvm" keeps the TVM kernels at every size; "measure" reopens close choices per size bucket
     store = DecisionStore(options.cache_dir, record.target) if options.cache and not force else None
-    record.per_bucket = replace(gm, regions, picks, store) if not force else replace(gm, regions, picks)
+    record.per_bucket = replace(gm, regions, picks, per_bucket=not force, store=store)
     if built is not None:
         built.keep(conv.funcs)
     gm.recompile()

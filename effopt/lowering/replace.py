@@ -81,25 +81,25 @@ def bucketed(p, region: Region, store=None) -> BucketedRegion | None:
     return BucketedRegion(forms, p.choice.form, store, p.key)
 
 
-def replace(gm: fx.GraphModule, regions, picks: dict, store=None) -> list[str]:
+def replace(gm: fx.GraphModule, regions, picks: dict, per_bucket: bool = False, store=None) -> list[str]:
     """The decisions of the choose step (select.choose: {region index: Pick}) applied to gm: a TVM kernel or the
-    float32 layers in each region's place; a region picked "eager" stays inline as its torch ops. In a graph of
-    symbolic sizes, a region whose choice was close keeps every form and chooses per size bucket (buckets.py;
-    `store`: the decision store they are kept in). Returns the names of those regions."""
+    float32 layers in each region's place; a region picked "eager" stays inline as its torch ops. With
+    `per_bucket`, in a graph of symbolic sizes, a region whose choice was close keeps every form and chooses per
+    size bucket (buckets.py; `store`: the decision store they are kept in). Returns the names of those regions."""
     replaced: dict = {}
-    per_bucket = []
+    names = []
     for i, p in picks.items():
-        b = bucketed(p, regions[i], store)
+        b = bucketed(p, regions[i], store) if per_bucket else None
         if b is not None:
             replace_region(gm, regions[i], f"bucketed_region{i}", b, replaced)
-            per_bucket.append(f"bucketed_region{i}")
+            names.append(f"bucketed_region{i}")
         elif p.choice.form == "float32":
             replace_region(gm, regions[i], f"float_region{i}", FloatRegion(p.graph), replaced)
         elif p.choice.form == "tvm":
             replace_region(gm, regions[i], f"tvm_region{i}", p.kernel, replaced)
     topological_sort(gm.graph)
     gm.graph.lint()
-    return per_bucket
+    return names
 
 
 __all__ = ["bucketed", "replace", "replace_region", "symbolic", "topological_sort"]

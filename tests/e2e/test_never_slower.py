@@ -277,3 +277,12 @@ def test_a_close_region_choice_is_made_per_size_bucket_and_stored(monkeypatch, c
     region = run()
     assert {b: d["form"] for b, d in region.decisions.items()} == {256: "tvm", 512: "tvm", 16384: "eager"}
     assert [d["reused"] for d in region.decisions.values()] == [False, True, True]
+    # kernel_choice="tvm": the same close call keeps the TVM kernel at every size, nothing per bucket
+    torch._dynamo.reset()
+    f = torch.compile(model, backend="effopt", dynamic=True, options={"cache": False, "kernel_choice": "tvm"})
+    with torch.no_grad():
+        for n in sizes:
+            x = torch.randn(n, 64)
+            assert_same_as_eager(f(x), model(x))
+    rep = effopt.last_report()
+    assert rep.lowering.per_bucket == [] and [k.choice for k in rep.lowering.kernels] == ["tvm"]
