@@ -13,6 +13,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from . import capture
 from .graph import publish
 from .lowering import EffoptFallbackWarning, EffoptSlowerWarning, size_bucket
+from .lowering.buckets import close_call
 from .passes.guard import DEFAULT_BUDGET, Calibrated, CalibrationSet, GuardResult
 from .options import KernelChoice, Options
 from .passes import default_pass_manager
@@ -23,9 +24,6 @@ _warned_training = False
 # The compiled graph runs only if its median is within this factor of eager's on the example inputs: 2-core
 # timing noise between interleaved medians stays under 5% (benchmarks/backend.py's repeated runs).
 NOISE = 1.05
-# a graph of symbolic sizes whose compiled form won or lost its compile-time check by more than this factor
-# keeps that decision for every size bucket; closer calls are timed again in each bucket (compiled_for)
-BUCKET_MARGIN = 1.25
 # held-out validation over budget: the approximate passes run again at most this many times, each with the
 # guards' budget scaled down, the last time with none (no approximate rewrite)
 MAX_BACKOFFS = 3
@@ -332,14 +330,14 @@ class CompiledGraph:
                           EffoptSlowerWarning, stacklevel=2)
         return check
 
-    def compiled_for(self, args, compiled, eager) -> bool:
-        """Whether the compiled graph runs for this call (dynamo's arguments `args`); `compiled` and `eager`
-        take them. A graph of static sizes keeps the decision its compile made. A graph of symbolic sizes
-        decides per size bucket: the first call (the size it was compiled and checked at) takes the compile's
-        decision, and so does every bucket where that decision was clear (won or lost by more than
-        BUCKET_MARGIN); else the first call of each other bucket takes the one stored by an earlier process,
-        or times both on its own arguments (one measurement: 4 calls of each) and stores it."""
-        bucket = bucket_of(args, self.symbolic)
+    def compiled_for(self, bucket: int | None, args, compiled, eager) -> bool:
+        """Whether the compiled graph runs for this call (dynamo's arguments `args`, of size bucket `bucket`,
+        bucket_of); `compiled` and `eager` take them. A graph of static sizes keeps the decision its compile
+        made. A graph of symbolic sizes decides per size bucket: the first call (the size it was compiled and
+        checked at) takes the compile's decision, and so does every bucket where that decision was clear
+        (buckets.close_call: won or lost by more than its MARGIN, as a region's choice); else the first call
+        of each other bucket takes the one stored by an earlier process, or times both on its own arguments
+        (one measurement: 4 calls of each) and stores it."""
         check = self.report.versus_eager
         if bucket is None or check is None or self.torch_graph is None or self._whole_key is None:
             return not self.runs_eager
@@ -363,8 +361,8 @@ class CompiledGraph:
         compiled_check = {k: v for k, v in self.report.versus_eager.items() if k != "buckets"}
         if first:
             return compiled_check
-        if not 1 / BUCKET_MARGIN <= compiled_check["speedup"] <= BUCKET_MARGIN:  # a clear decision holds
-            return dict(compiled_check, margin=True)
+        if not close_call({"compiled": compiled_check["compiled_ms"], "eager": compiled_check["eager_ms"]}):
+            return dict(compiled_check, margin=True)  # a clear decision holds
         store = self._decisions()
         key = make_key(self._whole_key, f"rows <= {bucket}")
         saved = store.load("whole_graph").get(key) if store else None
@@ -498,8 +496,9 @@ def _dispatch(compiled, torch_graph: fx.GraphModule, graph: CompiledGraph | None
         return compiled
 
     def run(*args):
-        if graph.compiled_for(args, compiled, torch_graph):
-            with size_bucket(bucket_of(args, graph.symbolic)):  # regions that choose per size bucket
+        bucket = bucket_of(args, graph.symbolic)
+        if graph.compiled_for(bucket, args, compiled, torch_graph):
+            with size_bucket(bucket):  # regions that choose per size bucket
                 return compiled(*args)
         return torch_graph(*args)
 

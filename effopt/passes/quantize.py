@@ -325,9 +325,8 @@ class QuantizePass(GuardedPass):
                                 f"({'fuse=False' if not config.fuse else 'outputs not a multiple of 16'}), and "
                                 f"{self.library}")
         if kept:
-            one = sum(1 for n in gm.graph.nodes if n.target is INT8_LINEAR)
-            affine = sum(1 for n in gm.graph.nodes if n.target is INT8_LINEAR
-                         and int8_ops.token_zero_point(INT8.bind(n)["scale"], INT8.bind(n)["lo"]))
+            bound = [INT8.bind(n) for n in gm.graph.nodes if n.target is INT8_LINEAR]
+            one, affine = len(bound), sum(1 for b in bound if int8_ops.token_zero_point(b["scale"], b["lo"]))
             record.notes.append(f"{len(kept)} int8 layer(s); weights {before / 2 ** 20:.2f} -> {after / 2 ** 20:.2f} MB; "
                                 f"{one} as one quantize-GEMM-dequantize kernel"
                                 + (f" ({affine} with uint7 per-token activations, zero point per token)" if affine

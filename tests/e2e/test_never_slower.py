@@ -171,7 +171,7 @@ def test_a_graph_of_symbolic_sizes_decides_per_size_bucket_and_stores_each(monke
         return real_decide(self, bucket, *a, **k)
 
     monkeypatch.setattr(BACKEND, "versus_eager", versus)
-    monkeypatch.setattr(BACKEND, "BUCKET_MARGIN", 10.0)  # the compile's 0.5x is a close call: buckets are timed
+    monkeypatch.setattr(importlib.import_module("effopt.lowering.buckets"), "MARGIN", 10.0)  # 0.5x: a close call
     monkeypatch.setattr(BACKEND.CompiledGraph, "_decide_bucket", spy)
     calls = []
     real_call = BACKEND.CompiledGraph.__call__
@@ -209,7 +209,7 @@ def test_a_graph_of_symbolic_sizes_decides_per_size_bucket_and_stores_each(monke
 
 
 def test_a_clear_compile_time_decision_holds_for_every_size_bucket(monkeypatch):
-    """The compiled graph won (or lost) its compile-time check by more than BUCKET_MARGIN: a new bucket takes
+    """The compiled graph won (or lost) its compile-time check by more than buckets.MARGIN: a new bucket takes
     that decision without timing anything."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU()).eval()

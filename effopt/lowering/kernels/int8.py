@@ -89,7 +89,7 @@ def host_runs(isa_name: str) -> str | None:
 
 def isa_of(target) -> Isa | None:
     """The best integer dot product of `target` (a tvm Target), or None where it has none worth a kernel."""
-    name = int8_dot_product(target) if target is not None else None
+    name = int8_dot_product(target)
     return ISAS[name] if name else None
 
 
